@@ -1,0 +1,423 @@
+"""BADM (Batch ADMM) as a ``torch.optim.Optimizer``: the math only, no Hugging Face imports."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["BADM", "NonFiniteGradientError"]
+
+MODES = ("fused", "per_sub_batch")
+NONFINITE = ("skip", "raise")
+
+
+class NonFiniteGradientError(FloatingPointError, ValueError):
+    """Raised by ``nonfinite="raise"`` when a gradient holds NaN or Inf."""
+
+
+def _positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """One reduction per device and a single host sync: max|x| is NaN/Inf iff some element is."""
+    if not tensors:
+        return True
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    return all(
+        bool(torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all()) for ts in by_device.values()
+    )
+
+
+def _grads_or_zeros(params: list[Tensor]) -> list[Tensor]:
+    """``grad is None`` is a zero gradient in the literal algorithm (only reached for params with history)."""
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+class BADM(Optimizer):
+    r"""Batch ADMM (Wang, Zhou & Li, arXiv:2407.01640) with exact one-buffer and per-sub-batch forms.
+
+    A batch is split into S sub-batches with weights :math:`\alpha_s` (:math:`\sum_s \alpha_s = 1`);
+    each sub-batch owns a local copy :math:`w_s` and a dual :math:`\pi_s`. One step, literally::
+
+        g_s   = grad F_s(w)                              (all at the same global w)
+        w_s   = w - (g_s + pi_s) / (sigma + rho)
+        pi_s  = pi_s + sigma (w_s - w)
+        w     = sum_s alpha_s (w_s + pi_s / sigma)
+
+    Substituting the local updates gives the **one-buffer form** (exact whenever the weights
+    :math:`\alpha_s` do not change from step to step; :math:`m = -\sum_s \alpha_s \pi_s`,
+    :math:`\bar g = \sum_s \alpha_s g_s`, :math:`\beta = \rho/(\rho+\sigma)`)::
+
+        m = beta m + (1 - beta) g_bar
+        w = w - g_bar / rho + (1/rho - 1/sigma) m
+
+    i.e. quasi-hyperbolic momentum with step :math:`1/\sigma`, :math:`\nu = 1 - \sigma/\rho` and
+    :math:`\beta = \rho/(\rho+\sigma)`. :math:`\bar g` is what gradient accumulation and data-parallel
+    reduction already compute, so ``mode="fused"`` (default) consumes ``p.grad`` and keeps **one**
+    buffer per parameter (SGD-momentum-sized, half of AdamW's state).
+
+    ``mode="per_sub_batch"`` keeps the literal slots: call :meth:`absorb_sub_batch` after each
+    sub-batch's backward (``p.grad`` = that sub-batch's mean-loss gradient at the current w); it
+    updates the next slot's dual and adds the slot's term to a running aggregate; :meth:`step`
+    normalises the weights and sets the new w. Memory: one dual per slot plus one aggregate buffer
+    per parameter. Use it when weights change per step (token counts) or something non-linear acts
+    per sub-batch (per-sub-batch clipping); the parameters never move between absorbs.
+
+    **Learning rates and schedules.** ``lr`` is a spelling of :math:`1/\sigma`. A scheduler scales a
+    group's ``lr`` by a factor :math:`f_t`; BADM reads it as :math:`\sigma_t = \sigma/f_t` and
+    :math:`\rho_t = \rho/f_t` (so :math:`\sigma_t = 1/\mathrm{lr}_t`, :math:`\rho_t = \rho/(\sigma\,\mathrm{lr}_t)`
+    and :math:`\beta` stays fixed), as in the authors' code. ``sigma``/``rho`` in a group are the base
+    (f = 1) values. **Weight decay** is decoupled (AdamW semantics): ``w <- w (1 - weight_decay * lr_t)``
+    before the update, i.e. :math:`w(1 - \lambda/\sigma_t)`.
+
+    Args:
+        params: parameters or param-group dicts; groups may override ``sigma``, ``rho``, ``lr``,
+            ``weight_decay`` and ``foreach``.
+        sigma: augmented-Lagrangian penalty :math:`\sigma > 0` (step size :math:`1/\sigma`).
+            Default 3.0 when neither ``sigma`` nor ``lr`` is given.
+        rho: proximal coefficient :math:`\rho > 0`; default :math:`1.5\sigma` (:math:`\beta = 0.6`).
+        lr: alternative spelling of :math:`1/\sigma` (give one of ``sigma`` and ``lr``).
+        weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
+        mode: ``"fused"`` or ``"per_sub_batch"``.
+        foreach: use the ``torch._foreach_*`` kernels (default: on, as torch decides for its optimizers).
+        nonfinite: ``"skip"`` (default) leaves parameters and state untouched when a step's gradient
+            (or an absorbed sub-batch) holds NaN/Inf, warns and counts it; ``"raise"`` raises
+            :class:`NonFiniteGradientError` instead.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        sigma: float | None = None,
+        rho: float | None = None,
+        *,
+        lr: float | None = None,
+        weight_decay: float = 0.0,
+        mode: str = "fused",
+        foreach: bool | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
+        sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=3.0)
+        rho = 1.5 * sigma if rho is None else _positive("rho", rho)
+        defaults = dict(lr=lr, sigma=sigma, rho=rho, weight_decay=_non_negative("weight_decay", weight_decay),
+                        foreach=foreach)
+        self.mode = mode
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.skipped_sub_batches = 0
+        self.sub_batches_last_step = 0
+        self._slot = 0
+        self._weight_sum = 0.0
+        # Seam for data parallelism: called at step() with the aggregate buffers and this rank's
+        # weight sum; must sum both over ranks (in place for the tensors) and return the global sum.
+        self.aggregator: Callable[[list[Tensor], float], float] | None = None
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        if "sigma" in group or "lr" in group:
+            if "sigma" in group and "lr" in group:
+                sigma, lr = _positive("sigma", group["sigma"]), _positive("lr", group["lr"])
+                if not math.isclose(lr * sigma, 1.0, rel_tol=1e-9):
+                    raise ValueError(f"param group gives sigma={sigma} and lr={lr}; lr means 1/sigma: give one")
+            else:
+                group["sigma"], group["lr"] = _resolve_sigma_lr(group.get("sigma"), group.get("lr"), 3.0)
+            # a group that overrides sigma but not rho keeps the optimizer's beta = rho / (rho + sigma)
+            group.setdefault("rho", group["sigma"] * self.defaults["rho"] / self.defaults["sigma"])
+        if "rho" in group:
+            group["rho"] = _positive("rho", group["rho"])
+        if "weight_decay" in group:
+            group["weight_decay"] = _non_negative("weight_decay", group["weight_decay"])
+        if not (group.get("foreach") is None or isinstance(group["foreach"], bool)):
+            raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise ValueError(f"BADM takes tensors as parameters, got {type(p).__name__}")
+            if p.is_complex():
+                raise ValueError("BADM does not support complex parameters; view them as real (torch.view_as_real)")
+            if not p.is_floating_point():
+                raise ValueError(f"BADM needs floating-point parameters, got dtype {p.dtype}")
+            if p.is_sparse:
+                raise ValueError("BADM does not support sparse parameters")
+        group["params"] = params
+        super().add_param_group(group)
+
+    @staticmethod
+    def _penalties(group: dict[str, Any]) -> tuple[float, float]:
+        """sigma_t = 1/lr_t and rho_t = rho / f_t with f_t = lr_t * sigma (see class docstring)."""
+        lr = group["lr"]
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr (1/sigma) must be a finite number > 0 at every step, got {lr!r}")
+        return 1.0 / lr, group["rho"] / (lr * group["sigma"])
+
+    def _foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        if group["foreach"] is not None:
+            return group["foreach"]
+        return not torch.jit.is_scripting() and all(p.device.type in ("cpu", "cuda", "xpu") for p in params)
+
+    def _params_to_update(self, group: dict[str, Any], key: str) -> list[Tensor]:
+        """Params with a gradient, or with history (their state evolves under a zero gradient)."""
+        out = []
+        for p in group["params"]:
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    raise ValueError("BADM does not support sparse gradients")
+                out.append(p)
+            elif key in self.state[p]:
+                out.append(p)
+        return out
+
+    def _check_finite(self, grads: list[Tensor], what: str) -> bool:
+        if _all_finite(grads):
+            return True
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(f"BADM: {what} holds NaN or Inf")
+        warnings.warn(f"BADM: {what} holds NaN or Inf; skipped, parameters and state unchanged", stacklevel=3)
+        return False
+
+    # ------------------------------------------------------------------ fused mode
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.mode == "fused":
+            self._fused_step()
+        else:
+            self._aggregate_step()
+        return loss
+
+    def _fused_step(self) -> None:
+        work = [(g, self._params_to_update(g, "momentum")) for g in self.param_groups]
+        grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
+        if not self._check_finite(grads, "gradient"):
+            self.skipped_steps += 1
+            return
+        for group, params in work:
+            if not params:
+                continue
+            sigma_t, rho_t = self._penalties(group)
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                bufs.append(state["momentum"])
+            kernel = _fused_foreach if self._foreach(group, params) else _fused_single
+            kernel(params, _grads_or_zeros(params), bufs, beta=rho_t / (rho_t + sigma_t), inv_rho=1.0 / rho_t,
+                   c=1.0 / rho_t - 1.0 / sigma_t, decay=1.0 - group["weight_decay"] / sigma_t)
+        self.sub_batches_last_step = 1
+
+    # ------------------------------------------------------------------ per-sub-batch mode
+    @torch.no_grad()
+    def absorb_sub_batch(self, weight: float | Tensor = 1.0) -> bool:
+        """Take ``p.grad`` as the next sub-batch's mean-loss gradient (at the current parameters),
+        update that slot's dual, add ``weight * (sigma w_s + pi_s)`` to the running aggregate and clear
+        ``p.grad``. ``weight`` is the sub-batch's unnormalised weight (its loss items, or 1).
+        Returns False when the sub-batch was skipped for NaN/Inf (its slot stays untouched)."""
+        if self.mode != "per_sub_batch":
+            raise RuntimeError('absorb_sub_batch() needs mode="per_sub_batch"; fused mode consumes p.grad in step()')
+        weight = float(weight.item() if isinstance(weight, Tensor) else weight)
+        _non_negative("weight", weight)
+        slot = self._slot
+        self._slot += 1
+        work = [(g, self._params_to_update(g, "aggregate")) for g in self.param_groups]
+        grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
+        ok = self._check_finite(grads, f"sub-batch {slot}'s gradient")
+        if ok:
+            for group, params in work:
+                if params:
+                    self._absorb_group(group, params, slot, weight)
+            self._weight_sum += weight
+        else:
+            self.skipped_sub_batches += 1
+        for _, params in work:
+            for p in params:
+                p.grad = None
+        return ok
+
+    def _absorb_group(self, group: dict[str, Any], params: list[Tensor], slot: int, weight: float) -> None:
+        sigma_t, rho_t = self._penalties(group)
+        duals, aggs = [], []
+        for p in params:
+            state = self.state[p]
+            if "aggregate" not in state:
+                state["aggregate"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["duals"] = []
+            slots = state["duals"]
+            while len(slots) <= slot:
+                slots.append(torch.zeros_like(p, memory_format=torch.preserve_format))
+            duals.append(slots[slot])
+            aggs.append(state["aggregate"])
+        kernel = _absorb_foreach if self._foreach(group, params) else _absorb_single
+        kernel(_grads_or_zeros(params), duals, aggs, k=sigma_t / (sigma_t + rho_t), weight=weight)
+
+    def _aggregate_step(self) -> None:
+        if self._slot == 0:
+            if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                raise RuntimeError(
+                    'BADM(mode="per_sub_batch"): step() was called with gradients but no absorb_sub_batch(); '
+                    "call absorb_sub_batch(weight) after each sub-batch's backward (BADMTrainer does this), "
+                    'or use mode="fused" where gradients are accumulated/reduced before the step'
+                )
+            return
+        aggs_by_group = [[self.state[p]["aggregate"] for p in g["params"] if "aggregate" in self.state[p]]
+                         for g in self.param_groups]
+        weight_sum = self._weight_sum
+        if self.aggregator is not None:
+            weight_sum = self.aggregator([a for aggs in aggs_by_group for a in aggs], weight_sum)
+        self.sub_batches_last_step = self._slot
+        self._slot, self._weight_sum = 0, 0.0
+        if weight_sum <= 0:
+            for aggs in aggs_by_group:
+                for a in aggs:
+                    a.zero_()
+            if self.skipped_sub_batches == 0 or weight_sum < 0:
+                raise ValueError(f"BADM: the sub-batch weights of a step must sum to > 0, got {weight_sum}")
+            self.skipped_steps += 1  # every sub-batch of this step was non-finite
+            return
+        for group, aggs in zip(self.param_groups, aggs_by_group):
+            params = [p for p in group["params"] if "aggregate" in self.state[p]]
+            if not params:
+                continue
+            sigma_t, _ = self._penalties(group)
+            kernel = _apply_foreach if self._foreach(group, params) else _apply_single
+            kernel(params, aggs, scale=1.0 / (sigma_t * weight_sum), decay=1.0 - group["weight_decay"] / sigma_t)
+
+    # ------------------------------------------------------------------ state and metrics
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["badm"] = dict(mode=self.mode, slot=self._slot, weight_sum=self._weight_sum,
+                          skipped_steps=self.skipped_steps, skipped_sub_batches=self.skipped_sub_batches,
+                          sub_batches_last_step=self.sub_batches_last_step)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("badm", None)
+        if extra is not None and extra["mode"] != self.mode:
+            raise ValueError(f"state was saved in mode={extra['mode']!r} but this optimizer has mode={self.mode!r}")
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._slot, self._weight_sum = extra["slot"], extra["weight_sum"]
+            self.skipped_steps, self.skipped_sub_batches = extra["skipped_steps"], extra["skipped_sub_batches"]
+            self.sub_batches_last_step = extra["sub_batches_last_step"]
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, float]:
+        """σ_t, ρ_t (first group), dual norm, sub-batches in the last step and skipped counts, for logging.
+
+        Dual norm: fused, the norm of the aggregated dual ``||sum_s alpha_s pi_s|| = ||m||``;
+        per-sub-batch, the root-mean-square over slots of ``||pi_s||``."""
+        sigma_t, rho_t = self._penalties(self.param_groups[0])
+        key = "momentum" if self.mode == "fused" else "duals"
+        tensors = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                value = self.state[p].get(key)
+                if value is not None:
+                    tensors.extend(value if isinstance(value, list) else [value])
+        sq = sum(float(n) ** 2 for n in torch._foreach_norm(tensors)) if tensors else 0.0
+        if self.mode == "per_sub_batch" and tensors:
+            sq /= max(len(self.state[p].get("duals", [])) for g in self.param_groups for p in g["params"])
+        return {"badm_sigma": sigma_t, "badm_rho": rho_t, "badm_dual_norm": math.sqrt(sq),
+                "badm_sub_batches": float(self.sub_batches_last_step), "badm_skipped_steps": float(self.skipped_steps),
+                "badm_skipped_sub_batches": float(self.skipped_sub_batches)}
+
+
+def _resolve_sigma_lr(sigma: float | None, lr: float | None, default_sigma: float) -> tuple[float, float]:
+    if sigma is not None and lr is not None:
+        raise ValueError(f"give sigma or lr (lr means 1/sigma), not both: sigma={sigma!r}, lr={lr!r}")
+    if lr is not None:
+        lr = _positive("lr", lr)
+        return 1.0 / lr, lr
+    sigma = default_sigma if sigma is None else _positive("sigma", sigma)
+    return sigma, 1.0 / sigma
+
+
+# ---------------------------------------------------------------------- kernels
+def _fused_single(params, grads, bufs, *, beta, inv_rho, c, decay) -> None:
+    for p, g, m in zip(params, grads, bufs):
+        if decay != 1.0:
+            p.mul_(decay)
+        m.lerp_(g, 1.0 - beta)
+        p.add_(g, alpha=-inv_rho)
+        if c != 0.0:
+            p.add_(m, alpha=c)
+
+
+def _fused_foreach(params, grads, bufs, *, beta, inv_rho, c, decay) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])
+    for (dp, dg, dm), _ in grouped.values():
+        if decay != 1.0:
+            torch._foreach_mul_(dp, decay)
+        torch._foreach_lerp_(dm, dg, 1.0 - beta)
+        torch._foreach_add_(dp, dg, alpha=-inv_rho)
+        if c != 0.0:
+            torch._foreach_add_(dp, dm, alpha=c)
+
+
+def _absorb_single(grads, duals, aggs, *, k, weight) -> None:
+    # t = g + pi;  pi <- pi - k t  (= pi + sigma (w_s - w));  A += weight * (pi - k t)  (= sigma (w_s - w) + pi)
+    for g, pi, a in zip(grads, duals, aggs):
+        t = g + pi
+        pi.add_(t, alpha=-k)
+        a.add_(pi, alpha=weight)
+        a.add_(t, alpha=-weight * k)
+
+
+def _absorb_foreach(grads, duals, aggs, *, k, weight) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype([grads, duals, aggs])
+    for (dg, dpi, da), _ in grouped.values():
+        t = torch._foreach_add(dg, dpi)
+        torch._foreach_add_(dpi, t, alpha=-k)
+        torch._foreach_add_(da, dpi, alpha=weight)
+        torch._foreach_add_(da, t, alpha=-weight * k)
+
+
+def _apply_single(params, aggs, *, scale, decay) -> None:
+    for p, a in zip(params, aggs):
+        if decay != 1.0:
+            p.mul_(decay)
+        p.add_(a, alpha=scale)
+        a.zero_()
+
+
+def _apply_foreach(params, aggs, *, scale, decay) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, aggs])
+    for (dp, da), _ in grouped.values():
+        if decay != 1.0:
+            torch._foreach_mul_(dp, decay)
+        torch._foreach_add_(dp, da, alpha=scale)
+        torch._foreach_zero_(da)
