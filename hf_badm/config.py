@@ -1,0 +1,94 @@
+"""BADMConfig: the BADM settings of a Trainer run, usable with HfArgumentParser and YAML recipes."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+MODES = ("fused", "per_sub_batch")
+WEIGHTINGS = ("items", "uniform")
+NONFINITE = ("skip", "raise")
+PRECONDITIONERS = ("none",)
+# Plain BADM is an SGD-scale method: 1/sigma around 0.1-1. Below this, a learning rate is AdamW-scale.
+SGD_SCALE_MIN_LR = 1e-2
+DEFAULT_RHO_OVER_SIGMA = 1.5
+
+
+@dataclass
+class BADMConfig:
+    """BADM options for ``BADMTrainer`` / ``create_badm_optimizer``.
+
+    How ``TrainingArguments.learning_rate`` relates to the paper's penalties: BADM's step size is
+    ``1/sigma``, so ``sigma`` defaults to ``1 / learning_rate``; ``rho`` defaults to ``1.5 * sigma``
+    (momentum ``beta = rho / (rho + sigma) = 0.6``). The Trainer's LR schedule (warmup, decay)
+    scales both penalties as ``sigma_t = sigma / f_t``, ``rho_t = rho / f_t``. Weight decay is the
+    Trainer's ``weight_decay`` (decoupled; biases and norm weights excluded).
+    """
+
+    sigma: Optional[float] = field(
+        default=None,
+        metadata={"help": "BADM penalty sigma > 0; the step size is 1/sigma. Default: 1 / learning_rate."},
+    )
+    rho: Optional[float] = field(
+        default=None,
+        metadata={"help": "BADM proximal coefficient rho > 0; momentum beta = rho/(rho+sigma). Default: 1.5 * sigma."},
+    )
+    mode: str = field(
+        default="fused",
+        metadata={"help": "'fused': one buffer, consumes the accumulated/reduced gradient (exact for steady "
+                          "weights). 'per_sub_batch': literal per-slot duals, one slot per sub-batch.",
+                  "choices": list(MODES)},
+    )
+    sub_batches_per_micro_batch: int = field(
+        default=1,
+        metadata={"help": "Split each micro-batch into this many sub-batches (per_sub_batch mode); "
+                          "S = gradient_accumulation_steps * this * world size."},
+    )
+    sub_batch_weights: str = field(
+        default="items",
+        metadata={"help": "Sub-batch weights alpha_s: 'items' = share of loss items (label tokens for causal "
+                          "LMs, as the Trainer's num_items_in_batch); 'uniform' = equal (the paper).",
+                  "choices": list(WEIGHTINGS)},
+    )
+    nonfinite: str = field(
+        default="skip",
+        metadata={"help": "On a NaN/Inf gradient: 'skip' the step (or sub-batch) with a warning, or 'raise'.",
+                  "choices": list(NONFINITE)},
+    )
+    preconditioner: str = field(
+        default="none",
+        metadata={"help": "Local-solve preconditioner; 'none' is the paper's BADM.", "choices": list(PRECONDITIONERS)},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("sigma", "rho"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"BADMConfig.{name} must be a finite number > 0 (or None), got {value!r}")
+        for name, allowed in (("mode", MODES), ("sub_batch_weights", WEIGHTINGS), ("nonfinite", NONFINITE),
+                              ("preconditioner", PRECONDITIONERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"BADMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        k = self.sub_batches_per_micro_batch
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"BADMConfig.sub_batches_per_micro_batch must be an integer >= 1, got {k!r}")
+
+    def optimizer_kwargs(self, learning_rate: float) -> dict[str, Any]:
+        """BADM constructor arguments: sigma/rho resolved against the Trainer's learning rate."""
+        sigma = self.sigma
+        if sigma is None:
+            if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+                raise ValueError(f"learning_rate must be > 0 to derive BADM's sigma = 1/learning_rate, got {learning_rate!r}")
+            sigma = 1.0 / learning_rate
+            if self.preconditioner == "none" and learning_rate < SGD_SCALE_MIN_LR:
+                warnings.warn(
+                    f"learning_rate={learning_rate:g} looks like an AdamW learning rate, but plain BADM takes "
+                    f"SGD-scale steps (lr = 1/sigma): it would train very slowly with sigma={sigma:g}. Use "
+                    "learning_rate around 0.3 (sigma around 3), or set BADMConfig(sigma=...).",
+                    stacklevel=3,
+                )
+        rho = self.rho if self.rho is not None else DEFAULT_RHO_OVER_SIGMA * sigma
+        return {"sigma": float(sigma), "rho": float(rho), "mode": self.mode, "nonfinite": self.nonfinite}

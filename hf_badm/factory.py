@@ -1,0 +1,81 @@
+"""create_badm_optimizer: BADM for a plain ``transformers.Trainer`` (``optimizers=`` or ``optimizer_cls_and_kwargs=``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments, get_scheduler
+
+from hf_badm.config import BADMConfig
+from hf_badm.optim import BADM
+
+__all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups"]
+
+
+def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[str] | None = None) -> list[dict]:
+    """Trainable parameters only, split into decay / no-decay groups by the Trainer's own rule
+    (``Trainer.get_decay_parameter_names``: biases and norm weights get no decay)."""
+    if decay_names is None:
+        decay_names = Trainer.get_decay_parameter_names(None, model)  # a pure function of the model
+    decay = set(decay_names)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters (requires_grad=False everywhere): "
+                         "unfreeze some, or add PEFT adapters, before creating the optimizer")
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def _split_config(badm_kwargs: dict[str, Any]) -> tuple[BADMConfig, dict[str, Any]]:
+    """Accept BADMConfig fields (or ``badm_config=``) and pass the optimizer's own extras through."""
+    config = badm_kwargs.pop("badm_config", None)
+    fields = set(BADMConfig.__dataclass_fields__)
+    chosen = {k: badm_kwargs.pop(k) for k in list(badm_kwargs) if k in fields}
+    if config is None:
+        config = BADMConfig(**chosen)
+    elif chosen:
+        raise ValueError(f"give BADM options either in badm_config or as keywords, not both: {sorted(chosen)}")
+    return config, badm_kwargs
+
+
+def badm_optimizer_cls_and_kwargs(args: TrainingArguments, **badm_kwargs: Any) -> tuple[type[BADM], dict[str, Any]]:
+    """``(BADM, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; the Trainer builds the
+    decay groups with ``args.weight_decay`` itself. Keywords are BADMConfig fields (or ``badm_config=``)."""
+    config, extra = _split_config(dict(badm_kwargs))
+    return BADM, {**config.optimizer_kwargs(args.learning_rate), **extra}
+
+
+def create_badm_optimizer(
+    model: nn.Module,
+    args: TrainingArguments,
+    num_training_steps: int | None = None,
+    **badm_kwargs: Any,
+) -> tuple[BADM, torch.optim.lr_scheduler.LRScheduler | None]:
+    """BADM over the model's trainable parameters and the Trainer's LR schedule, for
+    ``Trainer(optimizers=create_badm_optimizer(model, args))``.
+
+    ``badm_kwargs`` are BADMConfig fields (``sigma``, ``rho``, ``mode``, ...; or ``badm_config=``) and
+    BADM extras (``foreach``). ``sigma`` defaults to ``1/args.learning_rate`` and ``rho`` to
+    ``1.5*sigma``; weight decay is ``args.weight_decay``. The scheduler is transformers'
+    ``get_scheduler(args.lr_scheduler_type, ...)`` with the args' warmup over ``num_training_steps``
+    (default ``args.max_steps``); when neither is known it is ``None`` and the Trainer builds the same
+    schedule itself once it knows the length of training.
+    """
+    config, extra = _split_config(dict(badm_kwargs))
+    optimizer = BADM(badm_param_groups(model, args.weight_decay), **config.optimizer_kwargs(args.learning_rate), **extra)
+    steps = num_training_steps if num_training_steps is not None else args.max_steps
+    if steps is None or steps <= 0:
+        return optimizer, None
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=args.get_warmup_steps(steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+    )
+    return optimizer, scheduler

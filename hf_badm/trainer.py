@@ -1,0 +1,176 @@
+"""BADMTrainerMixin / BADMTrainer: BADM inside ``transformers.Trainer`` (and TRL trainers via the mixin).
+
+Fused mode: the Trainer's own gradient accumulation and data-parallel reduction compute the weighted
+mean gradient, which is all fused BADM needs; the mixin only creates the optimizer and logs.
+
+Per-sub-batch mode: every micro-batch of a gradient-accumulation group, and each of its
+``sub_batches_per_micro_batch`` splits, is one BADM sub-batch with its own slot. Its mean-loss
+gradient (no accumulation scaling) is clipped to ``max_grad_norm`` if set, then absorbed with its
+weight; gradients are never reduced across ranks (``no_sync`` on every micro-step) because the
+optimizer's step sums the slot aggregates instead (one collective).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import FSDPOption
+
+from hf_badm.config import BADMConfig
+from hf_badm.distributed import all_reduce_aggregator
+from hf_badm.factory import badm_param_groups
+from hf_badm.optim import BADM
+
+__all__ = ["BADMTrainerMixin", "BADMTrainer", "split_micro_batch", "count_loss_items"]
+
+
+def split_micro_batch(inputs: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    """Split every batch-dimension tensor of a micro-batch into ``k`` contiguous sub-batches."""
+    if k == 1:
+        return [inputs]
+    sizes = {v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"cannot split a micro-batch whose tensors disagree on the batch size: {sorted(sizes)}")
+    (n,) = sizes
+    if n < k:
+        raise ValueError(f"sub_batches_per_micro_batch={k} exceeds the micro-batch size {n}")
+    parts: list[dict[str, Any]] = [{} for _ in range(k)]
+    for key, value in inputs.items():
+        chunks = torch.tensor_split(value, k) if isinstance(value, torch.Tensor) and value.dim() > 0 else [value] * k
+        for part, chunk in zip(parts, chunks):
+            part[key] = chunk
+    return parts
+
+
+def count_loss_items(inputs: dict[str, Any], shifts_labels: bool) -> int | None:
+    """Loss items of a sub-batch, counted as the Trainer counts ``num_items_in_batch``."""
+    if "shift_labels" in inputs:
+        labels = inputs["shift_labels"]
+    elif "labels" in inputs and isinstance(inputs["labels"], torch.Tensor):
+        labels = inputs["labels"][..., 1:] if shifts_labels else inputs["labels"]
+    else:
+        return None
+    return int(labels.ne(-100).sum())
+
+
+class BADMTrainerMixin:
+    """Put before a Trainer class: ``class BADMSFTTrainer(BADMTrainerMixin, SFTTrainer): ...``.
+
+    Takes ``badm_config=BADMConfig(...)``. Creates BADM in ``create_optimizer`` (so the DeepSpeed and
+    FSDP creation paths use it), runs per-sub-batch mode's absorb loop in ``training_step``, and adds
+    ``badm_*`` metrics (sigma_t, rho_t, dual norm, sub-batches per step, skipped steps) to the logs.
+    Clipping: fused clips the reduced gradient by global norm (the Trainer's usual clip);
+    per-sub-batch clips each sub-batch's gradient to ``max_grad_norm`` before absorbing it, and
+    logs the root-mean-square of the sub-batch norms as ``grad_norm``.
+    """
+
+    def __init__(self, *args: Any, badm_config: BADMConfig | None = None, **kwargs: Any) -> None:
+        self.badm_config = badm_config if badm_config is not None else BADMConfig()
+        if not isinstance(self.badm_config, BADMConfig):
+            raise TypeError(f"badm_config must be a BADMConfig, got {type(self.badm_config).__name__}")
+        self._sub_batch_norms: list[float] = []
+        super().__init__(*args, **kwargs)
+        self._check_badm_setup()
+
+    # ------------------------------------------------------------------ set-up
+    def _check_badm_setup(self) -> None:
+        """Fail before the first step for combinations that cannot be exact."""
+        if not any(p.requires_grad for p in self.model.parameters()):
+            raise ValueError("the model has no trainable parameters: unfreeze some, or add PEFT adapters")
+        cfg, args = self.badm_config, self.args
+        if cfg.mode != "per_sub_batch":
+            return
+        if args.deepspeed:
+            raise ValueError('per_sub_batch mode needs every sub-batch gradient un-reduced, but DeepSpeed reduces '
+                             'gradients inside backward: use BADMConfig(mode="fused") with DeepSpeed')
+        if args.fsdp and args.fsdp != [FSDPOption.NO] and args.fsdp != "":
+            raise ValueError('per_sub_batch mode cannot see whole sub-batch gradients under FSDP gradient sharding: '
+                             'use BADMConfig(mode="fused") with FSDP')
+        if args.fp16:
+            raise ValueError('per_sub_batch mode absorbs gradients as they are, and fp16 loss scaling would leave them '
+                             'scaled: use bf16, or BADMConfig(mode="fused") with fp16')
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = badm_param_groups(opt_model, self.args.weight_decay, self.get_decay_parameter_names(opt_model))
+            self.optimizer = BADM(groups, **self.badm_config.optimizer_kwargs(self.args.learning_rate))
+        return self.optimizer
+
+    def _badm(self) -> BADM | None:
+        opt = self.optimizer
+        while opt is not None and not isinstance(opt, BADM) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return opt if isinstance(opt, BADM) else None
+
+    def _per_sub_batch(self) -> BADM | None:
+        opt = self._badm()
+        if opt is None or opt.mode != "per_sub_batch":
+            return None
+        if opt.aggregator is None and self.args.world_size > 1:
+            opt.aggregator = all_reduce_aggregator
+        return opt
+
+    # ------------------------------------------------------------------ the per-sub-batch loop
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        opt = self._per_sub_batch()
+        if opt is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        cfg = self.badm_config
+        shifts = bool(getattr(self, "_loss_shifts_labels", True))
+        total = float(num_items_in_batch) if num_items_in_batch is not None and cfg.sub_batch_weights == "items" else None
+        world = self.args.world_size if self.args.average_tokens_across_devices else 1
+        params = [p for group in opt.param_groups for p in group["params"]]
+        logged = torch.zeros((), device=self.args.device)
+        with self.accelerator.no_sync(model):
+            for sub in split_micro_batch(inputs, cfg.sub_batches_per_micro_batch):
+                items = count_loss_items(sub, shifts) if cfg.sub_batch_weights == "items" else None
+                if items == 0:  # no loss items: the mean loss is undefined, the sub-batch weighs nothing
+                    opt.absorb_sub_batch(0.0)
+                    continue
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, sub)  # the sub-batch's mean loss over its own items
+                if self.args.n_gpu > 1:
+                    loss = loss.mean()
+                loss.backward()
+                norm_cap = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
+                self._sub_batch_norms.append(float(torch.nn.utils.clip_grad_norm_(params, norm_cap)))
+                weight = 1.0 if cfg.sub_batch_weights == "uniform" else float(items if items is not None else _batch_len(sub))
+                opt.absorb_sub_batch(weight)
+                share = weight * world / total if total else 1.0 / (self.current_gradient_accumulation_steps *
+                                                                     cfg.sub_batches_per_micro_batch)
+                logged += loss.detach() * share
+        return logged
+
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor | None:
+        if self._per_sub_batch() is not None:
+            return None  # each sub-batch was clipped before it was absorbed
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
+        if self._per_sub_batch() is None:
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+        norms, self._sub_batch_norms = self._sub_batch_norms, []
+        return math.sqrt(sum(n * n for n in norms) / len(norms)) if norms else 0.0
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        opt = self._badm()
+        if opt is not None and "loss" in logs:
+            logs = {**logs, **opt.metrics()}
+        super().log(logs, *args, **kwargs)
+
+
+def _batch_len(inputs: dict[str, Any]) -> int:
+    return next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+class BADMTrainer(BADMTrainerMixin, Trainer):
+    """``transformers.Trainer`` with BADM: ``BADMTrainer(model=..., args=..., badm_config=BADMConfig(...))``."""
