@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import FSDPOption
 
 from hf_badm.config import BADMConfig
@@ -74,6 +75,9 @@ class BADMTrainerMixin:
             raise TypeError(f"badm_config must be a BADMConfig, got {type(self.badm_config).__name__}")
         self._sub_batch_norms: list[float] = []
         super().__init__(*args, **kwargs)
+        # Count loss items the way the model's loss really works: a causal LM whose config leaves
+        # loss_type unset (GPT-2) still shifts its labels, but the Trainer's flag misses it.
+        self._loss_shifts_labels = _loss_shifts_labels(self.model) or getattr(self, "_loss_shifts_labels", False)
         self._check_badm_setup()
 
     # ------------------------------------------------------------------ set-up
@@ -166,6 +170,12 @@ class BADMTrainerMixin:
         if opt is not None and "loss" in logs:
             logs = {**logs, **opt.metrics()}
         super().log(logs, *args, **kwargs)
+
+
+def _loss_shifts_labels(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    config = getattr(base, "config", None)
+    return getattr(base, "loss_function", None) is ForCausalLMLoss and not getattr(config, "is_encoder_decoder", False)
 
 
 def _batch_len(inputs: dict[str, Any]) -> int:

@@ -346,3 +346,15 @@ def test_metrics_report_penalties_and_dual_norm():
     assert m["badm_sigma"] == pytest.approx(4.0) and m["badm_rho"] == pytest.approx(6.0)
     norm = math.sqrt(sum(float(opt.state[p]["momentum"].norm()) ** 2 for p in net.parameters()))
     assert m["badm_dual_norm"] == pytest.approx(norm) and m["badm_sub_batches"] == 1.0
+
+
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_zero_schedule_factor_moves_duals_not_parameters(mode):
+    """f_t = 0 (warm-up start) is the limit sigma_t, rho_t -> inf: w stays, the dual/momentum moves."""
+    net = make_net()
+    opt = BADM(net.parameters(), sigma=2.0, rho=3.0, weight_decay=0.1, mode=mode)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    run_steps(net, opt, 2, mode=mode)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    assert opt.metrics()["badm_dual_norm"] > 0

@@ -75,5 +75,5 @@ def assert_loss_falls(trainer, min_steps: int = 30, ratio: float = 0.85) -> None
 
 
 def max_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max(float((p - q).abs().max() / q.abs().max().clamp_min(1e-12))
+    return max(float((p.detach() - q.detach()).abs().max() / q.detach().abs().max().clamp_min(1e-12))
                for p, q in zip(a.parameters(), b.parameters()))

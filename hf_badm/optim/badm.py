@@ -38,15 +38,22 @@ def _non_negative(name: str, value: Any) -> float:
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """One reduction per device and a single host sync: max|x| is NaN/Inf iff some element is."""
-    if not tensors:
-        return True
+    """One reduction per device and a single host sync. Off CPU: max|x| (a fused multi-tensor inf-norm)
+    is NaN/Inf iff some element is. On CPU that inf-norm is a scalar loop (about 8x a vectorised pass,
+    more than the whole update), so there min and max of each tensor, one vectorised pass: NaN propagates
+    into both and +-Inf shows in one of them. Empty tensors have no elements to check."""
     by_device: dict[torch.device, list[Tensor]] = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    return all(
-        bool(torch.stack(torch._foreach_norm(ts, math.inf)).isfinite().all()) for ts in by_device.values()
-    )
+        if t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    for device, ts in by_device.items():
+        if device.type == "cpu":
+            extremes = [x for t in ts for x in torch.aminmax(t)]
+        else:
+            extremes = torch._foreach_norm(ts, math.inf)
+        if not bool(torch.stack(extremes).isfinite().all()):
+            return False
+    return True
 
 
 def _grads_or_zeros(params: list[Tensor]) -> list[Tensor]:
@@ -87,7 +94,8 @@ class BADM(Optimizer):
     **Learning rates and schedules.** ``lr`` is a spelling of :math:`1/\sigma`. A scheduler scales a
     group's ``lr`` by a factor :math:`f_t`; BADM reads it as :math:`\sigma_t = \sigma/f_t` and
     :math:`\rho_t = \rho/f_t` (so :math:`\sigma_t = 1/\mathrm{lr}_t`, :math:`\rho_t = \rho/(\sigma\,\mathrm{lr}_t)`
-    and :math:`\beta` stays fixed), as in the authors' code. ``sigma``/``rho`` in a group are the base
+    and :math:`\beta` stays fixed), as in the authors' code. A factor of 0 (the first warm-up step) is
+    the limit :math:`\sigma_t, \rho_t \to \infty`: the duals still move, the parameters do not. ``sigma``/``rho`` in a group are the base
     (f = 1) values. **Weight decay** is decoupled (AdamW semantics): ``w <- w (1 - weight_decay * lr_t)``
     before the update, i.e. :math:`w(1 - \lambda/\sigma_t)`.
 
@@ -173,12 +181,17 @@ class BADM(Optimizer):
         super().add_param_group(group)
 
     @staticmethod
-    def _penalties(group: dict[str, Any]) -> tuple[float, float]:
-        """sigma_t = 1/lr_t and rho_t = rho / f_t with f_t = lr_t * sigma (see class docstring)."""
+    def _coefficients(group: dict[str, Any]) -> tuple[float, float, float]:
+        """``(lr_t, beta, 1/rho_t)`` with lr_t = 1/sigma_t = f_t/sigma and 1/rho_t = f_t/rho.
+
+        Written in step sizes, not penalties, so that f_t = 0 (the first warm-up step, the end of a
+        linear decay) is the well-defined limit sigma_t, rho_t -> inf: the duals still move (beta is
+        fixed), the parameters do not."""
         lr = group["lr"]
-        if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"lr (1/sigma) must be a finite number > 0 at every step, got {lr!r}")
-        return 1.0 / lr, group["rho"] / (lr * group["sigma"])
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"lr (1/sigma) must be a finite number >= 0 at every step, got {lr!r}")
+        sigma, rho = group["sigma"], group["rho"]
+        return lr, rho / (rho + sigma), lr * sigma / rho
 
     def _foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["foreach"] is not None:
@@ -227,7 +240,7 @@ class BADM(Optimizer):
         for group, params in work:
             if not params:
                 continue
-            sigma_t, rho_t = self._penalties(group)
+            lr, beta, inv_rho = self._coefficients(group)
             bufs = []
             for p in params:
                 state = self.state[p]
@@ -235,8 +248,8 @@ class BADM(Optimizer):
                     state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum"])
             kernel = _fused_foreach if self._foreach(group, params) else _fused_single
-            kernel(params, _grads_or_zeros(params), bufs, beta=rho_t / (rho_t + sigma_t), inv_rho=1.0 / rho_t,
-                   c=1.0 / rho_t - 1.0 / sigma_t, decay=1.0 - group["weight_decay"] / sigma_t)
+            kernel(params, _grads_or_zeros(params), bufs, beta=beta, inv_rho=inv_rho, c=inv_rho - lr,
+                   decay=1.0 - group["weight_decay"] * lr)
         self.sub_batches_last_step = 1
 
     # ------------------------------------------------------------------ per-sub-batch mode
@@ -268,7 +281,7 @@ class BADM(Optimizer):
         return ok
 
     def _absorb_group(self, group: dict[str, Any], params: list[Tensor], slot: int, weight: float) -> None:
-        sigma_t, rho_t = self._penalties(group)
+        self._coefficients(group)  # validates lr; k = sigma_t / (sigma_t + rho_t) does not depend on f_t
         duals, aggs = [], []
         for p in params:
             state = self.state[p]
@@ -281,7 +294,7 @@ class BADM(Optimizer):
             duals.append(slots[slot])
             aggs.append(state["aggregate"])
         kernel = _absorb_foreach if self._foreach(group, params) else _absorb_single
-        kernel(_grads_or_zeros(params), duals, aggs, k=sigma_t / (sigma_t + rho_t), weight=weight)
+        kernel(_grads_or_zeros(params), duals, aggs, k=group["sigma"] / (group["sigma"] + group["rho"]), weight=weight)
 
     def _aggregate_step(self) -> None:
         if self._slot == 0:
@@ -311,9 +324,9 @@ class BADM(Optimizer):
             params = [p for p in group["params"] if "aggregate" in self.state[p]]
             if not params:
                 continue
-            sigma_t, _ = self._penalties(group)
+            lr, _, _ = self._coefficients(group)
             kernel = _apply_foreach if self._foreach(group, params) else _apply_single
-            kernel(params, aggs, scale=1.0 / (sigma_t * weight_sum), decay=1.0 - group["weight_decay"] / sigma_t)
+            kernel(params, aggs, scale=lr / weight_sum, decay=1.0 - group["weight_decay"] * lr)
 
     # ------------------------------------------------------------------ state and metrics
     def state_dict(self) -> dict[str, Any]:
@@ -340,7 +353,8 @@ class BADM(Optimizer):
 
         Dual norm: fused, the norm of the aggregated dual ``||sum_s alpha_s pi_s|| = ||m||``;
         per-sub-batch, the root-mean-square over slots of ``||pi_s||``."""
-        sigma_t, rho_t = self._penalties(self.param_groups[0])
+        lr, _, inv_rho = self._coefficients(self.param_groups[0])
+        sigma_t, rho_t = (1.0 / lr, 1.0 / inv_rho) if lr > 0 else (math.inf, math.inf)
         key = "momentum" if self.mode == "fused" else "duals"
         tensors = []
         for group in self.param_groups:
