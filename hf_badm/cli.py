@@ -46,12 +46,15 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def recipe_parser():
+def recipe_parser(task: str = "pretrain"):
+    """Instruction-tuning tasks take TRL's SFTConfig (TrainingArguments plus max_length, packing, ...)."""
     from transformers import HfArgumentParser, TrainingArguments
 
     from hf_badm.config import BADMConfig
-    from hf_badm.run import ModelArguments, TaskArguments
+    from hf_badm.run import SFT_TASKS, ModelArguments, TaskArguments
 
+    if task in SFT_TASKS:
+        from trl import SFTConfig as TrainingArguments  # noqa: N814
     parser = HfArgumentParser((ModelArguments, TaskArguments, BADMConfig, TrainingArguments), allow_abbrev=False)
     parser.prog, parser.usage = "hf-badm train", "hf-badm train RECIPE.yaml [--field value ...]"
     return parser
@@ -81,9 +84,19 @@ def read_recipe(path: str | None) -> dict[str, Any]:
     return recipe
 
 
+def _task(recipe: dict[str, Any], overrides: list[str]) -> str:
+    task = str(recipe.get("task", "pretrain"))
+    for i, token in enumerate(overrides):
+        if token == "--task" and i + 1 < len(overrides):
+            task = overrides[i + 1]
+        elif token.startswith("--task="):
+            task = token.split("=", 1)[1]
+    return task
+
+
 def parse(recipe: dict[str, Any], overrides: list[str], source: str = "recipe"):
     """(model, task, badm, training) arguments from a recipe dict plus command-line overrides."""
-    parser = recipe_parser()
+    parser = recipe_parser(_task(recipe, overrides))
     known = {a.dest for a in parser._actions}
     unknown = sorted(k for k in recipe if k not in known)
     if unknown:
@@ -105,6 +118,7 @@ def train(argv: list[str]) -> dict[str, Any]:
 
     if not argv or argv[0] in ("-h", "--help"):
         recipe_parser().print_help()
+        print("\nTasks sft and lora-sft also take the fields of TRL's SFTConfig (max_length, packing, ...).")
         raise SystemExit(0)
     recipe_path, overrides = (None, argv) if argv[0].startswith("--") else (argv[0], argv[1:])
     model_args, task_args, badm, args = parse(read_recipe(recipe_path), overrides, recipe_path or "recipe")

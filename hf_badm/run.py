@@ -24,6 +24,7 @@ from hf_badm.trainer import BADMTrainer, BADMTrainerMixin
 FAMILIES = ("gpt2", "llama", "mixtral", "qwen2_moe")
 SIZES = {"tiny": dict(hidden=64, layers=2, heads=4), "small": dict(hidden=128, layers=4, heads=4)}
 TASKS = ("pretrain", "finetune", "sft", "lora-sft")
+SFT_TASKS = ("sft", "lora-sft")
 
 
 @dataclass
@@ -130,7 +131,7 @@ class _Clock(TrainerCallback):
 
 
 def _trainer_class(task: str, optimizer: str) -> type[Trainer]:
-    if task in ("sft", "lora-sft"):
+    if task in SFT_TASKS:
         from trl import SFTTrainer
 
         return type("BADMSFTTrainer", (BADMTrainerMixin, SFTTrainer), {}) if optimizer == "badm" else SFTTrainer
@@ -180,7 +181,7 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     metrics["tokens_per_second"] = tokens / result.metrics["train_runtime"] if tokens else None
     metrics["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if task_args.task in ("sft", "lora-sft") and task_args.exact_match_examples > 0:
+    if task_args.task in SFT_TASKS and task_args.exact_match_examples > 0:
         held_out = ds["test"].select(range(min(task_args.exact_match_examples, len(ds["test"]))))
         metrics["exact_match"] = data.evaluate_exact_match(trainer.model, tokenizer, held_out)
     metrics["log_history"] = trainer.state.log_history
