@@ -7,26 +7,33 @@ Per-sub-batch mode: every micro-batch of a gradient-accumulation group, and each
 ``sub_batches_per_micro_batch`` splits, is one BADM sub-batch with its own slot. Its mean-loss
 gradient (no accumulation scaling) is clipped to ``max_grad_norm`` if set, then absorbed with its
 weight; gradients are never reduced across ranks (``no_sync`` on every micro-step) because the
-optimizer's step sums the slot aggregates instead (one collective).
+optimizer's step sums the slot aggregates instead (one collective). Each rank checkpoints its own slots
+(``badm_slots_rank{r}-of-{world}.pt`` next to the Trainer's ``optimizer.pt``); resuming with another
+world size or accumulation re-slots them (``reslot_state_dict``: exact for steady weights).
 """
 
 from __future__ import annotations
 
+import glob
 import math
+import os
+import re
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 from transformers.loss.loss_utils import ForCausalLMLoss
-from transformers.trainer_utils import FSDPOption
 
 from hf_badm.config import BADMConfig
 from hf_badm.distributed import all_reduce_aggregator
 from hf_badm.factory import badm_param_groups
 from hf_badm.optim import BADM
+from hf_badm.optim.badm import reslot_state_dict
 
 __all__ = ["BADMTrainerMixin", "BADMTrainer", "split_micro_batch", "count_loss_items"]
+
+SLOT_FILE = "badm_slots_rank{rank}-of-{world}.pt"
 
 
 def split_micro_batch(inputs: dict[str, Any], k: int) -> list[dict[str, Any]]:
@@ -85,18 +92,61 @@ class BADMTrainerMixin:
         """Fail before the first step for combinations that cannot be exact."""
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no trainable parameters: unfreeze some, or add PEFT adapters")
-        cfg, args = self.badm_config, self.args
-        if cfg.mode != "per_sub_batch":
+        if self.is_deepspeed_enabled:
+            ds = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if "optimizer" in ds:
+                raise ValueError("the DeepSpeed config has an 'optimizer' section, so DeepSpeed would train with its own "
+                                 "optimizer instead of BADM: remove it (BADMTrainer hands BADM to DeepSpeed)")
+            if ds.get("zero_optimization", {}).get("stage", 0) and not ds.get("zero_allow_untested_optimizer"):
+                raise ValueError('DeepSpeed ZeRO takes BADM as its (client) optimizer only with '
+                                 '"zero_allow_untested_optimizer": true in the DeepSpeed config')
+        if self.badm_config.mode != "per_sub_batch":
             return
-        if args.deepspeed:
-            raise ValueError('per_sub_batch mode needs every sub-batch gradient un-reduced, but DeepSpeed reduces '
-                             'gradients inside backward: use BADMConfig(mode="fused") with DeepSpeed')
-        if args.fsdp and args.fsdp != [FSDPOption.NO] and args.fsdp != "":
-            raise ValueError('per_sub_batch mode cannot see whole sub-batch gradients under FSDP gradient sharding: '
-                             'use BADMConfig(mode="fused") with FSDP')
-        if args.fp16:
+        if self.is_deepspeed_enabled:
+            raise ValueError('per_sub_batch mode absorbs each sub-batch\'s own gradient, but DeepSpeed (every ZeRO stage) '
+                             'reduces gradients and steps the optimizer inside its engine: use BADMConfig(mode="fused") '
+                             'with DeepSpeed, or per_sub_batch under plain data parallelism (DDP)')
+        if self.is_fsdp_enabled:
+            raise ValueError('per_sub_batch mode needs whole, un-reduced sub-batch gradients, but FSDP reduce-scatters '
+                             'and shards them: use BADMConfig(mode="fused") with FSDP, or per_sub_batch under DDP')
+        if self.args.fp16:
             raise ValueError('per_sub_batch mode absorbs gradients as they are, and fp16 loss scaling would leave them '
                              'scaled: use bf16, or BADMConfig(mode="fused") with fp16')
+
+    # ------------------------------------------------------------------ per-sub-batch checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        opt = self._per_sub_batch()
+        if opt is not None and self.args.world_size > 1:  # the Trainer's optimizer.pt holds rank 0's slots only
+            os.makedirs(output_dir, exist_ok=True)
+            name = SLOT_FILE.format(rank=self.args.process_index, world=self.args.world_size)
+            torch.save(opt.state_dict(), os.path.join(output_dir, name))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The Trainer loads optimizer.pt (rank 0's slots); per-sub-batch then takes this rank's own slots
+        when the layout (world size, slots per rank) is unchanged, and re-slots all ranks' otherwise."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        opt = self._per_sub_batch()
+        if checkpoint is None or opt is None or not opt.state:
+            return
+        found = glob.glob(os.path.join(checkpoint, SLOT_FILE.format(rank="*", world="*")))
+        saved_world = int(re.search(r"-of-(\d+)\.pt$", found[0]).group(1)) if found else 1
+        files = [os.path.join(checkpoint, SLOT_FILE.format(rank=r, world=saved_world)) for r in range(saved_world)]
+        slots = self.args.gradient_accumulation_steps * self.badm_config.sub_batches_per_micro_batch
+        rank, world = self.args.process_index, self.args.world_size
+        if saved_world == world and opt.slots == slots:
+            if world > 1:
+                opt.load_state_dict(torch.load(files[rank], map_location=self.args.device, weights_only=True))
+            return
+        if saved_world == 1:
+            states = [opt.state_dict()]
+        else:
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                raise FileNotFoundError(f"resuming per_sub_batch with another layout re-slots every rank's slots, but "
+                                        f"{missing} are not visible here (checkpoints on a shared filesystem?)")
+            states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        opt.load_state_dict(reslot_state_dict(states, slots))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:

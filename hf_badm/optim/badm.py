@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["BADM", "NonFiniteGradientError"]
+__all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
 MODES = ("fused", "per_sub_batch")
 NONFINITE = ("skip", "raise")
@@ -91,6 +91,22 @@ class BADM(Optimizer):
     per parameter. Use it when weights change per step (token counts) or something non-linear acts
     per sub-batch (per-sub-batch clipping); the parameters never move between absorbs.
 
+    **Data parallelism.** Fused: the framework's gradient reduction (DDP all-reduce, ZeRO/FSDP
+    reduce-scatter) computes :math:`\bar g`; the update is elementwise, so it runs unchanged on
+    ZeRO's flat partitions and FSDP's sharded parameters. Per-sub-batch: each rank owns the slots of
+    its own sub-batches, gradients are never reduced, and :attr:`aggregator` (e.g.
+    ``hf_badm.distributed.all_reduce_aggregator``) sums the aggregates and weights over ranks at
+    :meth:`step`: one collective per step; every trainable parameter then joins that reduction (a
+    missing gradient is a zero gradient) so that all ranks reduce the same buffers.
+
+    **Re-slotting (elastic resume).** :meth:`state_dict` keeps this rank's slot duals and the weights
+    of its last step's slots (``badm.slot_weights``). :func:`reslot_state_dict` turns the states of
+    any number of ranks into the state of a rank with any number of slots, each holding the weighted
+    mean dual :math:`\bar\pi = \sum_s \alpha_s \pi_s`. The next iterate depends on the slots only
+    through :math:`\sum_s \alpha'_s \pi'_s = \bar\pi` (one-buffer form), so this is exact whenever
+    the weights are steady (equal-sized sub-batches, uniform weights); with changing weights it is the
+    natural approximation (slots of different layouts are not the same sub-batches).
+
     **Learning rates and schedules.** ``lr`` is a spelling of :math:`1/\sigma`. A scheduler scales a
     group's ``lr`` by a factor :math:`f_t`; BADM reads it as :math:`\sigma_t = \sigma/f_t` and
     :math:`\rho_t = \rho/f_t` (so :math:`\sigma_t = 1/\mathrm{lr}_t`, :math:`\rho_t = \rho/(\sigma\,\mathrm{lr}_t)`
@@ -141,8 +157,8 @@ class BADM(Optimizer):
         self.skipped_steps = 0
         self.skipped_sub_batches = 0
         self.sub_batches_last_step = 0
-        self._slot = 0
-        self._weight_sum = 0.0
+        self.slot_weights: list[float] = []  # per-sub-batch: the weights of the last step's slots on this rank
+        self._step_weights: list[float] = []  # per-sub-batch: the running step's slot weights (0 = skipped)
         # Seam for data parallelism: called at step() with the aggregate buffers and this rank's
         # weight sum; must sum both over ranks (in place for the tensors) and return the global sum.
         self.aggregator: Callable[[list[Tensor], float], float] | None = None
@@ -263,8 +279,7 @@ class BADM(Optimizer):
             raise RuntimeError('absorb_sub_batch() needs mode="per_sub_batch"; fused mode consumes p.grad in step()')
         weight = float(weight.item() if isinstance(weight, Tensor) else weight)
         _non_negative("weight", weight)
-        slot = self._slot
-        self._slot += 1
+        slot = len(self._step_weights)
         work = [(g, self._params_to_update(g, "aggregate")) for g in self.param_groups]
         grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
         ok = self._check_finite(grads, f"sub-batch {slot}'s gradient")
@@ -272,9 +287,9 @@ class BADM(Optimizer):
             for group, params in work:
                 if params:
                     self._absorb_group(group, params, slot, weight)
-            self._weight_sum += weight
         else:
             self.skipped_sub_batches += 1
+        self._step_weights.append(weight if ok else 0.0)
         for _, params in work:
             for p in params:
                 p.grad = None
@@ -284,10 +299,7 @@ class BADM(Optimizer):
         self._coefficients(group)  # validates lr; k = sigma_t / (sigma_t + rho_t) does not depend on f_t
         duals, aggs = [], []
         for p in params:
-            state = self.state[p]
-            if "aggregate" not in state:
-                state["aggregate"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["duals"] = []
+            state = self._slot_state(p)
             slots = state["duals"]
             while len(slots) <= slot:
                 slots.append(torch.zeros_like(p, memory_format=torch.preserve_format))
@@ -296,8 +308,15 @@ class BADM(Optimizer):
         kernel = _absorb_foreach if self._foreach(group, params) else _absorb_single
         kernel(_grads_or_zeros(params), duals, aggs, k=group["sigma"] / (group["sigma"] + group["rho"]), weight=weight)
 
+    def _slot_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if "aggregate" not in state:
+            state["aggregate"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["duals"] = []
+        return state
+
     def _aggregate_step(self) -> None:
-        if self._slot == 0:
+        if not self._step_weights:
             if any(p.grad is not None for g in self.param_groups for p in g["params"]):
                 raise RuntimeError(
                     'BADM(mode="per_sub_batch"): step() was called with gradients but no absorb_sub_batch(); '
@@ -305,13 +324,18 @@ class BADM(Optimizer):
                     'or use mode="fused" where gradients are accumulated/reduced before the step'
                 )
             return
+        if self.aggregator is not None:  # every rank must reduce the same list of buffers
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        self._slot_state(p)
         aggs_by_group = [[self.state[p]["aggregate"] for p in g["params"] if "aggregate" in self.state[p]]
                          for g in self.param_groups]
-        weight_sum = self._weight_sum
+        weight_sum = sum(self._step_weights)
         if self.aggregator is not None:
             weight_sum = self.aggregator([a for aggs in aggs_by_group for a in aggs], weight_sum)
-        self.sub_batches_last_step = self._slot
-        self._slot, self._weight_sum = 0, 0.0
+        self.sub_batches_last_step = len(self._step_weights)
+        self.slot_weights, self._step_weights = self._step_weights, []
         if weight_sum <= 0:
             for aggs in aggs_by_group:
                 for a in aggs:
@@ -329,9 +353,14 @@ class BADM(Optimizer):
             kernel(params, aggs, scale=lr / weight_sum, decay=1.0 - group["weight_decay"] * lr)
 
     # ------------------------------------------------------------------ state and metrics
+    @property
+    def slots(self) -> int:
+        """Slots this rank holds (per_sub_batch): the most sub-batches absorbed in one step so far."""
+        return max((len(s.get("duals", [])) for s in self.state.values()), default=0)
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["badm"] = dict(mode=self.mode, slot=self._slot, weight_sum=self._weight_sum,
+        sd["badm"] = dict(mode=self.mode, step_weights=list(self._step_weights), slot_weights=list(self.slot_weights),
                           skipped_steps=self.skipped_steps, skipped_sub_batches=self.skipped_sub_batches,
                           sub_batches_last_step=self.sub_batches_last_step)
         return sd
@@ -343,7 +372,7 @@ class BADM(Optimizer):
             raise ValueError(f"state was saved in mode={extra['mode']!r} but this optimizer has mode={self.mode!r}")
         super().load_state_dict(state_dict)
         if extra is not None:
-            self._slot, self._weight_sum = extra["slot"], extra["weight_sum"]
+            self._step_weights, self.slot_weights = list(extra["step_weights"]), list(extra["slot_weights"])
             self.skipped_steps, self.skipped_sub_batches = extra["skipped_steps"], extra["skipped_sub_batches"]
             self.sub_batches_last_step = extra["sub_batches_last_step"]
 
@@ -355,19 +384,50 @@ class BADM(Optimizer):
         per-sub-batch, the root-mean-square over slots of ``||pi_s||``."""
         lr, _, inv_rho = self._coefficients(self.param_groups[0])
         sigma_t, rho_t = (1.0 / lr, 1.0 / inv_rho) if lr > 0 else (math.inf, math.inf)
-        key = "momentum" if self.mode == "fused" else "duals"
-        tensors = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                value = self.state[p].get(key)
-                if value is not None:
-                    tensors.extend(value if isinstance(value, list) else [value])
+        # over self.state, not param_groups: ZeRO-3 swaps its partitions into param_groups only during step()
+        if self.mode == "fused":
+            tensors = [s["momentum"] for s in self.state.values() if "momentum" in s]
+        else:
+            tensors = [d for s in self.state.values() for d in s.get("duals", [])]
         sq = sum(float(n) ** 2 for n in torch._foreach_norm(tensors)) if tensors else 0.0
         if self.mode == "per_sub_batch" and tensors:
-            sq /= max(len(self.state[p].get("duals", [])) for g in self.param_groups for p in g["params"])
+            sq /= self.slots
         return {"badm_sigma": sigma_t, "badm_rho": rho_t, "badm_dual_norm": math.sqrt(sq),
                 "badm_sub_batches": float(self.sub_batches_last_step), "badm_skipped_steps": float(self.skipped_steps),
                 "badm_skipped_sub_batches": float(self.skipped_sub_batches)}
+
+
+@torch.no_grad()
+def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any]:
+    """Per-sub-batch state for a rank with ``slots`` slots, from the step-boundary states of the ranks
+    of a checkpoint (any number): every slot gets the weighted mean dual over all saved slots,
+    ``sum_s w_s pi_s / sum_s w_s`` with each rank's ``slot_weights``. Exact for steady weights (see the
+    class docstring); the global parameters are not part of the state."""
+    if not states or slots < 1:
+        raise ValueError(f"re-slotting needs at least one saved state and slots >= 1, got {len(states)}, {slots}")
+    for sd in states:
+        extra = sd.get("badm", {})
+        if extra.get("mode") != "per_sub_batch" or extra.get("step_weights"):
+            raise ValueError("re-slotting takes per_sub_batch optimizer states saved between steps")
+    total = sum(sum(sd["badm"]["slot_weights"]) for sd in states)
+    if not total > 0:
+        raise ValueError(f"the saved slot weights must sum to > 0 to re-slot, got {total}")
+    state: dict[Any, dict[str, Any]] = {}
+    for sd in states:
+        weights = sd["badm"]["slot_weights"]
+        for key, entry in sd["state"].items():
+            duals = entry["duals"]
+            if key not in state:
+                state[key] = {"mean": torch.zeros_like(entry["aggregate"], dtype=torch.float64), "like": entry["aggregate"]}
+            for w, pi in zip(weights, duals):  # slots beyond the last step's weigh nothing in it
+                state[key]["mean"].add_(pi, alpha=w / total)
+    out = {key: {"aggregate": torch.zeros_like(v["like"]),
+                 "duals": [v["mean"].to(v["like"].dtype, copy=True) for _ in range(slots)]} for key, v in state.items()}
+    # the new slots are all equal, so any positive weights give them the same mean again
+    extra = dict(states[0]["badm"], slot_weights=[1.0] * slots, sub_batches_last_step=slots,
+                 skipped_steps=max(sd["badm"]["skipped_steps"] for sd in states),
+                 skipped_sub_batches=sum(sd["badm"]["skipped_sub_batches"] for sd in states))
+    return {"state": out, "param_groups": states[0]["param_groups"], "badm": extra}
 
 
 def _resolve_sigma_lr(sigma: float | None, lr: float | None, default_sigma: float) -> tuple[float, float]:

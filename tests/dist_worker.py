@@ -1,0 +1,111 @@
+"""One rank of a multi-process test: runs jobs in order and writes each job's final parameters.
+
+tests/test_distributed.py launches it with ``accelerate launch`` or ``python -m torch.distributed.run`` as
+``dist_worker.py OUT JOBS_JSON``; a job is a dict and writes ``OUT/<name>/rank<r>.pt`` with
+``{"params": {name: tensor}, "losses": [...]}``, or ``OUT/<name>/error<r>.txt`` when ``expect_error`` is set
+and construction raised. Trainer job keys: name, mode, ga (accumulation), steps, double (float64 model),
+pad (unequal sub-batches), save_steps (0: none), resume (checkpoint), deepspeed (config dict).
+``{"name": ..., "fsdp2": True, "steps": n}`` runs :func:`fsdp2_run` instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hf_badm import BADM, BADMConfig, BADMTrainer
+from tiny import chain_dataset, losses, tiny_args, tiny_model
+
+
+def trainer_job(out: Path, job: dict) -> BADMTrainer:
+    save = job.get("save_steps", 0)
+    args = tiny_args(out / job["name"], max_steps=job["steps"], gradient_accumulation_steps=job["ga"], max_grad_norm=0.0,
+                     save_strategy="steps" if save else "no", save_steps=save or 500, deepspeed=job.get("deepspeed"))
+    model = tiny_model("gpt2")
+    return BADMTrainer(model=model.double() if job.get("double") else model, args=args,
+                       train_dataset=chain_dataset(pad_to_random_length=job.get("pad", False)),
+                       badm_config=BADMConfig(mode=job["mode"], sigma=3.0, rho=4.5))
+
+
+def full_params(trainer: BADMTrainer) -> dict[str, torch.Tensor]:
+    params = dict(trainer.model.named_parameters())
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params.values())):  # ZeRO-3 holds only a partition
+            return {n: p.detach().cpu().clone() for n, p in params.items()}
+    return {n: p.detach().cpu().clone() for n, p in params.items()}
+
+
+def fsdp2_run(steps: int, rank: int = 0, world: int = 1) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Fused BADM (with weight decay) on a float64 tiny GPT-2, sharded with torch's FSDP2 ``fully_shard`` when
+    world > 1 (Accelerate enables FSDP only on GPUs). Each step: 8 sequences split over the ranks; every rank
+    computes its mean loss and FSDP's reduce-scatter averages the gradients (equal token counts: the global mean)."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_model("gpt2").double()
+    if world > 1:
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    opt = BADM(model.parameters(), sigma=3.0, rho=4.5, weight_decay=0.01)
+    ids = torch.tensor(chain_dataset()["input_ids"])
+    per_rank = 8 // world
+    trace = []
+    for step in range(steps):
+        mine = ids[step * 8 + rank * per_rank: step * 8 + (rank + 1) * per_rank]
+        loss = model(input_ids=mine, labels=mine).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        trace.append(float(loss))
+    full = {n: (p.full_tensor() if world > 1 else p).detach().clone() for n, p in model.named_parameters()}
+    return full, trace
+
+
+def reset_deepspeed_state() -> None:
+    """A DeepSpeed TrainingArguments leaves process-wide state; the next job must start clean."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(True)
+
+
+def run_job(out: Path, job: dict) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    (out / job["name"]).mkdir(parents=True, exist_ok=True)
+    if job.get("fsdp2"):
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        params, trace = fsdp2_run(job["steps"], rank, dist.get_world_size())
+    else:
+        try:
+            trainer = trainer_job(out, job)
+        except ValueError as err:
+            if not job.get("expect_error"):
+                raise
+            (out / job["name"] / f"error{rank}.txt").write_text(str(err))
+            reset_deepspeed_state()
+            return
+        trainer.train(resume_from_checkpoint=job.get("resume"))
+        params, trace = full_params(trainer), losses(trainer)
+        if job.get("deepspeed"):
+            reset_deepspeed_state()
+    torch.save({"params": params, "losses": trace}, out / job["name"] / f"rank{rank}.pt")
+
+
+def main() -> None:
+    out, jobs = Path(sys.argv[1]), json.loads(sys.argv[2])
+    for job in jobs:
+        run_job(out, job)
+
+
+if __name__ == "__main__":
+    main()
