@@ -136,7 +136,7 @@ class BADMTrainerMixin:
         rank, world = self.args.process_index, self.args.world_size
         if saved_world == world and opt.slots == slots:
             if world > 1:
-                opt.load_state_dict(torch.load(files[rank], map_location=self.args.device, weights_only=True))
+                opt.load_state_dict(torch.load(files[rank], map_location="cpu", weights_only=True))
             return
         if saved_world == 1:
             states = [opt.state_dict()]

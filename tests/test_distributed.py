@@ -1,0 +1,244 @@
+"""BADM across 2 CPU ranks (gloo): per-sub-batch and fused under DDP, FSDP2, DeepSpeed ZeRO-1/2/3, checkpoints
+and elastic resume. Each launch runs several jobs of tests/dist_worker.py; the 1-rank references run here.
+
+Exact comparisons use float64 models, so that 10 steps compare the algorithms, not float32 rounding.
+DeepSpeed keeps float32 master weights whatever the model dtype, so its runs are float32 and compared
+norm-wise at 1e-4. The first DeepSpeed launch on a machine JIT-builds DeepSpeed's CPU shared-memory
+communication op (about 1.5 minutes, cached under ~/.cache/torch_extensions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_worker import fsdp2_run, run_job
+from hf_badm import BADM
+from hf_badm.optim.badm import reslot_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("dist_worker.py")
+LAUNCH = ROOT / "recipes" / "launch"
+
+
+def launch(out: Path, jobs: list[dict], launcher: str = "torchrun", timeout: int = 420) -> None:
+    """Run the jobs on 2 CPU processes; the whole process group is killed if anything goes wrong."""
+    if launcher == "accelerate":
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "ddp-cpu.yaml")]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*cmd, str(WORKER), str(out), json.dumps(jobs)], cwd=WORKER.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, f"{launcher} launch failed (exit {proc.returncode}):\n{log[-6000:]}"
+
+
+def result(out: Path, name: str, rank: int = 0) -> dict:
+    return torch.load(out / name / f"rank{rank}.pt", weights_only=True)
+
+
+def max_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """Largest per-tensor max|a - b| / max|b|."""
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-12)) for k in b)
+
+
+def norm_rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """||a - b|| / ||b|| over all parameters together."""
+    return float(torch.cat([(a[k] - b[k]).flatten() for k in b]).norm() / torch.cat([b[k].flatten() for k in b]).norm())
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """2 ranks share 2 cores; the 1-rank references in this process also run on one thread (faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+def job(name: str, mode: str, ga: int, steps: int = 10, **extra) -> dict:
+    return {"name": name, "mode": mode, "ga": ga, "steps": steps, "double": True, **extra}
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory, single_thread) -> Path:
+    """One accelerate launch (recipes/launch/ddp-cpu.yaml) of every DDP/FSDP2 job, after the 1-rank runs whose
+    checkpoint it resumes. 2 ranks x accumulation 2 = 1 rank x accumulation 4: the same 16 sequences per step."""
+    out = tmp_path_factory.mktemp("ddp")
+    run_job(out, job("one_psb", "per_sub_batch", 4, save_steps=5))  # resumed on 2 ranks below
+    launch(out, [
+        job("psb", "per_sub_batch", 2, save_steps=5),
+        job("psb_items", "per_sub_batch", 2, pad=True, save_steps=5),
+        job("psb_items_resumed", "per_sub_batch", 2, pad=True, resume=str(out / "psb_items" / "checkpoint-5")),
+        job("one_psb_on_two", "per_sub_batch", 2, resume=str(out / "one_psb" / "checkpoint-5")),
+        job("ddp", "fused", 2, save_steps=5),
+        {"name": "fsdp2", "fsdp2": True, "steps": 10},
+    ], launcher="accelerate")
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_per_sub_batch_two_ranks_are_identical_and_equal_one_rank_fused(ddp):
+    ranks = [result(ddp, "psb", r)["params"] for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # one all-reduce, same update everywhere
+    run_job(ddp, job("one_fused", "fused", 4))
+    assert max_rel(ranks[0], result(ddp, "one_fused")["params"]) <= 1e-5
+
+
+@pytest.mark.timeout(600)
+def test_per_sub_batch_weights_are_normalised_over_ranks(ddp):
+    """Unequal, changing item counts: 2 ranks x 2 slots are the 4 slots of the 1-rank run (same sub-batches)."""
+    two = result(ddp, "psb_items")["params"]
+    assert all(torch.equal(two[k], result(ddp, "psb_items", 1)["params"][k]) for k in two)
+    run_job(ddp, job("one_items", "per_sub_batch", 4, pad=True))
+    assert max_rel(two, result(ddp, "one_items")["params"]) <= 1e-5
+
+
+@pytest.mark.timeout(600)
+def test_per_sub_batch_checkpoint_holds_every_ranks_slots(ddp):
+    """Same layout: each rank reloads its own slots, so even changing weights resume bit for bit."""
+    ckpt = ddp / "psb_items" / "checkpoint-5"
+    assert {f.name for f in ckpt.glob("badm_slots_*")} == {"badm_slots_rank0-of-2.pt", "badm_slots_rank1-of-2.pt"}
+    for r in (0, 1):
+        full, resumed = result(ddp, "psb_items", r)["params"], result(ddp, "psb_items_resumed", r)["params"]
+        assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+@pytest.mark.timeout(600)
+def test_per_sub_batch_two_rank_checkpoint_resumes_on_one_rank(ddp):
+    run_job(ddp, job("psb_on_one", "per_sub_batch", 4, resume=str(ddp / "psb" / "checkpoint-5")))
+    assert max_rel(result(ddp, "psb_on_one")["params"], result(ddp, "psb")["params"]) <= 1e-5
+
+
+@pytest.mark.timeout(600)
+def test_per_sub_batch_one_rank_checkpoint_resumes_on_two_ranks(ddp):
+    two = result(ddp, "one_psb_on_two")["params"]
+    assert all(torch.equal(two[k], result(ddp, "one_psb_on_two", 1)["params"][k]) for k in two)
+    assert max_rel(two, result(ddp, "one_psb")["params"]) <= 1e-5
+
+
+@pytest.mark.timeout(600)
+def test_fused_ddp_equals_one_rank_and_resumes_on_one_rank(ddp):
+    ranks = [result(ddp, "ddp", r)["params"] for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    run_job(ddp, job("one_fused_ddp", "fused", 4))
+    assert max_rel(ranks[0], result(ddp, "one_fused_ddp")["params"]) <= 1e-5
+    run_job(ddp, job("ddp_on_one", "fused", 4, resume=str(ddp / "ddp" / "checkpoint-5")))  # fused state is global
+    assert max_rel(result(ddp, "ddp_on_one")["params"], ranks[0]) <= 1e-5
+
+
+@pytest.mark.timeout(600)
+def test_fused_under_fsdp2_sharding_equals_one_rank(ddp):
+    sharded, trace = result(ddp, "fsdp2")["params"], result(ddp, "fsdp2")["losses"]
+    single, _ = fsdp2_run(steps=10)
+    assert max_rel(sharded, single) <= 1e-5
+    assert trace[-1] < trace[0]
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+def zero_config(stage: int) -> dict:
+    config = json.loads((LAUNCH / ("zero3.json" if stage == 3 else "zero2.json")).read_text())
+    config["zero_optimization"]["stage"] = stage
+    return config
+
+
+@pytest.fixture(scope="module")
+def zero(tmp_path_factory) -> Path:
+    """ZeRO-1/2/3, each 20 steps with a checkpoint at 10 and a run resumed from it, plus the start-up
+    errors, in one torchrun launch (DeepSpeed only ever in the subprocess: it leaves process-wide state)."""
+    out = tmp_path_factory.mktemp("zero")
+    jobs = []
+    for stage in (1, 2, 3):
+        common = {"mode": "fused", "ga": 2, "steps": 20, "deepspeed": zero_config(stage)}
+        jobs += [{"name": f"zero{stage}", "save_steps": 10, **common},
+                 {"name": f"zero{stage}_resumed", "resume": str(out / f"zero{stage}" / "checkpoint-10"), **common}]
+    bad_optimizer = {**zero_config(2), "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    untested = {k: v for k, v in zero_config(2).items() if k != "zero_allow_untested_optimizer"}
+    for name, mode, config in (("err_per_sub_batch", "per_sub_batch", zero_config(1)),
+                               ("err_optimizer", "fused", bad_optimizer), ("err_untested", "fused", untested)):
+        jobs.append({"name": name, "mode": mode, "ga": 1, "steps": 1, "deepspeed": config, "expect_error": True})
+    launch(out, jobs)
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_with_fused_badm(zero, stage, single_thread):
+    """Float32 (DeepSpeed's master weights): the 1-rank plain run differs only by reduction order."""
+    full = [result(zero, f"zero{stage}", r) for r in (0, 1)]
+    assert all(torch.equal(full[0]["params"][k], full[1]["params"][k]) for k in full[0]["params"])
+    trace = full[0]["losses"]
+    assert len(trace) == 20 and sum(trace[-5:]) < 0.95 * sum(trace[:5]), trace
+    reference = zero / "one_rank_fp32" / "rank0.pt"
+    if not reference.exists():
+        run_job(zero, {"name": "one_rank_fp32", "mode": "fused", "ga": 4, "steps": 20})
+    assert norm_rel(full[0]["params"], torch.load(reference, weights_only=True)["params"]) <= 1e-4
+    resumed = result(zero, f"zero{stage}_resumed")["params"]  # DeepSpeed's checkpoint carries BADM's partitions
+    assert all(torch.equal(resumed[k], full[0]["params"][k]) for k in resumed)
+
+
+@pytest.mark.timeout(600)
+def test_deepspeed_start_up_errors_name_the_fix(zero):
+    messages = {name: (zero / name / "error0.txt").read_text()
+                for name in ("err_per_sub_batch", "err_optimizer", "err_untested")}
+    assert 'mode="fused"' in messages["err_per_sub_batch"] and "DDP" in messages["err_per_sub_batch"]
+    assert "'optimizer' section" in messages["err_optimizer"]
+    assert "zero_allow_untested_optimizer" in messages["err_untested"]
+
+
+# ---------------------------------------------------------------------------------------------- re-slotting
+def test_reslotting_preserves_the_weighted_mean_dual():
+    """Two 'ranks' of per-sub-batch state with unequal slot weights re-slotted into 3 slots: every slot
+    holds sum_s w_s pi_s / sum_s w_s, so the aggregate seen by any new weights is unchanged."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    states, weighted, total = [], torch.zeros(5, dtype=torch.float64), 0.0
+    for weights in ([1.0, 3.0], [2.0, 0.5]):
+        opt = BADM([p], sigma=2.0, rho=3.0, mode="per_sub_batch")
+        for w in weights:
+            p.grad = torch.randn(5, dtype=torch.float64)
+            opt.absorb_sub_batch(w)
+        opt.step()
+        sd = opt.state_dict()
+        states.append(sd)
+        weighted += sum(w * d for w, d in zip(weights, sd["state"][0]["duals"]))
+        total += sum(weights)
+    merged = reslot_state_dict(states, slots=3)
+    assert len(merged["state"][0]["duals"]) == 3
+    for dual in merged["state"][0]["duals"]:
+        torch.testing.assert_close(dual, weighted / total, rtol=1e-14, atol=0)
+    opt = BADM([p], sigma=2.0, rho=3.0, mode="per_sub_batch")
+    opt.load_state_dict(merged)
+    assert opt.slots == 3 and opt.state[p]["duals"][0] is not opt.state[p]["duals"][1]
+    with pytest.raises(ValueError, match="between steps"):
+        p.grad = torch.ones(5, dtype=torch.float64)
+        opt.absorb_sub_batch(1.0)
+        reslot_state_dict([opt.state_dict()], slots=2)
+
+
+def test_every_trainable_parameter_joins_the_rank_reduction():
+    """A parameter without a gradient on this rank still sends its (zero) aggregate: the ranks' buffer lists match."""
+    used, unused, frozen = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    frozen.requires_grad_(False)
+    opt = BADM([used, unused, frozen], sigma=2.0, mode="per_sub_batch")
+    seen = []
+    opt.aggregator = lambda aggregates, weight_sum: seen.append(len(aggregates)) or weight_sum
+    used.grad = torch.ones(3)
+    opt.absorb_sub_batch(1.0)
+    opt.step()
+    assert seen == [2]
+    assert torch.equal(unused.detach(), torch.ones(3))  # a zero gradient with zero duals does not move it
