@@ -10,7 +10,7 @@ from typing import Any, Optional
 MODES = ("fused", "per_sub_batch")
 WEIGHTINGS = ("items", "uniform")
 NONFINITE = ("skip", "raise")
-PRECONDITIONERS = ("none",)
+PRECONDITIONERS = ("none", "second_moment", "newton_schulz")
 # Plain BADM is an SGD-scale method: 1/sigma around 0.1-1. Below this, a learning rate is AdamW-scale.
 SGD_SCALE_MIN_LR = 1e-2
 DEFAULT_RHO_OVER_SIGMA = 1.5
@@ -59,11 +59,22 @@ class BADMConfig:
     )
     preconditioner: str = field(
         default="none",
-        metadata={"help": "Local-solve preconditioner; 'none' is the paper's BADM.", "choices": list(PRECONDITIONERS)},
+        metadata={"help": "Local-solve preconditioner: 'none' (the paper's BADM), 'second_moment' (SISA-like, "
+                          "D = sigma + rho (sqrt(v) + eps)), 'newton_schulz' (NSISA-like: orthogonalised momentum on "
+                          "hidden weight matrices, second_moment elsewhere).", "choices": list(PRECONDITIONERS)},
+    )
+    elementwise_sigma: Optional[float] = field(
+        default=None,
+        metadata={"help": "newton_schulz: sigma of the parameters that are not hidden weight matrices (embeddings, "
+                          "LM head, norms, biases; they take second_moment). Default 1.0."},
+    )
+    elementwise_rho: Optional[float] = field(
+        default=None,
+        metadata={"help": "newton_schulz: rho of those parameters (about 1 / the AdamW learning rate). Default 1000."},
     )
 
     def __post_init__(self) -> None:
-        for name in ("sigma", "rho"):
+        for name in ("sigma", "rho", "elementwise_sigma", "elementwise_rho"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value) or value <= 0):
@@ -91,4 +102,11 @@ class BADMConfig:
                     stacklevel=3,
                 )
         rho = self.rho if self.rho is not None else DEFAULT_RHO_OVER_SIGMA * sigma
-        return {"sigma": float(sigma), "rho": float(rho), "mode": self.mode, "nonfinite": self.nonfinite}
+        return {"sigma": float(sigma), "rho": float(rho), "mode": self.mode, "nonfinite": self.nonfinite,
+                "preconditioner": self.preconditioner}
+
+    def group_overrides(self) -> dict[str, Any]:
+        """Param-group settings of the tensors Newton-Schulz does not orthogonalise (second_moment)."""
+        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else 1.0
+        rho = self.elementwise_rho if self.elementwise_rho is not None else 1000.0
+        return {"preconditioner": "second_moment", "sigma": float(sigma), "rho": float(rho)}

@@ -14,9 +14,12 @@ from hf_badm.optim import BADM
 __all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups"]
 
 
-def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[str] | None = None) -> list[dict]:
+def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[str] | None = None,
+                      config: BADMConfig | None = None) -> list[dict]:
     """Trainable parameters only, split into decay / no-decay groups by the Trainer's own rule
-    (``Trainer.get_decay_parameter_names``: biases and norm weights get no decay)."""
+    (``Trainer.get_decay_parameter_names``: biases and norm weights get no decay). With the
+    newton_schulz preconditioner, tensors other than hidden weight matrices (embeddings, the LM head,
+    1-D tensors) go to groups of their own with second_moment and ``config.group_overrides()``."""
     if decay_names is None:
         decay_names = Trainer.get_decay_parameter_names(None, model)  # a pure function of the model
     decay = set(decay_names)
@@ -28,7 +31,26 @@ def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[s
         {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
         {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
     ]
+    if config is not None and config.preconditioner == "newton_schulz":
+        embeddings = _embedding_ids(model)
+        hidden = [{**g, "params": [p for p in g["params"] if p.dim() == 2 and id(p) not in embeddings]} for g in groups]
+        rest = [{**g, **config.group_overrides(),
+                 "params": [p for p in g["params"] if p.dim() != 2 or id(p) in embeddings]} for g in groups]
+        groups = hidden + rest
     return [g for g in groups if g["params"]]
+
+
+def _embedding_ids(model: nn.Module) -> set[int]:
+    """Input/output embedding matrices: 2-D, but rows are tokens, not a linear map to orthogonalise."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if module is not None and getattr(module, "weight", None) is not None:
+            ids.add(id(module.weight))
+    return ids
 
 
 def _split_config(badm_kwargs: dict[str, Any]) -> tuple[BADMConfig, dict[str, Any]]:
@@ -67,7 +89,8 @@ def create_badm_optimizer(
     schedule itself once it knows the length of training.
     """
     config, extra = _split_config(dict(badm_kwargs))
-    optimizer = BADM(badm_param_groups(model, args.weight_decay), **config.optimizer_kwargs(args.learning_rate), **extra)
+    optimizer = BADM(badm_param_groups(model, args.weight_decay, config=config),
+                     **config.optimizer_kwargs(args.learning_rate), **extra)
     steps = num_training_steps if num_training_steps is not None else args.max_steps
     if steps is None or steps <= 0:
         return optimizer, None

@@ -11,9 +11,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hf_badm.optim.preconditioned import fused_second_moment, newton_schulz_direction, second_moment_gain
+
 __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
 MODES = ("fused", "per_sub_batch")
+PRECONDITIONERS = ("none", "second_moment", "newton_schulz")
 NONFINITE = ("skip", "raise")
 
 
@@ -128,6 +131,16 @@ class BADM(Optimizer):
         nonfinite: ``"skip"`` (default) leaves parameters and state untouched when a step's gradient
             (or an absorbed sub-batch) holds NaN/Inf, warns and counts it; ``"raise"`` raises
             :class:`NonFiniteGradientError` instead.
+        preconditioner: the local solve (``hf_badm.optim.preconditioned``): ``"none"`` (the paper),
+            ``"second_moment"`` (SISA-like, ``D = sigma + rho (sqrt(v_hat) + eps)``) or
+            ``"newton_schulz"`` (NSISA-like on 2-D tensors, second_moment elsewhere: put embeddings and
+            the LM head in a group of their own with ``preconditioner="second_moment"``). Per-sub-batch
+            mode keeps the preconditioner state per slot (the literal PISA form); fused mode shares one
+            from the reduced gradient (exact for second_moment; an approximation of per-slot
+            Newton-Schulz). Extra state per parameter: second_moment 1 buffer (fused) or 1 per slot;
+            newton_schulz 1 momentum buffer (fused) or 1 per slot on matrices.
+        beta2, eps: second-moment EMA rate and floor.  ns_momentum, ns_steps: Newton-Schulz momentum
+            and iterations.
     """
 
     def __init__(
@@ -141,6 +154,11 @@ class BADM(Optimizer):
         mode: str = "fused",
         foreach: bool | None = None,
         nonfinite: str = "skip",
+        preconditioner: str = "none",
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        ns_momentum: float = 0.95,
+        ns_steps: int = 5,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -151,7 +169,9 @@ class BADM(Optimizer):
         sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=3.0)
         rho = 1.5 * sigma if rho is None else _positive("rho", rho)
         defaults = dict(lr=lr, sigma=sigma, rho=rho, weight_decay=_non_negative("weight_decay", weight_decay),
-                        foreach=foreach)
+                        foreach=foreach, preconditioner=preconditioner, beta2=beta2, eps=eps, ns_momentum=ns_momentum,
+                        ns_steps=ns_steps)
+        _check_preconditioner(defaults)
         self.mode = mode
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -180,6 +200,7 @@ class BADM(Optimizer):
             group["rho"] = _positive("rho", group["rho"])
         if "weight_decay" in group:
             group["weight_decay"] = _non_negative("weight_decay", group["weight_decay"])
+        _check_preconditioner(group)
         if not (group.get("foreach") is None or isinstance(group["foreach"], bool)):
             raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
         params = group["params"]
@@ -263,10 +284,32 @@ class BADM(Optimizer):
                 if "momentum" not in state:
                     state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 bufs.append(state["momentum"])
+            if group["preconditioner"] != "none":
+                self._fused_preconditioned(group, params, bufs, lr, beta, inv_rho)
+                continue
             kernel = _fused_foreach if self._foreach(group, params) else _fused_single
             kernel(params, _grads_or_zeros(params), bufs, beta=beta, inv_rho=inv_rho, c=inv_rho - lr,
                    decay=1.0 - group["weight_decay"] * lr)
         self.sub_batches_last_step = 1
+
+    def _fused_preconditioned(self, group: dict[str, Any], params: list[Tensor], bufs: list[Tensor], lr: float,
+                              beta: float, inv_rho: float) -> None:
+        """One shared preconditioner from the reduced gradient (exact for second_moment, see
+        ``preconditioned``); newton_schulz orthogonalises the reduced gradient's momentum."""
+        decay = 1.0 - group["weight_decay"] * lr
+        for p, g, m in zip(params, _grads_or_zeros(params), bufs):
+            state = self.state[p]
+            if _orthogonalises(group, p):
+                if "ns_momentum" not in state:
+                    state["ns_momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                d = newton_schulz_direction(g, state["ns_momentum"], group["ns_momentum"], group["ns_steps"])
+                _fused_single([p], [d], [m], beta=beta, inv_rho=inv_rho, c=inv_rho - lr, decay=decay)
+                continue
+            if "exp_avg_sq" not in state:
+                state["exp_avg_sq"], state["steps"] = torch.zeros_like(p, memory_format=torch.preserve_format), 0
+            state["steps"] += 1
+            fused_second_moment(p, g, m, state["exp_avg_sq"], state["steps"], lr=lr, ratio=group["rho"] / group["sigma"],
+                                beta2=group["beta2"], eps=group["eps"], decay=decay)
 
     # ------------------------------------------------------------------ per-sub-batch mode
     @torch.no_grad()
@@ -305,8 +348,30 @@ class BADM(Optimizer):
                 slots.append(torch.zeros_like(p, memory_format=torch.preserve_format))
             duals.append(slots[slot])
             aggs.append(state["aggregate"])
+        if group["preconditioner"] != "none":
+            self._absorb_preconditioned(group, params, duals, aggs, slot, weight)
+            return
         kernel = _absorb_foreach if self._foreach(group, params) else _absorb_single
         kernel(_grads_or_zeros(params), duals, aggs, k=group["sigma"] / (group["sigma"] + group["rho"]), weight=weight)
+
+    def _absorb_preconditioned(self, group: dict[str, Any], params: list[Tensor], duals: list[Tensor],
+                               aggs: list[Tensor], slot: int, weight: float) -> None:
+        """The literal PISA local solve: each slot keeps its own preconditioner state."""
+        sigma, rho = group["sigma"], group["rho"]
+        for p, g, pi, agg in zip(params, _grads_or_zeros(params), duals, aggs):
+            state = self.state[p]
+            if _orthogonalises(group, p):
+                moms = _slot_list(state, "slot_ns", slot, p)
+                d, k = newton_schulz_direction(g, moms[slot], group["ns_momentum"], group["ns_steps"]), sigma / (sigma + rho)
+            else:
+                sqs, steps = _slot_list(state, "slot_sq", slot, p), state.setdefault("slot_steps", [])
+                steps.extend([0] * (slot + 1 - len(steps)))
+                steps[slot] += 1
+                sqs[slot].mul_(group["beta2"]).addcmul_(g, g, value=1.0 - group["beta2"])
+                d, k = g, second_moment_gain(sqs[slot], steps[slot], rho / sigma, group["beta2"], group["eps"])
+            kt = (d + pi).mul_(k)  # sigma_t (w_s - w) = -(d + pi) / (1 + rho q / sigma)
+            pi.sub_(kt)
+            agg.add_(pi, alpha=weight).add_(kt, alpha=-weight)
 
     def _slot_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -416,6 +481,9 @@ def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any
     for sd in states:
         weights = sd["badm"]["slot_weights"]
         for key, entry in sd["state"].items():
+            if "slot_sq" in entry or "slot_ns" in entry:
+                raise ValueError("per-slot preconditioner state is non-linear in the slots and cannot be re-slotted "
+                                 "exactly: resume with the same world size and accumulation, or use fused mode")
             duals = entry["duals"]
             if key not in state:
                 state[key] = {"mean": torch.zeros_like(entry["aggregate"], dtype=torch.float64), "like": entry["aggregate"]}
@@ -428,6 +496,32 @@ def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any
                  skipped_steps=max(sd["badm"]["skipped_steps"] for sd in states),
                  skipped_sub_batches=sum(sd["badm"]["skipped_sub_batches"] for sd in states))
     return {"state": out, "param_groups": states[0]["param_groups"], "badm": extra}
+
+
+def _check_preconditioner(group: dict[str, Any]) -> None:
+    if "preconditioner" in group and group["preconditioner"] not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {group['preconditioner']!r}")
+    for name in ("beta2", "ns_momentum"):
+        value = group.get(name, 0.5)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if "eps" in group:
+        _positive("eps", group["eps"])
+    steps = group.get("ns_steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
+
+
+def _orthogonalises(group: dict[str, Any], p: Tensor) -> bool:
+    """Newton-Schulz acts on whole weight matrices; every other tensor takes second_moment."""
+    return group["preconditioner"] == "newton_schulz" and p.dim() == 2
+
+
+def _slot_list(state: dict[str, Any], key: str, slot: int, p: Tensor) -> list[Tensor]:
+    slots = state.setdefault(key, [])
+    while len(slots) <= slot:
+        slots.append(torch.zeros_like(p, memory_format=torch.preserve_format))
+    return slots
 
 
 def _resolve_sigma_lr(sigma: float | None, lr: float | None, default_sigma: float) -> tuple[float, float]:

@@ -1,0 +1,75 @@
+"""Preconditioned local solves for BADM (the authors' PISA direction; ../shared/BADM.md §6).
+
+Plain BADM solves each sub-batch's proximal problem with one gradient step of size 1/(sigma + rho).
+The variants here change that local solve and nothing else (the dual update and the aggregation
+stay BADM's):
+
+``second_moment`` (SISA-like): the local solve is
+``w_s = w - (g_s + pi_s) / (sigma + rho * q_s)`` with ``q_s = sqrt(v_hat_s) + eps`` and ``v_s`` a
+bias-corrected EMA of ``g_s**2``. With the preconditioner fixed within a step the update is linear
+in (g, pi), so the fused form with ONE shared ``v`` (from the reduced gradient) is itself an exact
+algorithm::
+
+    u  = (g + pi) / (sigma + rho q)          # all sub-batches share q
+    w <- w - 2 u + pi / sigma
+    pi <- pi - sigma u
+
+``newton_schulz`` (NSISA-like): on 2-D weight matrices the local direction is Newton-Schulz
+orthogonalised Nesterov momentum, ``M <- mu M + g; d = NS5(g + mu M) * max(1, rows/cols)**0.5``,
+used in place of the gradient in plain BADM's local solve; other parameters use ``second_moment``.
+
+All functions below are written in step sizes: ``lr`` = 1/sigma_t and ``ratio`` = rho/sigma (fixed
+under a schedule), so a zero schedule factor is the sigma, rho -> inf limit (duals move, w does not).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["second_moment_gain", "orthogonalised", "fused_second_moment", "newton_schulz_direction"]
+
+# Quintic Newton-Schulz coefficients that drive all singular values towards ~1 in five steps.
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def second_moment_gain(v: Tensor, steps: int, ratio: float, beta2: float, eps: float) -> Tensor:
+    """k = sigma / (sigma + rho q) = 1 / (1 + ratio q), q = sqrt(v / (1 - beta2**steps)) + eps."""
+    q = (v / (1.0 - beta2**steps)).sqrt_().add_(eps)
+    return q.mul_(ratio).add_(1.0).reciprocal_()
+
+
+@torch.no_grad()
+def orthogonalised(x: Tensor, steps: int = 5) -> Tensor:
+    """Approximately U V^T of ``x = U S V^T`` (Newton-Schulz), scaled by max(1, rows/cols)**0.5."""
+    a, b, c = _NS_COEFFS
+    y = x.float()
+    tall = y.shape[0] > y.shape[1]
+    if tall:
+        y = y.T
+    y = y / (y.norm() + 1e-7)
+    for _ in range(steps):
+        gram = y @ y.T
+        y = a * y + (b * gram + c * gram @ gram) @ y
+    if tall:
+        y = y.T
+    return y.to(x.dtype).mul_(math.sqrt(max(1.0, x.shape[0] / x.shape[1])))
+
+
+def newton_schulz_direction(grad: Tensor, momentum: Tensor, mu: float, steps: int) -> Tensor:
+    """Nesterov momentum (updated in place) orthogonalised: the local direction for a weight matrix."""
+    momentum.mul_(mu).add_(grad)
+    return orthogonalised(grad.add(momentum, alpha=mu), steps)
+
+
+def fused_second_moment(p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: int, *, lr: float, ratio: float,
+                        beta2: float, eps: float, decay: float) -> None:
+    """The exact shared-preconditioner step on one parameter; ``m = -pi`` (the negated mean dual)."""
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    u = second_moment_gain(v, steps, ratio, beta2, eps).mul_(g - m)  # (g + pi) / (1 + ratio q)
+    if decay != 1.0:
+        p.mul_(decay)
+    p.add_(u, alpha=-2.0 * lr).add_(m, alpha=-lr)  # w - 2 u_t + pi / sigma_t, with u_t = lr u
+    m.add_(u)  # pi <- pi - sigma_t u_t

@@ -1,0 +1,160 @@
+"""Preconditioned BADM (second_moment, newton_schulz): reductions to plain BADM, literal per-slot
+form, the exact shared form, per-slot state, round-trip."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import hf_badm.optim.badm as badm_module
+import hf_badm.optim.preconditioned as preconditioned
+from hf_badm import BADM
+from hf_badm.optim.preconditioned import orthogonalised
+from test_optimizer import STEPS, SUBS, literal_grads, make_net, max_rel, mse, run_steps, sub_batches
+from reference import LiteralBADM
+
+
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_preconditioner_none_is_plain_badm_bitwise(mode):
+    nets = [make_net(), make_net()]
+    opts = [BADM(nets[0].parameters(), sigma=2.0, rho=3.0, mode=mode),
+            BADM(nets[1].parameters(), sigma=2.0, rho=3.0, mode=mode, preconditioner="none")]
+    for net, opt in zip(nets, opts):
+        run_steps(net, opt, 8, mode=mode)
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+
+
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_frozen_second_moment_is_plain_badm_with_rescaled_rho(mode, monkeypatch):
+    """q = sqrt(v_hat) + eps frozen to a constant c: D = sigma + rho c, i.e. plain BADM with rho' = rho c."""
+    c = 0.37
+    def frozen(v, steps, ratio, beta2, eps):
+        return torch.full_like(v, 1.0 / (1.0 + ratio * c))
+
+    for module in (badm_module, preconditioned):
+        monkeypatch.setattr(module, "second_moment_gain", frozen)
+    nets = [make_net(), make_net()]
+    pre = BADM(nets[0].parameters(), sigma=2.0, rho=3.0, mode=mode, preconditioner="second_moment", weight_decay=0.05)
+    plain = BADM(nets[1].parameters(), sigma=2.0, rho=3.0 * c, mode=mode, weight_decay=0.05)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + 0.1 * t)) for opt in (pre, plain)]
+    for t in range(STEPS):
+        for net, opt, sched in zip(nets, (pre, plain), scheds):
+            run_steps(net, opt, 1, start=t, mode=mode)
+            sched.step()
+    assert max_rel(list(nets[0].parameters()), list(nets[1].parameters())) <= 1e-10
+
+
+def literal_second_moment(mode: str, steps: int = 12, sigma: float = 1.0, rho: float = 20.0,
+                          beta2: float = 0.9, eps: float = 1e-8):
+    """Literal slots with D_s = sigma + rho (sqrt(v_hat) + eps): per slot v_s (PISA) or one shared v (fused)."""
+    net = make_net()
+    params = list(net.parameters())
+    w = [p.detach().clone() for p in params]
+    pis = [[torch.zeros_like(p) for p in params] for _ in range(SUBS)]
+    vs = [[torch.zeros_like(p) for p in params] for _ in range(SUBS if mode == "per_sub_batch" else 1)]
+    ref = LiteralBADM(params, sigma, rho)
+    for t in range(steps):
+        ref.w = w
+        grads = literal_grads(net, ref, sub_batches(t))
+        if mode == "fused":
+            mean = [sum(g[i] for g in grads) / SUBS for i in range(len(params))]
+            vs[0] = [beta2 * v + (1 - beta2) * m * m for v, m in zip(vs[0], mean)]
+        w = [x.detach() for x in w]
+        new_w = [torch.zeros_like(x) for x in w]
+        for s in range(SUBS):
+            if mode == "per_sub_batch":
+                vs[s] = [beta2 * v + (1 - beta2) * g * g for v, g in zip(vs[s], grads[s])]
+            v = vs[s if mode == "per_sub_batch" else 0]
+            for i in range(len(params)):
+                d = sigma + rho * ((v[i] / (1 - beta2 ** (t + 1))).sqrt() + eps)
+                ws = w[i] - (grads[s][i] + pis[s][i]) / d
+                pis[s][i] = pis[s][i] + sigma * (ws - w[i])
+                new_w[i] += (ws + pis[s][i] / sigma) / SUBS
+        w = [x.detach() for x in new_w]
+    return w
+
+
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_second_moment_equals_literal_preconditioned_slots(mode):
+    expected = literal_second_moment(mode)
+    net = make_net()
+    opt = BADM(net.parameters(), sigma=1.0, rho=20.0, mode=mode, preconditioner="second_moment", beta2=0.9)
+    run_steps(net, opt, 12, mode=mode)
+    assert max_rel(list(net.parameters()), expected) <= 1e-10
+
+
+def test_per_slot_preconditioner_state_is_per_slot():
+    net = make_net()
+    opt = BADM(net.parameters(), sigma=1.0, rho=20.0, mode="per_sub_batch", preconditioner="second_moment", beta2=0.9)
+    run_steps(net, opt, 1, mode="per_sub_batch")
+    p = next(net.parameters())
+    state = opt.state[p]
+    assert len(state["duals"]) == len(state["slot_sq"]) == SUBS and state["slot_steps"] == [1] * SUBS
+    assert not torch.equal(state["slot_sq"][0], state["slot_sq"][1])
+
+
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+@pytest.mark.parametrize("preconditioner", ["second_moment", "newton_schulz"])
+def test_preconditioned_state_round_trip_is_bitwise(mode, preconditioner):
+    net = make_net()
+    opt = BADM(net.parameters(), sigma=1.0, rho=20.0, mode=mode, preconditioner=preconditioner)
+    run_steps(net, opt, 4, mode=mode)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    run_steps(net, opt, 4, start=4, mode=mode)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    net2 = make_net(seed=3)
+    net2.load_state_dict(saved["model"])
+    opt2 = BADM(net2.parameters(), mode=mode, preconditioner=preconditioner)
+    opt2.load_state_dict(saved["opt"])
+    run_steps(net2, opt2, 4, start=4, mode=mode)
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_newton_schulz_uses_orthogonalised_momentum_on_matrices_only(mode):
+    net = make_net()
+    opt = BADM(net.parameters(), sigma=30.0, rho=30.0, mode=mode, preconditioner="newton_schulz")
+    run_steps(net, opt, 3, mode=mode)
+    for p in net.parameters():
+        state = opt.state[p]
+        key = ("ns_momentum" if mode == "fused" else "slot_ns") if p.dim() == 2 else (
+            "exp_avg_sq" if mode == "fused" else "slot_sq")
+        assert key in state, (p.shape, sorted(state))
+    x = torch.randn(16, 6, dtype=torch.float64)
+    s = torch.linalg.svdvals(orthogonalised(x) / (16 / 6) ** 0.5)
+    assert float(s.min()) > 0.5 and float(s.max()) < 1.3
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(preconditioner="adam"), "preconditioner"),
+                                          (dict(beta2=1.0), "beta2"), (dict(beta2=-0.1), "beta2"),
+                                          (dict(eps=0.0), "eps"), (dict(ns_momentum=1.0), "ns_momentum"),
+                                          (dict(ns_steps=0), "ns_steps")])
+def test_invalid_preconditioner_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        BADM(make_net().parameters(), **kwargs)
+
+
+@pytest.mark.parametrize("preconditioner, lr", [("second_moment", 1.0), ("newton_schulz", 1 / 30)])
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_preconditioned_badm_trains_in_the_trainer(tmp_path, preconditioner, lr, mode):
+    from hf_badm import BADMConfig, BADMTrainer
+    from tiny import assert_loss_falls, chain_dataset, tiny_args, tiny_model
+
+    model = tiny_model("llama")
+    config = BADMConfig(mode=mode, preconditioner=preconditioner, rho=(1000.0 if preconditioner == "second_moment" else 30.0))
+    trainer = BADMTrainer(model=model, args=tiny_args(tmp_path, learning_rate=lr, gradient_accumulation_steps=2),
+                          train_dataset=chain_dataset(), badm_config=config)
+    trainer.train()
+    assert_loss_falls(trainer)
+    groups = trainer._badm().param_groups
+    embed = model.get_input_embeddings().weight
+    owner = next(g for g in groups if any(p is embed for p in g["params"]))
+    assert owner["preconditioner"] == "second_moment"
+    if preconditioner == "newton_schulz":
+        assert (owner["sigma"], owner["rho"]) == (1.0, 1000.0)
+        q_proj = model.model.layers[0].self_attn.q_proj.weight
+        assert next(g for g in groups if any(p is q_proj for p in g["params"]))["preconditioner"] == "newton_schulz"
