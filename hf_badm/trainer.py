@@ -100,6 +100,10 @@ class BADMTrainerMixin:
             if ds.get("zero_optimization", {}).get("stage", 0) and not ds.get("zero_allow_untested_optimizer"):
                 raise ValueError('DeepSpeed ZeRO takes BADM as its (client) optimizer only with '
                                  '"zero_allow_untested_optimizer": true in the DeepSpeed config')
+        if self.badm_config.preconditioner == "newton_schulz" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError("the newton_schulz preconditioner orthogonalises whole weight matrices, but DeepSpeed ZeRO "
+                             "and FSDP hand the optimizer flat shards: use preconditioner='second_moment' (elementwise) "
+                             "or 'none' there")
         if self.badm_config.mode != "per_sub_batch":
             return
         if self.is_deepspeed_enabled:
@@ -151,7 +155,8 @@ class BADMTrainerMixin:
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            groups = badm_param_groups(opt_model, self.args.weight_decay, self.get_decay_parameter_names(opt_model))
+            groups = badm_param_groups(opt_model, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
+                                       self.badm_config)
             self.optimizer = BADM(groups, **self.badm_config.optimizer_kwargs(self.args.learning_rate))
         return self.optimizer
 
