@@ -14,3 +14,21 @@ def test_bench_step_smoke():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "| optimizer | median ms | IQR ms | min ms | time / AdamW | state MiB | state / AdamW |" in run.stdout
+
+
+def _smoke(script: str, *extra: str) -> subprocess.CompletedProcess:
+    run = subprocess.run([sys.executable, f"scripts/{script}", "--smoke", *extra], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def test_bench_convergence_smoke():
+    out = _smoke("bench_convergence.py").stdout
+    assert "| optimizer | best lr | rho/sigma |" in out and "AdamW's best final eval loss (target)" in out
+    assert "BADM fused" in out and "BADM per-sub-batch (S=4)" in out and "SGD+momentum" in out
+
+
+def test_bench_scaling_smoke():
+    out = _smoke("bench_scaling.py").stdout
+    assert "**per_sub_batch: final eval loss**" in out and "**fused: ms per step**" in out

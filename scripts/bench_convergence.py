@@ -1,0 +1,362 @@
+"""Convergence of tiny-GPT pre-training: BADM (fused, per-sub-batch S=4) vs AdamW, SGD+momentum and
+Schedule-Free AdamW, each with the same learning-rate sweep protocol, at a fixed token budget.
+
+Protocol (identical for every optimizer): every point of a log-spaced learning-rate grid (>= 4 values,
+half-decade steps; BADM also over rho/sigma, i.e. its momentum beta = r/(r+1)) trains once with
+seed 0; if the best point lies on the edge of the grid, the grid is extended one value in that
+direction; the best point (lowest final held-out loss) is re-run with further seeds. Reported: the
+best final eval loss per optimizer (mean over seeds), and the steps and training wall-clock each
+optimizer's best setting needs to reach AdamW's best final loss (the speed-up ratio). Every run goes
+into ``results.json`` next to the table (written after each run, so an interrupted sweep resumes).
+
+Every run is ``hf-badm train`` in-process (``hf_badm.cli.parse`` + ``hf_badm.run.run``) with the same
+recipe, data order and token budget; only the optimizer, learning rate and BADM's rho differ.
+Schedule-Free AdamW runs with a constant schedule (it has its own warm-up and averaging); all others
+with cosine decay and 20 warm-up steps. Lion (``lion_32bit``) needs bitsandbytes and is skipped
+when that is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
+SECTION = "## Convergence: pre-training sweeps and speed-up vs AdamW"
+LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_torch": "AdamW", "sgd": "SGD+momentum 0.9",
+          "schedule_free_adamw": "Schedule-Free AdamW", "lion_32bit": "Lion"}
+GRIDS: dict[str, list[float]] = {
+    "badm": [1.0, 3.0, 10.0, 30.0],
+    "badm_s4": [1.0, 3.0, 10.0, 30.0],
+    "adamw_torch": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    "sgd": [0.03, 0.1, 0.3, 1.0],
+    "schedule_free_adamw": [1e-3, 3e-3, 1e-2, 3e-2],
+    "lion_32bit": [3e-5, 1e-4, 3e-4, 1e-3],
+}
+RATIOS = [1.5, 4.0, 9.0, 19.0]  # BADM rho/sigma: beta = 0.6, 0.8, 0.9, 0.95
+
+
+def nice_up(x: float) -> float:
+    """Next value of the 1-3-10 half-decade grid above ``x`` (1 -> 3 -> 10 -> 30)."""
+    return float(f"{x * (3 if x / 10 ** math.floor(math.log10(x)) < 2 else 10 / 3):.3g}")
+
+
+def nice_down(x: float) -> float:
+    return float(f"{x / (10 / 3 if x / 10 ** math.floor(math.log10(x)) < 2 else 3):.3g}")
+
+
+def available_optimizers() -> list[str]:
+    names = ["badm", "badm_s4", "adamw_torch", "sgd"]
+    if importlib.util.find_spec("schedulefree"):
+        names.append("schedule_free_adamw")
+    if importlib.util.find_spec("bitsandbytes"):
+        names.append("lion_32bit")
+    return names
+
+
+def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpus: str, steps: int,
+           base: dict[str, Any], out: Path, tokenizer: str) -> tuple[str, dict[str, Any]]:
+    key = f"{corpus}|{size}|{opt}|lr={lr:.4g}|r={ratio if ratio is not None else '-'}|seed={seed}"
+    r = {**base, "model_size": size, "dataset": corpus, "max_steps": steps, "eval_steps": max(1, steps // 10),
+         "learning_rate": lr, "seed": seed, "tokenizer_name_or_path": tokenizer,
+         "output_dir": str(out / "runs" / key.replace("|", "_").replace("=", ""))}
+    if opt in ("badm", "badm_s4"):
+        r.update(optimizer="badm", rho=ratio / lr)  # sigma = 1/lr (default), rho = ratio * sigma
+        if opt == "badm_s4":
+            r.update(mode="per_sub_batch", sub_batches_per_micro_batch=4)
+    else:
+        r["optimizer"] = opt
+    if opt == "sgd":
+        r["optim_args"] = "momentum=0.9"
+    if opt == "schedule_free_adamw":
+        r["lr_scheduler_type"] = "constant"
+    return key, r
+
+
+class Sweep:
+    def __init__(self, args: argparse.Namespace, results: bc.Results, base: dict[str, Any], tokenizer: str) -> None:
+        self.args, self.results, self.base, self.tokenizer = args, results, base, tokenizer
+
+    def run(self, opt: str, lr: float, ratio: float | None, seed: int, size: str, corpus: str) -> dict[str, Any]:
+        key, r = recipe(opt, lr, ratio, seed, size, corpus, self.args.steps[size], self.base, self.args.out_dir,
+                        self.tokenizer)
+        done = self.results.get(key)
+        if done is not None:
+            return done
+        summary = bc.train(r)
+        entry = {"key": key, "corpus": corpus, "size": size, "optimizer": opt, "learning_rate": lr,
+                 "rho_over_sigma": ratio, "seed": seed, "max_steps": self.args.steps[size],
+                 "tokens": self.args.steps[size] * r["per_device_train_batch_size"] * r["block_size"], **summary}
+        self.results.add(entry)
+        print(f"{key}: eval {bc.fmt(entry['final_eval_loss'], '.4f')}  {entry['s_per_step']*1e3:.0f} ms/step  "
+              f"load {entry['load_1min']:.1f}", flush=True)
+        return entry
+
+    def points(self, opt: str, size: str, corpus: str, seed: int = 0) -> list[dict[str, Any]]:
+        return [r for r in self.results.runs if (r["optimizer"], r["size"], r["corpus"], r["seed"]) == (opt, size, corpus, seed)
+                and r["final_eval_loss"] is not None and math.isfinite(r["final_eval_loss"])]
+
+    def best(self, opt: str, size: str, corpus: str) -> dict[str, Any] | None:
+        pts = self.points(opt, size, corpus)
+        return min(pts, key=lambda r: r["final_eval_loss"]) if pts else None
+
+    def sweep(self, size: str, corpus: str) -> None:
+        opts = self.args.optimizers
+        ratios = self.args.ratios
+        # Phase 1: every base grid point, round-robin across optimizers (so load drift hits all alike).
+        jobs: dict[str, list[tuple[float, float | None]]] = {
+            o: [(lr, r) for lr in self.args.grids[o] for r in ratios] if o == "badm"
+            else [(lr, None) for lr in self.args.grids[o]] for o in opts if o != "badm_s4"}
+        while any(jobs.values()):
+            for o in list(jobs):
+                if jobs[o]:
+                    lr, r = jobs[o].pop(0)
+                    self.run(o, lr, r, 0, size, corpus)
+        # Phase 2: BADM per-sub-batch at the fused sweep's best rho/sigma; edge extensions for everyone.
+        if "badm_s4" in opts:
+            ratio_s4 = self.best("badm", size, corpus)["rho_over_sigma"] if "badm" in opts else ratios[0]
+            for lr in self.args.grids["badm_s4"]:
+                self.run("badm_s4", lr, ratio_s4, 0, size, corpus)
+        for o in opts:
+            for _ in range(self.args.extend):
+                best = self.best(o, size, corpus)
+                grid = sorted({p["learning_rate"] for p in self.points(o, size, corpus)
+                               if p["rho_over_sigma"] == best["rho_over_sigma"]})
+                if best["learning_rate"] == grid[-1]:
+                    new = nice_up(grid[-1])
+                elif best["learning_rate"] == grid[0]:
+                    new = nice_down(grid[0])
+                else:
+                    break
+                self.run(o, new, best["rho_over_sigma"], 0, size, corpus)
+        # Phase 3: more seeds of each optimizer's best point.
+        for seed in range(1, self.args.seeds):
+            for o in opts:
+                b = self.best(o, size, corpus)
+                self.run(o, b["learning_rate"], b["rho_over_sigma"], seed, size, corpus)
+
+
+# ----------------------------------------------------------------------------- report
+
+def seeds_of(results: bc.Results, best: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results.runs if all(r[k] == best[k] for k in ("corpus", "size", "optimizer", "learning_rate",
+                                                                          "rho_over_sigma"))]
+
+
+def speedup_table(sweep: Sweep, size: str, corpus: str) -> tuple[str, dict[str, Any]]:
+    res, opts = sweep.results, sweep.args.optimizers
+    adamw = sweep.best("adamw_torch", size, corpus)
+    target = statistics.mean(r["final_eval_loss"] for r in seeds_of(res, adamw))
+    steps = adamw["max_steps"]
+    ref_s = statistics.mean(r["train_s"] for r in seeds_of(res, adamw))
+    rows = [f"AdamW's best final eval loss (target): **{target:.4f}** (lr {adamw['learning_rate']:g}, mean of "
+            f"{len(seeds_of(res, adamw))} seeds) after {steps} steps = {adamw['tokens']:,} tokens.\n",
+            "| optimizer | best lr | rho/sigma | final eval loss, mean (min–max), seeds | steps to target | speed-up (steps) "
+            "| ms/step (median of all its runs) | train s to target | speed-up (wall-clock) |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    summary: dict[str, Any] = {"target": target, "optimizers": {}}
+    for o in opts:
+        best = sweep.best(o, size, corpus)
+        if best is None:
+            continue
+        runs = seeds_of(res, best)
+        losses = [r["final_eval_loss"] for r in runs]
+        reach = [bc.steps_to_reach(r["curve"], target) for r in runs]
+        reach_s = [bc.steps_to_reach(r["curve"], target, key="train_s") for r in runs]
+        all_ms = statistics.median(r["s_per_step"] for r in res.runs if (r["optimizer"], r["size"], r["corpus"])
+                                   == (o, size, corpus)) * 1e3
+        ok = [x for x in reach if x is not None]
+        ok_s = [x for x in reach_s if x is not None]
+        n_ok = f" ({len(ok)}/{len(runs)} seeds)" if 0 < len(ok) < len(runs) else ""
+        st = statistics.mean(ok) if ok else None
+        ss = statistics.mean(ok_s) if ok_s else None
+        sp = steps / st if st else None
+        spw = ref_s / ss if ss else None
+        if o == "adamw_torch":
+            st, ss, sp, spw, n_ok = float(steps), ref_s, 1.0, 1.0, " (by definition)"
+        summary["optimizers"][o] = {"learning_rate": best["learning_rate"], "rho_over_sigma": best["rho_over_sigma"],
+                                    "final_eval_loss_mean": statistics.mean(losses), "seeds": len(runs),
+                                    "steps_to_target": st, "speedup_steps": sp, "train_s_to_target": ss,
+                                    "speedup_wall": spw, "ms_per_step": all_ms}
+        rows.append(f"| {LABELS[o]} | {best['learning_rate']:g} | {bc.fmt(best['rho_over_sigma'], 'g')} "
+                    f"| {statistics.mean(losses):.4f} ({min(losses):.4f}–{max(losses):.4f}), {len(runs)} "
+                    f"| {bc.fmt(st, '.0f', 'not reached')}{n_ok} | {bc.fmt(sp, '.2f', '–')}x | {all_ms:.0f} "
+                    f"| {bc.fmt(ss, '.1f', 'not reached')} | {bc.fmt(spw, '.2f', '–')}x |")
+    return "\n".join(rows), summary
+
+
+def grid_tables(sweep: Sweep, size: str, corpus: str) -> str:
+    """Every seed-0 sweep point: BADM as an lr x rho/sigma grid, the others as lr -> loss lists."""
+    out = []
+    pts = sweep.points("badm", size, corpus)
+    if pts:
+        lrs = sorted({p["learning_rate"] for p in pts})
+        ratios = sorted({p["rho_over_sigma"] for p in pts})
+        out.append("BADM fused, final eval loss, seed 0 (rows: lr = 1/sigma; columns: rho/sigma, beta = r/(r+1)):\n")
+        out.append("| lr \\ rho/sigma | " + " | ".join(f"{r:g} (beta {r/(r+1):.2f})" for r in ratios) + " |")
+        out.append("|---|" + "---:|" * len(ratios))
+        for lr in lrs:
+            cells = []
+            for r in ratios:
+                p = next((p for p in pts if p["learning_rate"] == lr and p["rho_over_sigma"] == r), None)
+                cells.append(bc.fmt(p and p["final_eval_loss"], ".3f"))
+            out.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+        out.append("")
+    out.append("Other sweeps, final eval loss at seed 0 (lr: loss):\n")
+    for o in sweep.args.optimizers:
+        if o == "badm":
+            continue
+        p = sorted(sweep.points(o, size, corpus), key=lambda p: p["learning_rate"])
+        if p:
+            extra = f" (rho/sigma {p[0]['rho_over_sigma']:g})" if o == "badm_s4" else ""
+            out.append(f"- {LABELS[o]}{extra}: " + ", ".join(f"{q['learning_rate']:g}: {q['final_eval_loss']:.3f}"
+                                                            for q in p))
+    return "\n".join(out) + "\n"
+
+
+def plot(sweep: Sweep, size: str, corpus: str, target: float, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    for o in sweep.args.optimizers:
+        b = sweep.best(o, size, corpus)
+        if b is None:
+            continue
+        label = f"{LABELS[o]} (lr {b['learning_rate']:g}" + (f", r {b['rho_over_sigma']:g})" if b["rho_over_sigma"] else ")")
+        steps = [p["step"] for p in b["curve"]]
+        axes[0].plot(steps, [p["eval_loss"] for p in b["curve"]], marker=".", label=label)
+        axes[1].plot([p["train_s"] for p in b["curve"]], [p["eval_loss"] for p in b["curve"]], marker=".", label=label)
+        pts = sorted(sweep.points(o, size, corpus), key=lambda p: p["learning_rate"])
+        if o == "badm":
+            for r in sorted({p["rho_over_sigma"] for p in pts}):
+                q = [p for p in pts if p["rho_over_sigma"] == r]
+                axes[2].plot([p["learning_rate"] for p in q], [p["final_eval_loss"] for p in q], marker="o",
+                             label=f"BADM fused r={r:g}")
+        else:
+            axes[2].plot([p["learning_rate"] for p in pts], [p["final_eval_loss"] for p in pts], marker="o", label=LABELS[o])
+    for ax, xl in zip(axes, ("step", "training wall-clock (s, eval excluded)", "learning rate (BADM: 1/sigma)")):
+        ax.axhline(target, color="gray", ls="--", lw=0.8)
+        ax.set_xlabel(xl)
+        ax.set_ylabel("held-out loss")
+        ax.grid(alpha=0.3)
+    axes[2].set_xscale("log")
+    finals = [p["final_eval_loss"] for p in sweep.results.runs if p["size"] == size and p["corpus"] == corpus
+              and p["final_eval_loss"] is not None and math.isfinite(p["final_eval_loss"])]
+    if finals:
+        axes[2].set_ylim(min(finals) - 0.1, min(max(finals), min(finals) + 3) + 0.1)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=6)
+    fig.suptitle(f"{corpus} corpus, GPT-2 {size}: best setting per optimizer (dashed: AdamW's best final loss)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, results_rel: str) -> str:
+    res = sweep.results
+    a = sweep.args
+    loads = [r["load_1min"] for r in res.runs]
+    text = [f"{SECTION}\n",
+            "GPT-2 models built from config (tiny: 2 layers x 64, small: 4 x 128), trained from scratch on the "
+            f"built-in generated corpus ({a.num_train} documents; held-out: {a.num_eval}), block 64, batch 16, "
+            "cosine schedule with 20 warm-up steps (Schedule-Free AdamW: constant), global-norm clipping 1.0, no "
+            "weight decay. Sweep protocol, the same for every optimizer: a log-spaced learning-rate grid (half "
+            "decades, >= 4 values; BADM fused also over rho/sigma = r, momentum beta = r/(r+1)), one run per point "
+            "with seed 0, the grid extended by one value when the best lies on its edge, then the best point "
+            f"re-run to {a.seeds} seeds. BADM per-sub-batch (S = 4 sub-batches of 4 sequences, each sub-batch's "
+            "gradient clipped on its own) sweeps lr at the fused sweep's best r. 'Steps to target' interpolates "
+            "linearly between the 10 evaluations of a run; wall-clock is training time with evaluation excluded, "
+            "on a shared 2-core machine, so it is noisy (the ms/step column is the median over all of that "
+            "optimizer's runs at that size). Lion needs bitsandbytes, not installed here: not run.\n",
+            bc.stamp(res.meta, a.command, loads),
+            f"- every run (all sweep points, all seeds, eval curves): [`{results_rel}`]({results_rel})\n"]
+    summaries = {}
+    for corpus in corpora:
+        for size in sizes:
+            if sweep.best("adamw_torch", size, corpus) is None:
+                continue
+            name = Path(corpus).stem
+            table, summary = speedup_table(sweep, size, corpus)
+            summaries[f"{name}|{size}"] = summary
+            fig = plot(sweep, size, corpus, summary["target"], docs_dir / "figures" / f"convergence-{name}-{size}.png")
+            text += [f"### {name} corpus, GPT-2 {size} ({a.steps[size]} steps)\n", table + "\n",
+                     f"![convergence {name} {size}](figures/{fig.name})\n", grid_tables(sweep, size, corpus)]
+    return "\n".join(text), summaries
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--text", nargs="*", default=[], help="extra text files (pre-trained on in addition to the built-in corpus)")
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
+    p.add_argument("--steps", default="tiny=300,small=150", help="training steps per size (batch 16 x 64 tokens each)")
+    p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(LABELS))
+    p.add_argument("--seeds", type=int, default=2, help="seeds of each optimizer's best point (default 2)")
+    p.add_argument("--extend", type=int, default=1, help="grid extensions when the best is on the edge (default 1)")
+    p.add_argument("--num-train", type=int, default=3000)
+    p.add_argument("--num-eval", type=int, default=100)
+    p.add_argument("--out-dir", type=Path, default=bc.ROOT / "outputs" / "bench-convergence")
+    p.add_argument("--results", type=Path, default=bc.ROOT / "docs" / "results" / "convergence",
+                   help="directory of result JSONs, one per corpus and size (all of them are read for the report)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: robust on a shared CPU)")
+    p.add_argument("--docs", type=Path, default=bc.DOCS, help="markdown file whose section is updated")
+    p.add_argument("--no-write", action="store_true", help="do not update the markdown file")
+    p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from the results JSON")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check: tiny model, a few steps, one lr each")
+    a = p.parse_args(argv)
+    a.command = bc.command_line()
+    a.steps = {k: int(v) for k, v in (kv.split("=") for kv in a.steps.split(","))}
+    a.optimizers = [o for o in (a.optimizers.split(",") if a.optimizers else available_optimizers())]
+    a.grids, a.ratios = {k: list(v) for k, v in GRIDS.items()}, list(RATIOS)
+    if a.smoke:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-convergence-smoke-"))
+        a.sizes, a.steps, a.num_train, a.num_eval, a.extend = ["tiny"], {"tiny": 4}, 100, 20, 1
+        a.out_dir, a.results, a.docs, a.no_write = tmp, tmp / "results", tmp / "benchmarks.md", False
+        a.grids = {k: v[1:3] for k, v in GRIDS.items()}
+        a.ratios = [9.0]
+    bc.quiet()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    results = bc.Results.merged([])  # replaced per corpus and size below
+    base = {**bc.BASE_RECIPE, "num_train_examples": a.num_train, "num_eval_examples": a.num_eval}
+    tok_dir = a.out_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        from hf_badm.data import build_tokenizer
+
+        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
+    sweep = Sweep(a, results, base, str(tok_dir))
+    corpora = ["builtin", *[str(Path(t).resolve()) for t in a.text]]
+    if not a.report_only:
+        for corpus in corpora:
+            for size in a.sizes:
+                sweep.results = bc.Results(a.results / f"{Path(corpus).stem}-{size}.json")
+                sweep.sweep(size, corpus)
+    sweep.results = bc.Results.merged(sorted(a.results.glob("*.json")))
+    docs_dir = a.docs.parent
+    try:
+        rel = str(Path(a.results).resolve().relative_to(docs_dir.resolve())) + "/"
+    except ValueError:
+        rel = str(a.results)
+    text, summaries = report(sweep, corpora, a.sizes, docs_dir, rel)
+    print(text)
+    if not a.no_write:
+        bc.write_section(a.docs, SECTION, text)
+        print(f"\nupdated {a.docs}")
+
+
+if __name__ == "__main__":
+    main()

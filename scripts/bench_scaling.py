@@ -1,0 +1,166 @@
+"""Sub-batch scaling of BADM: sub-batches S in {1, 2, 4, 8} x batch sizes, both modes, at a fixed token budget.
+
+The paper leaves open how batch and sub-batch sizes trade computation for convergence. Here every
+run sees the same number of training tokens (so a batch twice as large takes half the steps), on the
+tiny GPT-2 and the built-in corpus, with one BADM setting (lr, rho/sigma; default: the convergence
+sweep's best for the tiny model). Per run: final held-out loss and training time per step.
+
+- ``per_sub_batch``: each batch of B sequences is split into S sub-batches of B/S sequences; each
+  sub-batch has its own dual and its own gradient clipping (the literal algorithm).
+- ``fused``: the same S sub-batches as gradient-accumulation micro-batches (B/S sequences each);
+  BADM consumes the accumulated mean gradient, so the iterates equal S = 1 up to clipping and
+  float rounding: only time per step changes with S.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
+SECTION = "## Sub-batch scaling: S x batch size at a fixed token budget"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sub-batches", default="1,2,4,8")
+    p.add_argument("--batch-sizes", default="8,16,32")
+    p.add_argument("--tokens", type=int, default=300 * 16 * 64, help="training tokens per run (default 307,200)")
+    p.add_argument("--lr", type=float, default=3.0, help="BADM lr = 1/sigma")
+    p.add_argument("--rho-over-sigma", type=float, default=9.0)
+    p.add_argument("--modes", default="per_sub_batch,fused")
+    p.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", type=Path, default=bc.ROOT / "outputs" / "bench-scaling")
+    p.add_argument("--results", type=Path, default=bc.ROOT / "docs" / "results" / "scaling.json")
+    p.add_argument("--docs", type=Path, default=bc.DOCS)
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check")
+    a = p.parse_args(argv)
+    command = bc.command_line()
+    subs = [int(s) for s in a.sub_batches.split(",")]
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    modes = a.modes.split(",")
+    num_train, num_eval = 3000, 200
+    if a.smoke:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-smoke-"))
+        subs, batches, a.tokens, num_train, num_eval = [1, 2], [4], 4 * 4 * 64, 100, 20
+        a.out_dir, a.results, a.docs = tmp, tmp / "scaling.json", tmp / "benchmarks.md"
+    bc.quiet()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    results = bc.Results(a.results)
+    tok_dir = a.out_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        from hf_badm.data import build_tokenizer
+
+        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
+    block = bc.BASE_RECIPE["block_size"]
+    # Interleave: each (batch, S) pair runs its modes back to back, so load drift hits both modes alike.
+    for b in batches:
+        for s in subs:
+            if b % s:
+                continue
+            for mode in modes:
+                key = f"{a.size}|B={b}|S={s}|{mode}|lr={a.lr:g}|r={a.rho_over_sigma:g}|tokens={a.tokens}"
+                if results.get(key):
+                    continue
+                steps = max(1, a.tokens // (b * block))
+                r: dict[str, Any] = {**bc.BASE_RECIPE, "model_size": a.size, "num_train_examples": num_train,
+                                     "num_eval_examples": num_eval, "optimizer": "badm", "learning_rate": a.lr,
+                                     "rho": a.rho_over_sigma / a.lr, "mode": mode, "max_steps": steps,
+                                     "eval_steps": max(1, steps // 10), "warmup_steps": max(1, steps // 15),
+                                     "tokenizer_name_or_path": str(tok_dir),
+                                     "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", ""))}
+                if mode == "per_sub_batch":
+                    r.update(per_device_train_batch_size=b, sub_batches_per_micro_batch=s)
+                else:
+                    r.update(per_device_train_batch_size=b // s, gradient_accumulation_steps=s)
+                summary = bc.train(r)
+                results.add({"key": key, "size": a.size, "batch": b, "sub_batches": s, "mode": mode, "steps": steps,
+                             "tokens": steps * b * block, "learning_rate": a.lr, "rho_over_sigma": a.rho_over_sigma,
+                             **summary})
+                print(f"{key}: eval {bc.fmt(summary['final_eval_loss'], '.4f')}  {summary['s_per_step'] * 1e3:.0f} "
+                      f"ms/step  load {summary['load_1min']:.1f}", flush=True)
+    runs = [r for r in results.runs if r["size"] == a.size and r["learning_rate"] == a.lr
+            and r["rho_over_sigma"] == a.rho_over_sigma]
+    text = report(runs, a, command, subs, batches, modes, results.meta)
+    print(text)
+    if not a.no_write:
+        bc.write_section(a.docs, SECTION, text)
+
+
+def report(runs: list[dict[str, Any]], a: argparse.Namespace, command: str, subs: list[int], batches: list[int],
+           modes: list[str], meta: dict[str, str]) -> str:
+    def cell(b: int, s: int, mode: str, field: str, spec: str, scale: float = 1.0) -> str:
+        r = next((r for r in runs if (r["batch"], r["sub_batches"], r["mode"]) == (b, s, mode)), None)
+        return bc.fmt(None if r is None or r[field] is None else r[field] * scale, spec)
+
+    lines = [f"{SECTION}\n",
+             f"BADM (lr {a.lr:g}, rho/sigma {a.rho_over_sigma:g}) on GPT-2 {a.size}, built-in corpus, block 64, "
+             f"every run {runs[0]['tokens'] if runs else a.tokens:,} training tokens (steps = tokens / (batch x 64)), "
+             "cosine schedule with warm-up of steps/15, clipping 1.0 (per sub-batch in per_sub_batch mode), seed 0. "
+             "per_sub_batch splits each batch into S sub-batches with their own duals; fused runs the same S pieces "
+             "as gradient-accumulation micro-batches (same iterates as S = 1 up to clipping and rounding, so only "
+             "its time per step depends on S). ms/step is training time only, one run each on a shared CPU "
+             "(see the load range): differences below ~20% are noise.\n",
+             bc.stamp(meta, command, [r["load_1min"] for r in runs]),
+             f"- every run: [`results/scaling.json`](results/scaling.json)\n"]
+    header = "| batch (sequences) | steps | " + " | ".join(f"S={s}" for s in subs) + " |"
+    sep = "|---:|---:|" + "---:|" * len(subs)
+    for mode in modes:
+        for field, spec, title, scale in (("final_eval_loss", ".3f", "final eval loss", 1.0),
+                                          ("s_per_step", ".0f", "ms per step", 1e3)):
+            lines += [f"**{mode}: {title}**\n", header, sep]
+            for b in batches:
+                steps = next((r["steps"] for r in runs if r["batch"] == b), None)
+                lines.append(f"| {b} | {bc.fmt(steps, 'd')} | " +
+                             " | ".join(cell(b, s, mode, field, spec, scale) for s in subs) + " |")
+            lines.append("")
+    path = plot(runs, subs, batches, modes, a.docs.parent / "figures" / "scaling.png")
+    lines.append(f"![sub-batch scaling](figures/{path.name})\n")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict[str, Any]], subs: list[int], batches: list[int], modes: list[str], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, ls in zip(modes, ("-", "--")):
+        for b in batches:
+            q = sorted((r for r in runs if r["batch"] == b and r["mode"] == mode and r["final_eval_loss"] is not None),
+                       key=lambda r: r["sub_batches"])
+            if not q:
+                continue
+            xs = [r["sub_batches"] for r in q]
+            axes[0].plot(xs, [r["final_eval_loss"] for r in q], ls, marker="o", label=f"{mode}, batch {b}")
+            axes[1].plot(xs, [r["s_per_step"] * 1e3 / b for r in q], ls, marker="o", label=f"{mode}, batch {b}")
+    axes[0].set_ylabel("held-out loss at fixed tokens")
+    axes[1].set_ylabel("training ms per step per sequence")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(subs, [str(s) for s in subs])
+        ax.set_xlabel("sub-batches S per step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("BADM sub-batch scaling (fixed token budget)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()
