@@ -32,3 +32,8 @@ def test_bench_convergence_smoke():
 def test_bench_scaling_smoke():
     out = _smoke("bench_scaling.py").stdout
     assert "**per_sub_batch: final eval loss**" in out and "**fused: ms per step**" in out
+
+
+def test_bench_throughput_smoke():
+    out = _smoke("bench_throughput.py").stdout
+    assert "| model | optimizer | tokens/s | vs AdamW |" in out and "BADM fused" in out

@@ -1,0 +1,180 @@
+"""End-to-end Trainer throughput and memory: BADM (fused, per-sub-batch S=4) vs AdamW and SGD+momentum.
+
+Each run is ``hf-badm train`` (in a fresh process, so peak memory is its own) pre-training a GPT-2
+from config on the built-in corpus, without evaluation. Measured per run: training tokens/s, the
+time inside ``optimizer.step()`` (between the Trainer's pre- and post-optimizer-step callbacks; for
+per-sub-batch also the ``absorb_sub_batch()`` calls inside the training step) and its share of the
+training time, the optimizer state bytes, and the process's peak resident memory. Optimizers run
+round-robin for several rounds so that load drift on a shared CPU hits all of them alike; the tables
+report medians over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common as bc  # noqa: E402
+
+SECTION = "## Throughput and memory: end-to-end Trainer steps"
+OPTIMIZERS = {"badm": ("BADM fused", {"optimizer": "badm"}),
+              "badm_s4": ("BADM per-sub-batch (S=4)", {"optimizer": "badm", "mode": "per_sub_batch",
+                                                       "sub_batches_per_micro_batch": 4}),
+              "adamw_torch": ("AdamW (torch, foreach)", {"optimizer": "adamw_torch", "learning_rate": 3e-3}),
+              "sgd": ("SGD+momentum 0.9", {"optimizer": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.3})}
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One training run in this process with the optimizer step timed by a callback."""
+    import torch
+
+    import hf_badm.run as hr
+    from hf_badm.optim.badm import BADM
+
+    torch.set_num_threads(spec.pop("threads"))
+    timing = {"opt_s": [], "absorb_s": 0.0, "state_bytes": 0, "params": 0}
+
+    class Timed(hr._Clock):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            timing["opt_s"].append(time.perf_counter() - self.t0)
+
+        def on_train_end(self, args, state, control, optimizer=None, model=None, **kwargs):
+            opt = getattr(optimizer, "optimizer", optimizer)
+            total = 0
+            for st in opt.state.values():
+                for value in st.values():
+                    for t in value if isinstance(value, list) else [value]:
+                        if isinstance(t, torch.Tensor) and t.dim() > 0:
+                            total += t.numel() * t.element_size()
+            timing["state_bytes"] = total
+            timing["params"] = sum(p.numel() for p in model.parameters())
+
+    absorb = BADM.absorb_sub_batch
+
+    def timed_absorb(self, *a, **k):
+        t0 = time.perf_counter()
+        try:
+            return absorb(self, *a, **k)
+        finally:
+            timing["absorb_s"] += time.perf_counter() - t0
+
+    BADM.absorb_sub_batch = timed_absorb
+    hr._Clock = Timed
+    summary = bc.train(spec)
+    steps = spec["max_steps"]
+    opt_s = timing["opt_s"][2:] or timing["opt_s"]  # first steps allocate state
+    opt_ms = statistics.median(opt_s) * 1e3 + timing["absorb_s"] / steps * 1e3
+    return {"tokens_per_second": summary["tokens_per_second"], "s_per_step": summary["s_per_step"],
+            "opt_ms_per_step": opt_ms, "opt_share": opt_ms / 1e3 / summary["s_per_step"],
+            "state_mib": timing["state_bytes"] / 2**20, "params": timing["params"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_1min": summary["load_1min"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--sizes", default="tiny,small")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", type=Path, default=bc.ROOT / "outputs" / "bench-throughput")
+    p.add_argument("--results", type=Path, default=bc.ROOT / "docs" / "results" / "throughput.json")
+    p.add_argument("--docs", type=Path, default=bc.DOCS)
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check")
+    a = p.parse_args(argv)
+    if a.worker:
+        bc.quiet()
+        print("RESULT " + json.dumps(worker(json.loads(a.worker))))
+        return
+    command = bc.command_line()
+    sizes, opts = a.sizes.split(","), a.optimizers.split(",")
+    num_train = 3000
+    if a.smoke:
+        import tempfile
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-smoke-"))
+        sizes, opts, a.steps, a.rounds, num_train = ["tiny"], ["badm", "adamw_torch"], 4, 1, 100
+        a.out_dir, a.results, a.docs = tmp, tmp / "throughput.json", tmp / "benchmarks.md"
+    bc.quiet()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    tok_dir = a.out_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        from hf_badm.data import build_tokenizer
+
+        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
+    results = bc.Results(a.results)
+    for rnd in range(a.rounds):
+        for size in sizes:
+            order = opts[rnd % len(opts):] + opts[:rnd % len(opts)]  # rotate so no optimizer always runs first
+            for o in order:
+                key = f"{size}|{o}|round={rnd}|steps={a.steps}"
+                if results.get(key):
+                    continue
+                spec = {**bc.BASE_RECIPE, "model_size": size, "num_train_examples": num_train, "num_eval_examples": 20,
+                        "eval_strategy": "no", "learning_rate": 3.0, "rho": 3.0, "max_steps": a.steps,
+                        "tokenizer_name_or_path": str(tok_dir), "threads": a.threads,
+                        "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", "")),
+                        **OPTIMIZERS[o][1]}
+                done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                                      text=True)
+                line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+                if done.returncode != 0 or not line:
+                    raise SystemExit(f"{key} failed:\n{done.stderr[-3000:]}")
+                entry = {"key": key, "size": size, "optimizer": o, "round": rnd, "steps": a.steps,
+                         **json.loads(line[0][7:])}
+                results.add(entry)
+                print(f"{key}: {entry['tokens_per_second']:,.0f} tok/s, optimizer {entry['opt_ms_per_step']:.1f} ms/step "
+                      f"({entry['opt_share']:.1%}), load {entry['load_1min']:.1f}", flush=True)
+    text = report(results, sizes, opts, a, command)
+    print(text)
+    if not a.no_write:
+        bc.write_section(a.docs, SECTION, text)
+
+
+def report(results: bc.Results, sizes: list[str], opts: list[str], a: argparse.Namespace, command: str) -> str:
+    lines = [f"{SECTION}\n",
+             f"`hf-badm train` pre-training GPT-2 from config (tiny 2x64, small 4x128) on the built-in corpus, batch 16 x 64 "
+             f"tokens, {a.steps} steps, no evaluation, one fresh process per run, {a.rounds} interleaved rounds "
+             "(medians shown). Optimizer time is measured between the Trainer's pre- and post-optimizer-step "
+             "callbacks (median over steps, the first two excluded) plus, for per-sub-batch, its "
+             "absorb_sub_batch() calls; its share is of the whole training step. Peak memory is the process's peak "
+             "resident set (CPU; dominated by the Python/torch runtime at these sizes), state is the optimizer's "
+             "tensors exactly.\n",
+             bc.stamp(results.meta, command, [r["load_1min"] for r in results.runs]),
+             "- every run: [`results/throughput.json`](results/throughput.json)\n",
+             "| model | optimizer | tokens/s | vs AdamW | step ms | optimizer ms/step | optimizer share | state MiB "
+             "| peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for size in sizes:
+        med: dict[str, dict[str, float]] = {}
+        for o in opts:
+            runs = [r for r in results.runs if r["size"] == size and r["optimizer"] == o and r["steps"] == a.steps]
+            if runs:
+                med[o] = {k: statistics.median(r[k] for r in runs) for k in
+                          ("tokens_per_second", "s_per_step", "opt_ms_per_step", "opt_share", "state_mib", "peak_rss_mb")}
+                med[o]["params"] = runs[0]["params"]
+        ref = med.get("adamw_torch", {}).get("tokens_per_second")
+        for o, m in med.items():
+            lines.append(f"| {size} ({m['params'] / 1e6:.2f}M) | {OPTIMIZERS[o][0]} | {m['tokens_per_second']:,.0f} "
+                         f"| {bc.fmt(ref and m['tokens_per_second'] / ref, '.2f')}x | {m['s_per_step'] * 1e3:.0f} "
+                         f"| {m['opt_ms_per_step']:.1f} | {m['opt_share']:.1%} | {m['state_mib']:.2f} "
+                         f"| {m['peak_rss_mb']:,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
