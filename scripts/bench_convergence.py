@@ -302,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     p.add_argument("--steps", default="tiny=300,small=150", help="training steps per size (batch 16 x 64 tokens each)")
     p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(LABELS))
+    p.add_argument("--grid", action="append", default=[], metavar="OPT=LR,LR,...",
+                   help="replace an optimizer's learning-rate grid, e.g. adamw_torch=0.001,0.003,0.01,0.03")
     p.add_argument("--seeds", type=int, default=2, help="seeds of each optimizer's best point (default 2)")
     p.add_argument("--extend", type=int, default=1, help="grid extensions when the best is on the edge (default 1)")
     p.add_argument("--num-train", type=int, default=3000)
@@ -314,11 +316,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-write", action="store_true", help="do not update the markdown file")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from the results JSON")
     p.add_argument("--smoke", action="store_true", help="seconds-long check: tiny model, a few steps, one lr each")
+    p.add_argument("--commands", default=None, help="with --report-only: the sweep commands to document")
     a = p.parse_args(argv)
-    a.command = bc.command_line()
+    a.command = a.commands or bc.command_line()
     a.steps = {k: int(v) for k, v in (kv.split("=") for kv in a.steps.split(","))}
     a.optimizers = [o for o in (a.optimizers.split(",") if a.optimizers else available_optimizers())]
     a.grids, a.ratios = {k: list(v) for k, v in GRIDS.items()}, list(RATIOS)
+    for spec in a.grid:
+        name, values = spec.split("=", 1)
+        a.grids[name] = [float(v) for v in values.split(",")]
     if a.smoke:
         import tempfile
 

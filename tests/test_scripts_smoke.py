@@ -37,3 +37,8 @@ def test_bench_scaling_smoke():
 def test_bench_throughput_smoke():
     out = _smoke("bench_throughput.py").stdout
     assert "| model | optimizer | tokens/s | vs AdamW |" in out and "BADM fused" in out
+
+
+def test_bench_sft_smoke():
+    out = _smoke("bench_sft.py").stdout
+    assert "| optimizer | best lr | held-out loss, mean over seeds | exact match, mean (per seed) |" in out
