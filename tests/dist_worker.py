@@ -63,7 +63,7 @@ def fsdp2_run(steps: int, rank: int = 0, world: int = 1) -> tuple[dict[str, torc
         loss.backward()
         opt.step()
         opt.zero_grad()
-        trace.append(float(loss))
+        trace.append(loss.item())
     full = {n: (p.full_tensor() if world > 1 else p).detach().clone() for n, p in model.named_parameters()}
     return full, trace
 
