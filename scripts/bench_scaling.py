@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--docs", type=Path, default=bc.DOCS)
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--smoke", action="store_true", help="seconds-long check")
+    p.add_argument("--commands", default=None, help="the commands to document (when the runs came from several)")
     a = p.parse_args(argv)
-    command = bc.command_line()
+    command = a.commands or bc.command_line()
     subs = [int(s) for s in a.sub_batches.split(",")]
     batches = [int(b) for b in a.batch_sizes.split(",")]
     modes = a.modes.split(",")
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
                       f"ms/step  load {summary['load_1min']:.1f}", flush=True)
     runs = [r for r in results.runs if r["size"] == a.size and r["learning_rate"] == a.lr
             and r["rho_over_sigma"] == a.rho_over_sigma]
+    # the report covers every run of this setting in the results file (e.g. fused timed at fewer batch sizes)
+    modes = [m for m in ("per_sub_batch", "fused") if any(r["mode"] == m for r in runs)]
+    batches = sorted({r["batch"] for r in runs})
+    subs = sorted({r["sub_batches"] for r in runs})
     text = report(runs, a, command, subs, batches, modes, results.meta)
     print(text)
     if not a.no_write:
