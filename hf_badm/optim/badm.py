@@ -474,6 +474,9 @@ def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any
         extra = sd.get("badm", {})
         if extra.get("mode") != "per_sub_batch" or extra.get("step_weights"):
             raise ValueError("re-slotting takes per_sub_batch optimizer states saved between steps")
+    if any(g.get("preconditioner", "none") != "none" for g in states[0]["param_groups"]):
+        raise ValueError("re-slotting is exact for plain BADM only (per-slot preconditioner state has no weighted "
+                         "mean that preserves the trajectory): resume with the same world size and accumulation")
     total = sum(sum(sd["badm"]["slot_weights"]) for sd in states)
     if not total > 0:
         raise ValueError(f"the saved slot weights must sum to > 0 to re-slot, got {total}")
