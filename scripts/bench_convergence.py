@@ -111,14 +111,23 @@ class Sweep:
         opts = self.args.optimizers
         ratios = self.args.ratios
         # Phase 1: every base grid point, round-robin across optimizers (so load drift hits all alike).
+        # BADM: the full lr x rho/sigma grid, or (--badm-sweep coordinate) lr at --center-ratio, then the
+        # other ratios at the best lr (cheaper; used where compute is short).
+        coordinate = self.args.badm_sweep == "coordinate"
         jobs: dict[str, list[tuple[float, float | None]]] = {
-            o: [(lr, r) for lr in self.args.grids[o] for r in ratios] if o == "badm"
+            o: ([(lr, self.args.center_ratio) for lr in self.args.grids[o]] if coordinate else
+                [(lr, r) for lr in self.args.grids[o] for r in ratios]) if o == "badm"
             else [(lr, None) for lr in self.args.grids[o]] for o in opts if o != "badm_s4"}
         while any(jobs.values()):
             for o in list(jobs):
                 if jobs[o]:
                     lr, r = jobs[o].pop(0)
                     self.run(o, lr, r, 0, size, corpus)
+        if coordinate and "badm" in opts:
+            lr_best = min((p for p in self.points("badm", size, corpus) if p["rho_over_sigma"] == self.args.center_ratio),
+                          key=lambda p: p["final_eval_loss"])["learning_rate"]
+            for r in ratios:
+                self.run("badm", lr_best, r, 0, size, corpus)
         # Phase 2: BADM per-sub-batch at the fused sweep's best rho/sigma; edge extensions for everyone.
         if "badm_s4" in opts:
             ratio_s4 = self.best("badm", size, corpus)["rho_over_sigma"] if "badm" in opts else ratios[0]
@@ -304,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(LABELS))
     p.add_argument("--grid", action="append", default=[], metavar="OPT=LR,LR,...",
                    help="replace an optimizer's learning-rate grid, e.g. adamw_torch=0.001,0.003,0.01,0.03")
+    p.add_argument("--badm-sweep", choices=["full", "coordinate"], default="full",
+                   help="BADM: full lr x rho/sigma grid, or lr at --center-ratio then rho/sigma at the best lr")
+    p.add_argument("--center-ratio", type=float, default=9.0)
     p.add_argument("--seeds", type=int, default=2, help="seeds of each optimizer's best point (default 2)")
     p.add_argument("--extend", type=int, default=1, help="grid extensions when the best is on the edge (default 1)")
     p.add_argument("--num-train", type=int, default=3000)
