@@ -474,26 +474,22 @@ def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any
         extra = sd.get("badm", {})
         if extra.get("mode") != "per_sub_batch" or extra.get("step_weights"):
             raise ValueError("re-slotting takes per_sub_batch optimizer states saved between steps")
-    if any(g.get("preconditioner", "none") != "none" for g in states[0]["param_groups"]):
-        raise ValueError("re-slotting is exact for plain BADM only (per-slot preconditioner state has no weighted "
-                         "mean that preserves the trajectory): resume with the same world size and accumulation")
     total = sum(sum(sd["badm"]["slot_weights"]) for sd in states)
     if not total > 0:
         raise ValueError(f"the saved slot weights must sum to > 0 to re-slot, got {total}")
-    state: dict[Any, dict[str, Any]] = {}
+    means: dict[Any, Tensor] = {}  # accumulated in float64, cast back per parameter
+    like: dict[Any, Tensor] = {}
     for sd in states:
-        weights = sd["badm"]["slot_weights"]
         for key, entry in sd["state"].items():
             if "slot_sq" in entry or "slot_ns" in entry:
                 raise ValueError("per-slot preconditioner state is non-linear in the slots and cannot be re-slotted "
                                  "exactly: resume with the same world size and accumulation, or use fused mode")
-            duals = entry["duals"]
-            if key not in state:
-                state[key] = {"mean": torch.zeros_like(entry["aggregate"], dtype=torch.float64), "like": entry["aggregate"]}
-            for w, pi in zip(weights, duals):  # slots beyond the last step's weigh nothing in it
-                state[key]["mean"].add_(pi, alpha=w / total)
-    out = {key: {"aggregate": torch.zeros_like(v["like"]),
-                 "duals": [v["mean"].to(v["like"].dtype, copy=True) for _ in range(slots)]} for key, v in state.items()}
+            like[key] = entry["aggregate"]
+            mean = means.setdefault(key, torch.zeros_like(entry["aggregate"], dtype=torch.float64))
+            for w, pi in zip(sd["badm"]["slot_weights"], entry["duals"]):  # slots past the last step's weigh 0
+                mean.add_(pi, alpha=w / total)
+    out = {key: {"aggregate": torch.zeros_like(like[key]),
+                 "duals": [mean.to(like[key].dtype, copy=True) for _ in range(slots)]} for key, mean in means.items()}
     # the new slots are all equal, so any positive weights give them the same mean again
     extra = dict(states[0]["badm"], slot_weights=[1.0] * slots, sub_batches_last_step=slots,
                  skipped_steps=max(sd["badm"]["skipped_steps"] for sd in states),
