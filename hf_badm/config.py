@@ -13,7 +13,7 @@ NONFINITE = ("skip", "raise")
 PRECONDITIONERS = ("none", "second_moment", "newton_schulz")
 # Plain BADM is an SGD-scale method: 1/sigma around 0.1-1. Below this, a learning rate is AdamW-scale.
 SGD_SCALE_MIN_LR = 1e-2
-DEFAULT_RHO_OVER_SIGMA = 1.5
+DEFAULT_RHO_OVER_SIGMA = 9.0  # beta = 0.9: best or tied-best at every lr of the tiny/small GPT-2 sweeps (docs/benchmarks.md)
 
 
 @dataclass
@@ -21,8 +21,8 @@ class BADMConfig:
     """BADM options for ``BADMTrainer`` / ``create_badm_optimizer``.
 
     How ``TrainingArguments.learning_rate`` relates to the paper's penalties: BADM's step size is
-    ``1/sigma``, so ``sigma`` defaults to ``1 / learning_rate``; ``rho`` defaults to ``1.5 * sigma``
-    (momentum ``beta = rho / (rho + sigma) = 0.6``). The Trainer's LR schedule (warmup, decay)
+    ``1/sigma``, so ``sigma`` defaults to ``1 / learning_rate``; ``rho`` defaults to ``9 * sigma``
+    (momentum ``beta = rho / (rho + sigma) = 0.9``). The Trainer's LR schedule (warmup, decay)
     scales both penalties as ``sigma_t = sigma / f_t``, ``rho_t = rho / f_t``. Weight decay is the
     Trainer's ``weight_decay`` (decoupled; biases and norm weights excluded).
     """
@@ -33,7 +33,7 @@ class BADMConfig:
     )
     rho: Optional[float] = field(
         default=None,
-        metadata={"help": "BADM proximal coefficient rho > 0; momentum beta = rho/(rho+sigma). Default: 1.5 * sigma."},
+        metadata={"help": "BADM proximal coefficient rho > 0; momentum beta = rho/(rho+sigma). Default: 9 * sigma (beta 0.9)."},
     )
     mode: str = field(
         default="fused",

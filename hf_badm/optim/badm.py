@@ -122,8 +122,8 @@ class BADM(Optimizer):
         params: parameters or param-group dicts; groups may override ``sigma``, ``rho``, ``lr``,
             ``weight_decay`` and ``foreach``.
         sigma: augmented-Lagrangian penalty :math:`\sigma > 0` (step size :math:`1/\sigma`).
-            Default 3.0 when neither ``sigma`` nor ``lr`` is given.
-        rho: proximal coefficient :math:`\rho > 0`; default :math:`1.5\sigma` (:math:`\beta = 0.6`).
+            Default 1.0 when neither ``sigma`` nor ``lr`` is given.
+        rho: proximal coefficient :math:`\rho > 0`; default :math:`9\sigma` (:math:`\beta = 0.9`).
         lr: alternative spelling of :math:`1/\sigma` (give one of ``sigma`` and ``lr``).
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
         mode: ``"fused"`` or ``"per_sub_batch"``.
@@ -166,8 +166,8 @@ class BADM(Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
-        sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=3.0)
-        rho = 1.5 * sigma if rho is None else _positive("rho", rho)
+        sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=1.0)
+        rho = 9.0 * sigma if rho is None else _positive("rho", rho)
         defaults = dict(lr=lr, sigma=sigma, rho=rho, weight_decay=_non_negative("weight_decay", weight_decay),
                         foreach=foreach, preconditioner=preconditioner, beta2=beta2, eps=eps, ns_momentum=ns_momentum,
                         ns_steps=ns_steps)
@@ -193,7 +193,7 @@ class BADM(Optimizer):
                 if not math.isclose(lr * sigma, 1.0, rel_tol=1e-9):
                     raise ValueError(f"param group gives sigma={sigma} and lr={lr}; lr means 1/sigma: give one")
             else:
-                group["sigma"], group["lr"] = _resolve_sigma_lr(group.get("sigma"), group.get("lr"), 3.0)
+                group["sigma"], group["lr"] = _resolve_sigma_lr(group.get("sigma"), group.get("lr"), 1.0)
             # a group that overrides sigma but not rho keeps the optimizer's beta = rho / (rho + sigma)
             group.setdefault("rho", group["sigma"] * self.defaults["rho"] / self.defaults["sigma"])
         if "rho" in group:
