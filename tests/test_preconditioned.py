@@ -155,6 +155,6 @@ def test_preconditioned_badm_trains_in_the_trainer(tmp_path, preconditioner, lr,
     owner = next(g for g in groups if any(p is embed for p in g["params"]))
     assert owner["preconditioner"] == "second_moment"
     if preconditioner == "newton_schulz":
-        assert (owner["sigma"], owner["rho"]) == (1.0, 1000.0)
+        assert (owner["sigma"], owner["rho"]) == (0.1, 600.0)
         q_proj = model.model.layers[0].self_attn.q_proj.weight
         assert next(g for g in groups if any(p is q_proj for p in g["params"]))["preconditioner"] == "newton_schulz"
