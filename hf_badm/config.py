@@ -13,7 +13,7 @@ NONFINITE = ("skip", "raise")
 PRECONDITIONERS = ("none", "second_moment", "newton_schulz")
 # Plain BADM is an SGD-scale method: 1/sigma around 0.1-1. Below this, a learning rate is AdamW-scale.
 SGD_SCALE_MIN_LR = 1e-2
-DEFAULT_RHO_OVER_SIGMA = 9.0  # beta = 0.9: best or tied-best at every lr of the tiny/small GPT-2 sweeps (docs/benchmarks.md)
+DEFAULT_RHO_OVER_SIGMA = 9.0  # beta = 0.9: the robust choice of the GPT-2 convergence sweeps (docs/benchmarks.md)
 
 
 @dataclass
@@ -66,11 +66,11 @@ class BADMConfig:
     elementwise_sigma: Optional[float] = field(
         default=None,
         metadata={"help": "newton_schulz: sigma of the parameters that are not hidden weight matrices (embeddings, "
-                          "LM head, norms, biases; they take second_moment). Default 0.1 (measured, docs/preconditioners.md)."},
+                          "LM head, norms, biases; they take second_moment). Default 1.0."},
     )
     elementwise_rho: Optional[float] = field(
         default=None,
-        metadata={"help": "newton_schulz: rho of those parameters (sigma << rho sqrt(v) works). Default 600."},
+        metadata={"help": "newton_schulz: rho of those parameters (about 1 / the AdamW learning rate). Default 1000."},
     )
 
     def __post_init__(self) -> None:
@@ -107,6 +107,6 @@ class BADMConfig:
 
     def group_overrides(self) -> dict[str, Any]:
         """Param-group settings of the tensors Newton-Schulz does not orthogonalise (second_moment)."""
-        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else 0.1
-        rho = self.elementwise_rho if self.elementwise_rho is not None else 600.0
+        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else 1.0
+        rho = self.elementwise_rho if self.elementwise_rho is not None else 1000.0
         return {"preconditioner": "second_moment", "sigma": float(sigma), "rho": float(rho)}
