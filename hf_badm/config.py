@@ -66,11 +66,11 @@ class BADMConfig:
     elementwise_sigma: Optional[float] = field(
         default=None,
         metadata={"help": "newton_schulz: sigma of the parameters that are not hidden weight matrices (embeddings, "
-                          "LM head, norms, biases; they take second_moment). Default 1.0."},
+                          "LM head, norms, biases; they take second_moment). Default 0.1 (measured, docs/preconditioners.md)."},
     )
     elementwise_rho: Optional[float] = field(
         default=None,
-        metadata={"help": "newton_schulz: rho of those parameters (about 1 / the AdamW learning rate). Default 1000."},
+        metadata={"help": "newton_schulz: rho of those parameters (sigma << rho sqrt(v) works). Default 600."},
     )
 
     def __post_init__(self) -> None:
@@ -107,6 +107,6 @@ class BADMConfig:
 
     def group_overrides(self) -> dict[str, Any]:
         """Param-group settings of the tensors Newton-Schulz does not orthogonalise (second_moment)."""
-        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else 1.0
-        rho = self.elementwise_rho if self.elementwise_rho is not None else 1000.0
+        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else 0.1
+        rho = self.elementwise_rho if self.elementwise_rho is not None else 600.0
         return {"preconditioner": "second_moment", "sigma": float(sigma), "rho": float(rho)}
