@@ -35,7 +35,7 @@ DEFAULT_LEARNING_RATES = {"adamw_torch": 1e-3, "adamw_torch_fused": 1e-3, "sgd":
 ALIASES = {"adamw": "adamw_torch", "lion": "lion_32bit"}
 DEMO_RECIPE: dict[str, Any] = {
     "task": "pretrain", "model_family": "gpt2", "model_size": "tiny", "block_size": 64, "num_train_examples": 3000,
-    "per_device_train_batch_size": 16, "max_steps": 300, "learning_rate": 0.3, "lr_scheduler_type": "cosine",
+    "per_device_train_batch_size": 16, "max_steps": 300, "learning_rate": 3.0, "lr_scheduler_type": "cosine",
     "warmup_steps": 20, "max_grad_norm": 1.0, "eval_strategy": "steps", "eval_steps": 50, "logging_steps": 10,
     "per_device_eval_batch_size": 64, "seed": 0,
 }
