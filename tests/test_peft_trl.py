@@ -56,6 +56,18 @@ def test_lora_trains_only_adapters_and_reloads_identically(tmp_path, pretrained_
         assert torch.equal(model(input_ids=x).logits, reloaded(input_ids=x).logits)
 
 
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_full_fine_tuning_of_a_saved_model(tmp_path, pretrained_base, mode):
+    """from_pretrained, then every weight trains on new data (another successor table)."""
+    model = LlamaForCausalLM.from_pretrained(pretrained_base)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = BADMTrainer(model=model, args=tiny_args(tmp_path, gradient_accumulation_steps=2),
+                          train_dataset=chain_dataset(seed=5, successor_seed=99), badm_config=BADMConfig(mode=mode))
+    trainer.train()
+    assert_loss_falls(trainer)
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+
+
 @pytest.fixture(scope="module")
 def sft_setup(tmp_path_factory):
     tokenizer = build_tokenizer(vocab_size=400)

@@ -32,13 +32,13 @@ def tiny_model(family: str = "gpt2", seed: int = 0) -> torch.nn.Module:
     raise ValueError(family)
 
 
-def chain_dataset(n: int = 256, seed: int = 0, pad_to_random_length: bool = False) -> Dataset:
+def chain_dataset(n: int = 256, seed: int = 0, pad_to_random_length: bool = False, successor_seed: int = 1234) -> Dataset:
     """Sequences following a fixed random successor table (with 10% noise): easy to learn, so loss falls.
 
     With ``pad_to_random_length`` each row keeps a random prefix and pads the rest (labels -100), so
     sub-batches hold unequal numbers of loss items."""
     g = torch.Generator().manual_seed(seed)
-    succ = torch.randperm(VOCAB - 1, generator=torch.Generator().manual_seed(1234)) + 1
+    succ = torch.randperm(VOCAB - 1, generator=torch.Generator().manual_seed(successor_seed)) + 1
     rows = []
     for _ in range(n):
         x = [int(torch.randint(1, VOCAB, (1,), generator=g))]
