@@ -143,6 +143,11 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     from hf_badm import data
 
     check_inputs(model_args, task_args)
+    _ = args.device  # set up the process group before the model: ZeRO-3 builds it partitioned (zero.Init)
+    if args.deepspeed and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if task_args.optimizer != "badm":
@@ -187,8 +192,8 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     metrics["log_history"] = trainer.state.log_history
     metrics["recipe"] = {"model": asdict(model_args), "task": asdict(task_args), "badm": asdict(badm),
                          "learning_rate": args.learning_rate, "max_steps": args.max_steps}
+    trainer.save_model(str(out))  # on every rank: under ZeRO-3 it gathers the partitioned weights
     if trainer.is_world_process_zero():
-        trainer.save_model(str(out))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
         from hf_badm.plots import plot_runs
 

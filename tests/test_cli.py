@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
 import pytest
+
+from procs import run_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max_steps", "3", "--num_train_examples", "200", "--num_eval_examples", "16", "--eval_steps", "2",
@@ -68,6 +71,18 @@ def test_moe_sft_recipe(tmp_path):
                "--output_dir", str(tmp_path / "moe"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert assert_run_written(tmp_path / "moe")["recipe"]["model"]["model_family"] == "mixtral"
+
+
+@pytest.mark.timeout(600)
+def test_recipe_under_torchrun_with_deepspeed_zero3(tmp_path):
+    """The same recipe and command on 2 CPU ranks with ZeRO-3 (the model is built partitioned)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hf_badm",
+           "train", "recipes/pretrain/tiny-gpt.yaml", "--deepspeed", "recipes/launch/zero3.json", "--use_cpu", "true",
+           *FAST, "--output_dir", str(tmp_path / "z3")]
+    code, log = run_process_group(cmd, 540, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert code == 0, log[-4000:]
+    metrics = assert_run_written(tmp_path / "z3")
+    assert (tmp_path / "z3" / "model.safetensors").exists() and metrics["train_loss"] > 0
 
 
 def test_compare_writes_table_and_plot(tmp_path):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 import torch
 
 from dist_worker import fsdp2_run, run_job
+from procs import run_process_group
 from hf_badm import BADM
 from hf_badm.optim.badm import reslot_state_dict
 
@@ -35,15 +34,8 @@ def launch(out: Path, jobs: list[dict], launcher: str = "torchrun", timeout: int
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*cmd, str(WORKER), str(out), json.dumps(jobs)], cwd=WORKER.parent, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, f"{launcher} launch failed (exit {proc.returncode}):\n{log[-6000:]}"
+    code, log = run_process_group([*cmd, str(WORKER), str(out), json.dumps(jobs)], timeout, cwd=WORKER.parent, env=env)
+    assert code == 0, f"{launcher} launch failed (exit {code}):\n{log[-6000:]}"
 
 
 def result(out: Path, name: str, rank: int = 0) -> dict:

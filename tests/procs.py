@@ -1,0 +1,20 @@
+"""Run a launcher (torchrun, accelerate) in its own process group and kill the whole group on any exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+
+def run_process_group(cmd: list[str], timeout: int, **popen_kwargs) -> tuple[int, str]:
+    """Return (exit code, combined output); children never outlive the call, even on timeout or error."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            **popen_kwargs)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, log
