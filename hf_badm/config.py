@@ -11,7 +11,7 @@ MODES = ("fused", "per_sub_batch")
 WEIGHTINGS = ("items", "uniform")
 NONFINITE = ("skip", "raise")
 PRECONDITIONERS = ("none", "second_moment", "newton_schulz")
-# Plain BADM is an SGD-scale method: 1/sigma around 0.1-1. Below this, a learning rate is AdamW-scale.
+# Plain BADM is an SGD-scale method: 1/sigma around 0.3-3. Below this, a learning rate is AdamW-scale.
 SGD_SCALE_MIN_LR = 1e-2
 DEFAULT_RHO_OVER_SIGMA = 9.0  # beta = 0.9: the robust choice of the GPT-2 convergence sweeps (docs/benchmarks.md)
 
@@ -98,7 +98,7 @@ class BADMConfig:
                 warnings.warn(
                     f"learning_rate={learning_rate:g} looks like an AdamW learning rate, but plain BADM takes "
                     f"SGD-scale steps (lr = 1/sigma): it would train very slowly with sigma={sigma:g}. Use "
-                    "learning_rate around 0.3 (sigma around 3), or set BADMConfig(sigma=...).",
+                    "learning_rate around 1 (sigma around 1), or set BADMConfig(sigma=...).",
                     stacklevel=3,
                 )
         rho = self.rho if self.rho is not None else DEFAULT_RHO_OVER_SIGMA * sigma

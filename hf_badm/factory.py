@@ -83,7 +83,7 @@ def create_badm_optimizer(
 
     ``badm_kwargs`` are BADMConfig fields (``sigma``, ``rho``, ``mode``, ...; or ``badm_config=``) and
     BADM extras (``foreach``). ``sigma`` defaults to ``1/args.learning_rate`` and ``rho`` to
-    ``1.5*sigma``; weight decay is ``args.weight_decay``. The scheduler is transformers'
+    ``9*sigma`` (beta 0.9); weight decay is ``args.weight_decay``. The scheduler is transformers'
     ``get_scheduler(args.lr_scheduler_type, ...)`` with the args' warmup over ``num_training_steps``
     (default ``args.max_steps``); when neither is known it is ``None`` and the Trainer builds the same
     schedule itself once it knows the length of training.
