@@ -123,6 +123,11 @@ class Sweep:
                 if jobs[o]:
                     lr, r = jobs[o].pop(0)
                     self.run(o, lr, r, 0, size, corpus)
+        for spec in self.args.extra:  # extra single points, e.g. badm=10@19 (recorded like every other point)
+            name, point = spec.split("=", 1)
+            lr, _, ratio = point.partition("@")
+            if name in opts:
+                self.run(name, float(lr), float(ratio) if ratio else None, 0, size, corpus)
         if coordinate and "badm" in opts:
             lr_best = min((p for p in self.points("badm", size, corpus) if p["rho_over_sigma"] == self.args.center_ratio),
                           key=lambda p: p["final_eval_loss"])["learning_rate"]
@@ -316,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--badm-sweep", choices=["full", "coordinate"], default="full",
                    help="BADM: full lr x rho/sigma grid, or lr at --center-ratio then rho/sigma at the best lr")
     p.add_argument("--center-ratio", type=float, default=9.0)
+    p.add_argument("--extra", action="append", default=[], metavar="OPT=LR[@RATIO]",
+                   help="extra seed-0 points, e.g. badm=10@19 (they join the sweep and can win it)")
     p.add_argument("--seeds", type=int, default=2, help="seeds of each optimizer's best point (default 2)")
     p.add_argument("--extend", type=int, default=1, help="grid extensions when the best is on the edge (default 1)")
     p.add_argument("--num-train", type=int, default=3000)
