@@ -11,6 +11,7 @@ import torch
 from transformers import Trainer
 
 from hf_badm import BADM, BADMConfig, BADMTrainer, create_badm_optimizer
+from hf_badm.config import DEFAULT_RHO_OVER_SIGMA
 from hf_badm.factory import badm_optimizer_cls_and_kwargs
 from hf_badm.trainer import count_loss_items
 from reference import LiteralBADM
@@ -46,7 +47,8 @@ def test_schedule_factor_scales_both_penalties(tmp_path):
 def test_learning_rate_maps_to_sigma_and_adamw_scale_warns(tmp_path):
     model = tiny_model()
     opt, _ = create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=0.25))
-    assert opt.param_groups[0]["sigma"] == pytest.approx(4.0) and opt.param_groups[0]["rho"] == pytest.approx(6.0)
+    assert opt.param_groups[0]["sigma"] == pytest.approx(4.0)
+    assert opt.param_groups[0]["rho"] == pytest.approx(4.0 * DEFAULT_RHO_OVER_SIGMA)
     with pytest.warns(UserWarning, match="AdamW learning rate"):
         create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=5e-5))
 
