@@ -305,6 +305,7 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
             "linearly between the 10 evaluations of a run; wall-clock is training time with evaluation excluded, "
             "on a shared 2-core machine, so it is noisy (the ms/step column is the median over all of that "
             "optimizer's runs at that size). Lion needs bitsandbytes, not installed here: not run.\n",
+            *([a.note + "\n"] if a.note else []),
             bc.stamp(res.meta, a.command, loads),
             f"- every run (all sweep points, all seeds, eval curves): [`{results_rel}`]({results_rel})\n"]
     summaries = {}
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-write", action="store_true", help="do not update the markdown file")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from the results JSON")
     p.add_argument("--smoke", action="store_true", help="seconds-long check: tiny model, a few steps, one lr each")
+    p.add_argument("--note", default=None, help="with --report-only: a sentence on how the runs narrowed the protocol")
     p.add_argument("--commands", default=None, help="with --report-only: the sweep commands to document")
     a = p.parse_args(argv)
     a.command = a.commands or bc.command_line()
