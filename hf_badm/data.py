@@ -285,6 +285,10 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          max_new_tokens: int = 16, batch_size: int = 32) -> list[str]:
     """Greedy-decode each prompt (left-padded batches) and return the first line of the new text."""
     was_training, side = model.training, tokenizer.padding_side
+    config = model.config
+    router_logits = getattr(config, "output_router_logits", None)
+    if router_logits:
+        config.output_router_logits = False  # MoE: no auxiliary loss while decoding (it breaks with a KV cache)
     model.eval()
     tokenizer.padding_side = "left"  # a decoder-only model continues from the last position
     out: list[str] = []
@@ -297,6 +301,8 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             out += [t.split("\n", 1)[0].strip() for t in texts]
     finally:
         tokenizer.padding_side = side
+        if router_logits:
+            config.output_router_logits = router_logits
         model.train(was_training)
     return out
 
