@@ -117,3 +117,19 @@ def test_sft_trainer_through_the_mixin(tmp_path, sft_setup, mode):
     assert_loss_falls(trainer)
     logged = [h for h in trainer.state.log_history if "loss" in h][-1]
     assert logged["badm_sub_batches"] == (4 if mode == "per_sub_batch" else 1)
+
+
+def test_exact_match_decoding_of_a_moe_model_with_router_logits(sft_setup):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from hf_badm.data import generate_completions
+
+    tokenizer, data, config = sft_setup
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                           num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    prompts = [row["prompt"] for row in data["test"].select(range(4))]
+    out = generate_completions(moe, tokenizer, prompts, max_new_tokens=6)
+    assert len(out) == 4 and moe.config.output_router_logits
