@@ -90,7 +90,7 @@ def test_compare_writes_table_and_plot(tmp_path):
                "--output_dir", str(tmp_path / "cmp"))
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| badm |" in table and "| adamw_torch | 0.001 |" in table and "comparison.png" in done.stdout
+    assert "| badm |" in table and "| adamw_torch | 0.003 |" in table and "comparison.png" in done.stdout
     assert matplotlib.image.imread(tmp_path / "cmp" / "comparison.png").ndim == 3
 
 
@@ -98,7 +98,7 @@ def test_demo_runs_and_prints_the_table(tmp_path):
     done = cli("demo", "--max_steps", "2", "--eval_steps", "1", "--num_train_examples", "100",
                "--output_dir", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| badm |" in done.stdout and "| adamw_torch |" in done.stdout
+    assert "| badm | 3 |" in done.stdout and "| adamw_torch | 0.01 |" in done.stdout
     assert (tmp_path / "demo" / "comparison.png").exists()
 
 
