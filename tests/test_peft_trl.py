@@ -19,7 +19,7 @@ def pretrained_base(tmp_path_factory):
     """LoRA adapts a pre-trained model: pre-train the tiny base briefly (full BADM) and save it."""
     out = tmp_path_factory.mktemp("base")
     trainer = BADMTrainer(model=tiny_model("llama"), args=tiny_args(out / "run", max_steps=20),
-                          train_dataset=chain_dataset(seed=1))
+                          train_dataset=chain_dataset(seed=1), badm_config=BADMConfig(rho=5.0))
     trainer.train()
     trainer.model.save_pretrained(out / "model")
     return out / "model"
@@ -34,7 +34,7 @@ def test_lora_trains_only_adapters_and_reloads_identically(tmp_path, pretrained_
     held_out = chain_dataset(n=64, seed=7)
     trainer = BADMTrainer(model=model, args=tiny_args(tmp_path / "run", per_device_eval_batch_size=16),
                           train_dataset=chain_dataset(), eval_dataset=held_out,
-                          badm_config=BADMConfig(mode=mode, sigma=1.0))
+                          badm_config=BADMConfig(mode=mode, sigma=1.0, rho=1.5))
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
