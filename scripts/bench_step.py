@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_common import write_section  # noqa: E402
 from hf_badm import BADM  # noqa: E402
 
 SECTION = "## Optimizer step: time and state memory"
@@ -166,21 +167,6 @@ def section(command: str, n_params: int, n_tensors: int, repeats: int, result: s
     )
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace only this section (up to the next ``## `` heading) so other benchmarks' sections survive."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# Benchmarks\n\n{text}")
-        return
-    doc = path.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1).rstrip("\n") + "\n"
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    path.write_text(doc)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params-millions", type=float, default=25.0, help="model size (default 25)")
@@ -213,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     print(result)
     if not args.no_write:
         command = shlex.join(["python", "scripts/bench_step.py", *(sys.argv[1:] if argv is None else argv)])
-        write_section(args.out, section(command, n_params, len(shapes), args.repeats, result))
+        write_section(args.out, SECTION, section(command, n_params, len(shapes), args.repeats, result))
         print(f"wrote section to {args.out}")
 
 
