@@ -3,6 +3,7 @@ machine/version stamps, incremental JSON results and section-wise updates of doc
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import logging
@@ -156,6 +157,16 @@ def stamp(meta: dict[str, str], command: str, loads: list[float]) -> str:
 
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str) -> None:
+    """The options every benchmark script shares: threads, where runs and results go, smoke mode."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "outputs" / f"bench-{name}")
+    p.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / f"{name}.json")
+    p.add_argument("--docs", type=Path, default=DOCS)
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check")
 
 
 def write_section(path: Path, title: str, text: str) -> None:

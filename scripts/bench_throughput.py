@@ -88,12 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", type=Path, default=bc.ROOT / "outputs" / "bench-throughput")
-    p.add_argument("--results", type=Path, default=bc.ROOT / "docs" / "results" / "throughput.json")
-    p.add_argument("--docs", type=Path, default=bc.DOCS)
-    p.add_argument("--no-write", action="store_true")
-    p.add_argument("--smoke", action="store_true", help="seconds-long check")
+    bc.add_run_args(p, "throughput")
     a = p.parse_args(argv)
     if a.worker:
         bc.quiet()
