@@ -125,11 +125,14 @@ def train(argv: list[str]) -> dict[str, Any]:
         raise SystemExit(0)
     recipe_path, overrides = (None, argv) if argv[0].startswith("--") else (argv[0], argv[1:])
     model_args, task_args, badm, args = parse(read_recipe(recipe_path), overrides, recipe_path or "recipe")
-    try:
-        return run(model_args, task_args, badm, args)
-    finally:  # a launcher's ranks leave together, with no collective or comm thread still running
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    try:
+        result = run(model_args, task_args, badm, args)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears its communicator down while another still talks to it
+        return result
+    finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

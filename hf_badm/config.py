@@ -10,7 +10,9 @@ from typing import Any, Optional
 MODES = ("fused", "per_sub_batch")
 WEIGHTINGS = ("items", "uniform")
 NONFINITE = ("skip", "raise")
-PRECONDITIONERS = ("none", "second_moment", "newton_schulz")
+PRECONDITIONERS = ("none", "second_moment", "newton_schulz", "normalized")
+ELEMENTWISE = ("second_moment", "normalized")
+ELEMENTWISE_SIGMA = {"second_moment": 0.1, "normalized": 100.0}  # docs/preconditioners.md
 # Plain BADM is an SGD-scale method: 1/sigma around 0.3-3. Below this, a learning rate is AdamW-scale.
 SGD_SCALE_MIN_LR = 1e-2
 DEFAULT_RHO_OVER_SIGMA = 9.0  # beta = 0.9: the robust choice of the GPT-2 convergence sweeps (docs/benchmarks.md)
@@ -61,16 +63,25 @@ class BADMConfig:
         default="none",
         metadata={"help": "Local-solve preconditioner: 'none' (the paper's BADM), 'second_moment' (SISA-like, "
                           "D = sigma + rho (sqrt(v) + eps)), 'newton_schulz' (NSISA-like: orthogonalised momentum on "
-                          "hidden weight matrices, second_moment elsewhere).", "choices": list(PRECONDITIONERS)},
+                          "hidden weight matrices, elementwise_preconditioner elsewhere), 'normalized' (QHAdam-like: the "
+                          "gradient divided by its RMS sqrt(v) replaces it in the local solve; Adam-scale learning "
+                          "rates).", "choices": list(PRECONDITIONERS)},
+    )
+    elementwise_preconditioner: str = field(
+        default="second_moment",
+        metadata={"help": "newton_schulz: the preconditioner of the parameters that are not hidden weight matrices "
+                          "(embeddings, LM head, norms, biases).", "choices": list(ELEMENTWISE)},
     )
     elementwise_sigma: Optional[float] = field(
         default=None,
         metadata={"help": "newton_schulz: sigma of the parameters that are not hidden weight matrices (embeddings, "
-                          "LM head, norms, biases; they take second_moment). Default 0.1 (measured, docs/preconditioners.md)."},
+                          "LM head, norms, biases). Default: 0.1 for second_moment, 100 (lr 1e-2) for normalized "
+                          "(measured, docs/preconditioners.md)."},
     )
     elementwise_rho: Optional[float] = field(
         default=None,
-        metadata={"help": "newton_schulz: rho of those parameters (sigma << rho sqrt(v) works). Default 600."},
+        metadata={"help": "newton_schulz: rho of those parameters. Default: 600 for second_moment (sigma << rho sqrt(v) "
+                          "works), 9 * elementwise_sigma (beta 0.9) for normalized."},
     )
 
     def __post_init__(self) -> None:
@@ -80,7 +91,7 @@ class BADMConfig:
                                       or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"BADMConfig.{name} must be a finite number > 0 (or None), got {value!r}")
         for name, allowed in (("mode", MODES), ("sub_batch_weights", WEIGHTINGS), ("nonfinite", NONFINITE),
-                              ("preconditioner", PRECONDITIONERS)):
+                              ("preconditioner", PRECONDITIONERS), ("elementwise_preconditioner", ELEMENTWISE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"BADMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         k = self.sub_batches_per_micro_batch
@@ -106,7 +117,10 @@ class BADMConfig:
                 "preconditioner": self.preconditioner}
 
     def group_overrides(self) -> dict[str, Any]:
-        """Param-group settings of the tensors Newton-Schulz does not orthogonalise (second_moment)."""
-        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else 0.1
-        rho = self.elementwise_rho if self.elementwise_rho is not None else 600.0
-        return {"preconditioner": "second_moment", "sigma": float(sigma), "rho": float(rho)}
+        """Param-group settings of the tensors Newton-Schulz does not orthogonalise."""
+        kind = self.elementwise_preconditioner
+        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else ELEMENTWISE_SIGMA[kind]
+        rho = self.elementwise_rho
+        if rho is None:
+            rho = 600.0 if kind == "second_moment" else DEFAULT_RHO_OVER_SIGMA * sigma
+        return {"preconditioner": kind, "sigma": float(sigma), "rho": float(rho)}

@@ -102,8 +102,8 @@ class BADMTrainerMixin:
                                  '"zero_allow_untested_optimizer": true in the DeepSpeed config')
         if self.badm_config.preconditioner == "newton_schulz" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise ValueError("the newton_schulz preconditioner orthogonalises whole weight matrices, but DeepSpeed ZeRO "
-                             "and FSDP hand the optimizer flat shards: use preconditioner='second_moment' (elementwise) "
-                             "or 'none' there")
+                             "and FSDP hand the optimizer flat shards: use preconditioner='normalized' or 'second_moment' "
+                             "(elementwise) or 'none' there")
         if self.badm_config.mode != "per_sub_batch":
             return
         if self.is_deepspeed_enabled:

@@ -31,7 +31,25 @@ import bench_common as bc  # noqa: E402
 
 SECTION = "## Convergence: pre-training sweeps and speed-up vs AdamW"
 LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_torch": "AdamW", "sgd": "SGD+momentum 0.9",
-          "schedule_free_adamw": "Schedule-Free AdamW", "lion_32bit": "Lion"}
+          "schedule_free_adamw": "Schedule-Free AdamW", "lion_32bit": "Lion",
+          "badm_sm": "BADM second_moment", "badm_norm": "BADM normalized",
+          "badm_ns": "BADM newton_schulz (elementwise second_moment)",
+          "badm_ns_norm": "BADM newton_schulz (elementwise normalized)",
+          "badm_ns_norm_s4": "BADM newton_schulz (elementwise normalized), per-sub-batch (S=4)"}
+# The BADM family (docs/preconditioners.md): recipe fields on top of optimizer=badm.
+S4 = {"mode": "per_sub_batch", "sub_batches_per_micro_batch": 4}
+NS_NORM = {"preconditioner": "newton_schulz", "elementwise_preconditioner": "normalized"}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "badm": {}, "badm_s4": S4, "badm_sm": {"preconditioner": "second_moment"},
+    "badm_norm": {"preconditioner": "normalized"}, "badm_ns": {"preconditioner": "newton_schulz"},
+    "badm_ns_norm": NS_NORM, "badm_ns_norm_s4": {**NS_NORM, **S4},
+}
+# Preconditioned variants sweep lr at one rho/sigma (second_moment: rho = 6000 sigma, i.e. sigma 0.1 with rho 600 at
+# lr 10; normalized: beta 0.9; newton_schulz: rho = sigma as in its prototype); per-sub-batch variants take their
+# fused variant's best rho/sigma. newton_schulz with normalized elementwise tensors gives those the best
+# normalized learning rate of the same size (elementwise_sigma = 1/lr, elementwise_rho = 9 elementwise_sigma).
+FIXED_RATIO = {"badm_sm": 6000.0, "badm_norm": 9.0, "badm_ns": 1.0, "badm_ns_norm": 1.0}
+PER_SUB_BATCH_OF = {"badm_s4": "badm", "badm_ns_norm_s4": "badm_ns_norm"}
 GRIDS: dict[str, list[float]] = {
     "badm": [1.0, 3.0, 10.0, 30.0],
     "badm_s4": [1.0, 3.0, 10.0, 30.0],
@@ -39,6 +57,11 @@ GRIDS: dict[str, list[float]] = {
     "sgd": [0.03, 0.1, 0.3, 1.0],
     "schedule_free_adamw": [1e-3, 3e-3, 1e-2, 3e-2],
     "lion_32bit": [3e-5, 1e-4, 3e-4, 1e-3],
+    "badm_sm": [3.0, 10.0, 30.0],
+    "badm_norm": [1e-3, 3e-3, 1e-2, 3e-2],
+    "badm_ns": [0.01, 0.03, 0.1],
+    "badm_ns_norm": [0.01, 0.03, 0.1],
+    "badm_ns_norm_s4": [0.01, 0.03, 0.1],
 }
 RATIOS = [1.5, 4.0, 9.0, 19.0]  # BADM rho/sigma: beta = 0.6, 0.8, 0.9, 0.95
 
@@ -53,7 +76,7 @@ def nice_down(x: float) -> float:
 
 
 def available_optimizers() -> list[str]:
-    names = ["badm", "badm_s4", "adamw_torch", "sgd"]
+    names = ["badm", "badm_s4", "adamw_torch", "sgd", "badm_sm", "badm_norm", "badm_ns", "badm_ns_norm", "badm_ns_norm_s4"]
     if importlib.util.find_spec("schedulefree"):
         names.append("schedule_free_adamw")
     if importlib.util.find_spec("bitsandbytes"):
@@ -62,15 +85,17 @@ def available_optimizers() -> list[str]:
 
 
 def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpus: str, steps: int,
-           base: dict[str, Any], out: Path, tokenizer: str) -> tuple[str, dict[str, Any]]:
+           base: dict[str, Any], out: Path, tokenizer: str, elementwise_lr: float | None = None) -> tuple[str, dict[str, Any]]:
     key = f"{corpus}|{size}|{opt}|lr={lr:.4g}|r={ratio if ratio is not None else '-'}|seed={seed}"
+    if elementwise_lr is not None:
+        key += f"|elr={elementwise_lr:.4g}"
     r = {**base, "model_size": size, "dataset": corpus, "max_steps": steps, "eval_steps": max(1, steps // 10),
          "learning_rate": lr, "seed": seed, "tokenizer_name_or_path": tokenizer,
          "output_dir": str(out / "runs" / key.replace("|", "_").replace("=", ""))}
-    if opt in ("badm", "badm_s4"):
-        r.update(optimizer="badm", rho=ratio / lr)  # sigma = 1/lr (default), rho = ratio * sigma
-        if opt == "badm_s4":
-            r.update(mode="per_sub_batch", sub_batches_per_micro_batch=4)
+    if opt in VARIANTS:
+        r.update(optimizer="badm", rho=ratio / lr, **VARIANTS[opt])  # sigma = 1/lr (default), rho = ratio * sigma
+        if elementwise_lr is not None:
+            r.update(elementwise_sigma=1.0 / elementwise_lr, elementwise_rho=9.0 / elementwise_lr)
     else:
         r["optimizer"] = opt
     if opt == "sgd":
@@ -83,16 +108,23 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
 class Sweep:
     def __init__(self, args: argparse.Namespace, results: bc.Results, base: dict[str, Any], tokenizer: str) -> None:
         self.args, self.results, self.base, self.tokenizer = args, results, base, tokenizer
+        self.extended: set[tuple[str, str, str]] = set()
 
     def run(self, opt: str, lr: float, ratio: float | None, seed: int, size: str, corpus: str) -> dict[str, Any]:
+        elr = None
+        if VARIANTS.get(opt, {}).get("elementwise_preconditioner") == "normalized":
+            norm = self.best("badm_norm", size, corpus)
+            if norm is None:
+                raise SystemExit(f"{opt} takes the best badm_norm learning rate: include badm_norm in --optimizers")
+            elr = norm["learning_rate"]
         key, r = recipe(opt, lr, ratio, seed, size, corpus, self.args.steps[size], self.base, self.args.out_dir,
-                        self.tokenizer)
+                        self.tokenizer, elr)
         done = self.results.get(key)
         if done is not None:
             return done
         summary = bc.train(r)
         entry = {"key": key, "corpus": corpus, "size": size, "optimizer": opt, "learning_rate": lr,
-                 "rho_over_sigma": ratio, "seed": seed, "max_steps": self.args.steps[size],
+                 "rho_over_sigma": ratio, "elementwise_lr": elr, "seed": seed, "max_steps": self.args.steps[size],
                  "tokens": self.args.steps[size] * r["per_device_train_batch_size"] * r["block_size"], **summary}
         self.results.add(entry)
         print(f"{key}: eval {bc.fmt(entry['final_eval_loss'], '.4f')}  {entry['s_per_step']*1e3:.0f} ms/step  "
@@ -110,14 +142,19 @@ class Sweep:
     def sweep(self, size: str, corpus: str) -> None:
         opts = self.args.optimizers
         ratios = self.args.ratios
+        later = [o for o in opts if o in PER_SUB_BATCH_OF or "elementwise_preconditioner" in VARIANTS.get(o, {})]
         # Phase 1: every base grid point, round-robin across optimizers (so load drift hits all alike).
         # BADM: the full lr x rho/sigma grid, or (--badm-sweep coordinate) lr at --center-ratio, then the
         # other ratios at the best lr (cheaper; used where compute is short).
         coordinate = self.args.badm_sweep == "coordinate"
-        jobs: dict[str, list[tuple[float, float | None]]] = {
-            o: ([(lr, self.args.center_ratio) for lr in self.args.grids[o]] if coordinate else
-                [(lr, r) for lr in self.args.grids[o] for r in ratios]) if o == "badm"
-            else [(lr, None) for lr in self.args.grids[o]] for o in opts if o != "badm_s4"}
+
+        def grid(o: str) -> list[tuple[float, float | None]]:
+            if o == "badm":
+                return ([(lr, self.args.center_ratio) for lr in self.args.grids[o]] if coordinate else
+                        [(lr, r) for lr in self.args.grids[o] for r in ratios])
+            return [(lr, FIXED_RATIO.get(o)) for lr in self.args.grids[o]]
+
+        jobs = {o: grid(o) for o in opts if o not in later}
         while any(jobs.values()):
             for o in list(jobs):
                 if jobs[o]:
@@ -133,28 +170,43 @@ class Sweep:
                           key=lambda p: p["final_eval_loss"])["learning_rate"]
             for r in ratios:
                 self.run("badm", lr_best, r, 0, size, corpus)
-        # Phase 2: BADM per-sub-batch at the fused sweep's best rho/sigma; edge extensions for everyone.
-        if "badm_s4" in opts:
-            ratio_s4 = self.best("badm", size, corpus)["rho_over_sigma"] if "badm" in opts else ratios[0]
-            for lr in self.args.grids["badm_s4"]:
-                self.run("badm_s4", lr, ratio_s4, 0, size, corpus)
+        # Phase 2: variants that build on an earlier sweep's best (per-sub-batch at the fused variant's best
+        # rho/sigma; newton_schulz with the best normalized lr on its elementwise tensors); edge extensions.
+        for o in later:
+            fused = PER_SUB_BATCH_OF.get(o)
+            if fused is not None and fused not in opts:
+                raise SystemExit(f"{o} takes the best rho/sigma of {fused}: include {fused} in --optimizers")
+            self.extend(fused or "badm_norm", size, corpus)
+            ratio = self.best(fused, size, corpus)["rho_over_sigma"] if fused else FIXED_RATIO[o]
+            for lr in self.args.grids[o]:
+                self.run(o, lr, ratio, 0, size, corpus)
         for o in opts:
-            for _ in range(self.args.extend):
-                best = self.best(o, size, corpus)
-                grid = sorted({p["learning_rate"] for p in self.points(o, size, corpus)
-                               if p["rho_over_sigma"] == best["rho_over_sigma"]})
-                if best["learning_rate"] == grid[-1]:
-                    new = nice_up(grid[-1])
-                elif best["learning_rate"] == grid[0]:
-                    new = nice_down(grid[0])
-                else:
-                    break
-                self.run(o, new, best["rho_over_sigma"], 0, size, corpus)
+            self.extend(o, size, corpus)
         # Phase 3: more seeds of each optimizer's best point.
         for seed in range(1, self.args.seeds):
             for o in opts:
                 b = self.best(o, size, corpus)
                 self.run(o, b["learning_rate"], b["rho_over_sigma"], seed, size, corpus)
+
+    def extend(self, o: str, size: str, corpus: str) -> None:
+        """Extend ``o``'s lr grid (at its best rho/sigma) while its best point lies on the grid's edge
+        (``--extend`` values at most, once per optimizer, size and corpus)."""
+        if (o, size, corpus) in self.extended:
+            return
+        self.extended.add((o, size, corpus))
+        for _ in range(self.args.extend):
+            best = self.best(o, size, corpus)
+            if best is None:
+                return
+            grid = sorted({p["learning_rate"] for p in self.points(o, size, corpus)
+                           if p["rho_over_sigma"] == best["rho_over_sigma"]})
+            if best["learning_rate"] == grid[-1]:
+                new = nice_up(grid[-1])
+            elif best["learning_rate"] == grid[0]:
+                new = nice_down(grid[0])
+            else:
+                return
+            self.run(o, new, best["rho_over_sigma"], 0, size, corpus)
 
 
 # ----------------------------------------------------------------------------- report
@@ -240,7 +292,9 @@ def grid_tables(sweep: Sweep, size: str, corpus: str) -> str:
             continue
         p = sorted(sweep.points(o, size, corpus), key=lambda p: p["learning_rate"])
         if p:
-            extra = f" (rho/sigma {p[0]['rho_over_sigma']:g})" if o == "badm_s4" else ""
+            extra = f" (rho/sigma {p[0]['rho_over_sigma']:g})" if o in VARIANTS else ""
+            if p[0].get("elementwise_lr"):
+                extra += f" (elementwise lr {p[0]['elementwise_lr']:g})"
             out.append(f"- {LABELS[o]}{extra}: " + ", ".join(f"{q['learning_rate']:g}: {q['final_eval_loss']:.3f}"
                                                             for q in p))
     return "\n".join(out) + "\n"
@@ -301,7 +355,11 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
             "decades, >= 4 values; BADM fused also over rho/sigma = r, momentum beta = r/(r+1)), one run per point "
             "with seed 0, the grid extended by one value when the best lies on its edge, then the best point "
             f"re-run to {a.seeds} seeds. BADM per-sub-batch (S = 4 sub-batches of 4 sequences, each sub-batch's "
-            "gradient clipped on its own) sweeps lr at the fused sweep's best r. 'Steps to target' interpolates "
+            "gradient clipped on its own) sweeps lr at the fused sweep's best r. The preconditioned BADM variants "
+            "(docs/preconditioners.md) sweep lr at one r each: second_moment r = 6000, normalized r = 9, "
+            "newton_schulz r = 1 (its elementwise tensors: second_moment with sigma 0.1, rho 600, or normalized "
+            "at the best normalized lr of the same size), its per-sub-batch form at the fused form's best r. "
+            "'Steps to target' interpolates "
             "linearly between the 10 evaluations of a run; wall-clock is training time with evaluation excluded, "
             "on a shared 2-core machine, so it is noisy (the ms/step column is the median over all of that "
             "optimizer's runs at that size). Lion needs bitsandbytes, not installed here: not run.\n",

@@ -1,4 +1,4 @@
-"""Preconditioned BADM (second_moment, newton_schulz): reductions to plain BADM, literal per-slot
+"""Preconditioned BADM (second_moment, normalized, newton_schulz): reductions to plain BADM, literal per-slot
 form, the exact shared form, per-slot state, round-trip."""
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ def test_preconditioner_none_is_plain_badm_bitwise(mode):
     assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
 
 
+def assert_same_trajectory_under_a_schedule(nets, opts, mode: str) -> None:
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + 0.1 * t)) for opt in opts]
+    for t in range(STEPS):
+        for net, opt, sched in zip(nets, opts, scheds):
+            run_steps(net, opt, 1, start=t, mode=mode)
+            sched.step()
+    assert max_rel(list(nets[0].parameters()), list(nets[1].parameters())) <= 1e-10
+
+
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
 def test_frozen_second_moment_is_plain_badm_with_rescaled_rho(mode, monkeypatch):
     """q = sqrt(v_hat) + eps frozen to a constant c: D = sigma + rho c, i.e. plain BADM with rho' = rho c."""
@@ -38,17 +47,25 @@ def test_frozen_second_moment_is_plain_badm_with_rescaled_rho(mode, monkeypatch)
     nets = [make_net(), make_net()]
     pre = BADM(nets[0].parameters(), sigma=2.0, rho=3.0, mode=mode, preconditioner="second_moment", weight_decay=0.05)
     plain = BADM(nets[1].parameters(), sigma=2.0, rho=3.0 * c, mode=mode, weight_decay=0.05)
-    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + 0.1 * t)) for opt in (pre, plain)]
-    for t in range(STEPS):
-        for net, opt, sched in zip(nets, (pre, plain), scheds):
-            run_steps(net, opt, 1, start=t, mode=mode)
-            sched.step()
-    assert max_rel(list(nets[0].parameters()), list(nets[1].parameters())) <= 1e-10
+    assert_same_trajectory_under_a_schedule(nets, (pre, plain), mode)
 
 
-def literal_second_moment(mode: str, steps: int = 12, sigma: float = 1.0, rho: float = 20.0,
-                          beta2: float = 0.9, eps: float = 1e-8):
-    """Literal slots with D_s = sigma + rho (sqrt(v_hat) + eps): per slot v_s (PISA) or one shared v (fused)."""
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_frozen_normalized_is_plain_badm_with_rescaled_penalties(mode, monkeypatch):
+    """sqrt(v_hat) + eps frozen to c: plain BADM on g / c, i.e. plain BADM with sigma' = c sigma, rho' = c rho
+    (its duals are c times the variant's)."""
+    c = 0.37
+    monkeypatch.setattr(badm_module, "normalized_direction", lambda g, v, steps, beta2, eps: g / c)
+    nets = [make_net(), make_net()]
+    pre = BADM(nets[0].parameters(), sigma=2.0, rho=3.0, mode=mode, preconditioner="normalized")
+    plain = BADM(nets[1].parameters(), sigma=2.0 * c, rho=3.0 * c, mode=mode)
+    assert_same_trajectory_under_a_schedule(nets, (pre, plain), mode)
+
+
+def literal_preconditioned(kind: str, mode: str, steps: int = 12, sigma: float = 1.0, rho: float = 20.0,
+                           beta2: float = 0.9, eps: float = 1e-8):
+    """Literal slots with q = sqrt(v_hat) + eps, per slot v_s (PISA) or one shared v (fused):
+    second_moment solves with D_s = sigma + rho q; normalized takes g_s / q as the gradient (D = sigma + rho)."""
     net = make_net()
     params = list(net.parameters())
     w = [p.detach().clone() for p in params]
@@ -68,8 +85,11 @@ def literal_second_moment(mode: str, steps: int = 12, sigma: float = 1.0, rho: f
                 vs[s] = [beta2 * v + (1 - beta2) * g * g for v, g in zip(vs[s], grads[s])]
             v = vs[s if mode == "per_sub_batch" else 0]
             for i in range(len(params)):
-                d = sigma + rho * ((v[i] / (1 - beta2 ** (t + 1))).sqrt() + eps)
-                ws = w[i] - (grads[s][i] + pis[s][i]) / d
+                q = (v[i] / (1 - beta2 ** (t + 1))).sqrt() + eps
+                if kind == "second_moment":
+                    ws = w[i] - (grads[s][i] + pis[s][i]) / (sigma + rho * q)
+                else:
+                    ws = w[i] - (grads[s][i] / q + pis[s][i]) / (sigma + rho)
                 pis[s][i] = pis[s][i] + sigma * (ws - w[i])
                 new_w[i] += (ws + pis[s][i] / sigma) / SUBS
         w = [x.detach() for x in new_w]
@@ -77,10 +97,11 @@ def literal_second_moment(mode: str, steps: int = 12, sigma: float = 1.0, rho: f
 
 
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
-def test_second_moment_equals_literal_preconditioned_slots(mode):
-    expected = literal_second_moment(mode)
+@pytest.mark.parametrize("kind", ["second_moment", "normalized"])
+def test_elementwise_variants_equal_literal_preconditioned_slots(kind, mode):
+    expected = literal_preconditioned(kind, mode)
     net = make_net()
-    opt = BADM(net.parameters(), sigma=1.0, rho=20.0, mode=mode, preconditioner="second_moment", beta2=0.9)
+    opt = BADM(net.parameters(), sigma=1.0, rho=20.0, mode=mode, preconditioner=kind, beta2=0.9)
     run_steps(net, opt, 12, mode=mode)
     assert max_rel(list(net.parameters()), expected) <= 1e-10
 
@@ -96,7 +117,7 @@ def test_per_slot_preconditioner_state_is_per_slot():
 
 
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
-@pytest.mark.parametrize("preconditioner", ["second_moment", "newton_schulz"])
+@pytest.mark.parametrize("preconditioner", ["second_moment", "normalized", "newton_schulz"])
 def test_preconditioned_state_round_trip_is_bitwise(mode, preconditioner):
     net = make_net()
     opt = BADM(net.parameters(), sigma=1.0, rho=20.0, mode=mode, preconditioner=preconditioner)
@@ -158,3 +179,17 @@ def test_preconditioned_badm_trains_in_the_trainer(tmp_path, preconditioner, lr,
         assert (owner["sigma"], owner["rho"]) == (0.1, 600.0)
         q_proj = model.model.layers[0].self_attn.q_proj.weight
         assert next(g for g in groups if any(p is q_proj for p in g["params"]))["preconditioner"] == "newton_schulz"
+
+
+def test_newton_schulz_with_normalized_elementwise_tensors(tmp_path):
+    from hf_badm import BADMConfig, create_badm_optimizer
+    from tiny import tiny_args, tiny_model
+
+    model = tiny_model("gpt2")
+    config = BADMConfig(preconditioner="newton_schulz", rho=30.0, elementwise_preconditioner="normalized")
+    opt, _ = create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=1 / 30), badm_config=config)
+    embed = model.get_input_embeddings().weight
+    owner = next(g for g in opt.param_groups if any(p is embed for p in g["params"]))
+    assert (owner["preconditioner"], owner["sigma"], owner["rho"]) == ("normalized", 100.0, 900.0)
+    with pytest.raises(ValueError, match="elementwise_preconditioner"):
+        BADMConfig(elementwise_preconditioner="newton_schulz")

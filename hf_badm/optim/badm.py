@@ -11,12 +11,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_badm.optim.preconditioned import fused_second_moment, newton_schulz_direction, second_moment_gain
+from hf_badm.optim.preconditioned import (fused_second_moment, newton_schulz_direction, normalized_direction,
+                                          second_moment_gain)
 
 __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
 MODES = ("fused", "per_sub_batch")
-PRECONDITIONERS = ("none", "second_moment", "newton_schulz")
+PRECONDITIONERS = ("none", "second_moment", "newton_schulz", "normalized")
 NONFINITE = ("skip", "raise")
 
 
@@ -132,13 +133,14 @@ class BADM(Optimizer):
             (or an absorbed sub-batch) holds NaN/Inf, warns and counts it; ``"raise"`` raises
             :class:`NonFiniteGradientError` instead.
         preconditioner: the local solve (``hf_badm.optim.preconditioned``): ``"none"`` (the paper),
-            ``"second_moment"`` (SISA-like, ``D = sigma + rho (sqrt(v_hat) + eps)``) or
-            ``"newton_schulz"`` (NSISA-like on 2-D tensors, second_moment elsewhere: put embeddings and
-            the LM head in a group of their own with ``preconditioner="second_moment"``). Per-sub-batch
+            ``"second_moment"`` (SISA-like, ``D = sigma + rho (sqrt(v_hat) + eps)``), ``"normalized"``
+            (QHAdam-like: ``g / (sqrt(v_hat) + eps)`` replaces ``g`` in the local solve; Adam-scale ``lr``)
+            or ``"newton_schulz"`` (NSISA-like on 2-D tensors, second_moment elsewhere: put embeddings and
+            the LM head in a group of their own with an elementwise preconditioner). Per-sub-batch
             mode keeps the preconditioner state per slot (the literal PISA form); fused mode shares one
-            from the reduced gradient (exact for second_moment; an approximation of per-slot
-            Newton-Schulz). Extra state per parameter: second_moment 1 buffer (fused) or 1 per slot;
-            newton_schulz 1 momentum buffer (fused) or 1 per slot on matrices.
+            from the reduced gradient (exact for second_moment and normalized; an approximation of
+            per-slot Newton-Schulz). Extra state per parameter: second_moment and normalized 1 buffer
+            (fused) or 1 per slot; newton_schulz 1 momentum buffer (fused) or 1 per slot on matrices.
         beta2, eps: second-moment EMA rate and floor.  ns_momentum, ns_steps: Newton-Schulz momentum
             and iterations.
     """
@@ -299,7 +301,8 @@ class BADM(Optimizer):
         decay = 1.0 - group["weight_decay"] * lr
         for p, g, m in zip(params, _grads_or_zeros(params), bufs):
             state = self.state[p]
-            if _orthogonalises(group, p):
+            kind = _local_solve(group, p)
+            if kind == "newton_schulz":
                 if "ns_momentum" not in state:
                     state["ns_momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 d = newton_schulz_direction(g, state["ns_momentum"], group["ns_momentum"], group["ns_steps"])
@@ -308,6 +311,10 @@ class BADM(Optimizer):
             if "exp_avg_sq" not in state:
                 state["exp_avg_sq"], state["steps"] = torch.zeros_like(p, memory_format=torch.preserve_format), 0
             state["steps"] += 1
+            if kind == "normalized":
+                d = normalized_direction(g, state["exp_avg_sq"], state["steps"], group["beta2"], group["eps"])
+                _fused_single([p], [d], [m], beta=beta, inv_rho=inv_rho, c=inv_rho - lr, decay=decay)
+                continue
             fused_second_moment(p, g, m, state["exp_avg_sq"], state["steps"], lr=lr, ratio=group["rho"] / group["sigma"],
                                 beta2=group["beta2"], eps=group["eps"], decay=decay)
 
@@ -360,15 +367,20 @@ class BADM(Optimizer):
         sigma, rho = group["sigma"], group["rho"]
         for p, g, pi, agg in zip(params, _grads_or_zeros(params), duals, aggs):
             state = self.state[p]
-            if _orthogonalises(group, p):
+            kind = _local_solve(group, p)
+            if kind == "newton_schulz":
                 moms = _slot_list(state, "slot_ns", slot, p)
                 d, k = newton_schulz_direction(g, moms[slot], group["ns_momentum"], group["ns_steps"]), sigma / (sigma + rho)
             else:
                 sqs, steps = _slot_list(state, "slot_sq", slot, p), state.setdefault("slot_steps", [])
                 steps.extend([0] * (slot + 1 - len(steps)))
                 steps[slot] += 1
-                sqs[slot].mul_(group["beta2"]).addcmul_(g, g, value=1.0 - group["beta2"])
-                d, k = g, second_moment_gain(sqs[slot], steps[slot], rho / sigma, group["beta2"], group["eps"])
+                if kind == "normalized":
+                    d = normalized_direction(g, sqs[slot], steps[slot], group["beta2"], group["eps"])
+                    k = sigma / (sigma + rho)
+                else:
+                    sqs[slot].mul_(group["beta2"]).addcmul_(g, g, value=1.0 - group["beta2"])
+                    d, k = g, second_moment_gain(sqs[slot], steps[slot], rho / sigma, group["beta2"], group["eps"])
             kt = (d + pi).mul_(k)  # sigma_t (w_s - w) = -(d + pi) / (1 + rho q / sigma)
             pi.sub_(kt)
             agg.add_(pi, alpha=weight).add_(kt, alpha=-weight)
@@ -511,9 +523,11 @@ def _check_preconditioner(group: dict[str, Any]) -> None:
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
 
 
-def _orthogonalises(group: dict[str, Any], p: Tensor) -> bool:
-    """Newton-Schulz acts on whole weight matrices; every other tensor takes second_moment."""
-    return group["preconditioner"] == "newton_schulz" and p.dim() == 2
+def _local_solve(group: dict[str, Any], p: Tensor) -> str:
+    """The group's preconditioner for ``p``: Newton-Schulz acts on whole weight matrices only; every
+    other tensor of a newton_schulz group takes second_moment."""
+    kind = group["preconditioner"]
+    return "second_moment" if kind == "newton_schulz" and p.dim() != 2 else kind
 
 
 def _slot_list(state: dict[str, Any], key: str, slot: int, p: Tensor) -> list[Tensor]:

@@ -18,6 +18,12 @@ algorithm::
 orthogonalised Nesterov momentum, ``M <- mu M + g; d = NS5(g + mu M) * max(1, rows/cols)**0.5``,
 used in place of the gradient in plain BADM's local solve; other parameters use ``second_moment``.
 
+``normalized`` (QHAdam-like): the local direction is the gradient divided elementwise by its RMS,
+``d_s = g_s / (sqrt(v_hat_s) + eps)``, used in place of the gradient in plain BADM's local solve
+(D = sigma + rho), so the duals average normalised directions and the ``pi / sigma`` term is on
+Adam's scale. With ``v`` fixed within a step ``d`` is linear in ``g``: the fused form with one shared
+``v`` is again an exact algorithm (plain BADM on ``d``).
+
 All functions below are written in step sizes: ``lr`` = 1/sigma_t and ``ratio`` = rho/sigma (fixed
 under a schedule), so a zero schedule factor is the sigma, rho -> inf limit (duals move, w does not).
 """
@@ -29,7 +35,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["second_moment_gain", "orthogonalised", "fused_second_moment", "newton_schulz_direction"]
+__all__ = ["second_moment_gain", "orthogonalised", "fused_second_moment", "newton_schulz_direction",
+           "normalized_direction"]
 
 # Quintic Newton-Schulz coefficients that drive all singular values towards ~1 in five steps.
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -62,6 +69,12 @@ def newton_schulz_direction(grad: Tensor, momentum: Tensor, mu: float, steps: in
     """Nesterov momentum (updated in place) orthogonalised: the local direction for a weight matrix."""
     momentum.mul_(mu).add_(grad)
     return orthogonalised(grad.add(momentum, alpha=mu), steps)
+
+
+def normalized_direction(grad: Tensor, v: Tensor, steps: int, beta2: float, eps: float) -> Tensor:
+    """``g / (sqrt(v_hat) + eps)`` after folding ``g`` into the second-moment EMA ``v`` (in place)."""
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    return grad / (v / (1.0 - beta2**steps)).sqrt_().add_(eps)
 
 
 def fused_second_moment(p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: int, *, lr: float, ratio: float,
