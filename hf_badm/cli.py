@@ -33,6 +33,9 @@ CLI_DEFAULTS: dict[str, Any] = {"report_to": "none", "include_num_input_tokens_s
 # AdamW's and Schedule-Free AdamW's best on the small GPT-2 sweep, SGD's on both (docs/benchmarks.md).
 DEFAULT_LEARNING_RATES = {"adamw_torch": 3e-3, "adamw_torch_fused": 3e-3, "sgd": 0.3, "adafactor": 1e-3,
                           "lion_32bit": 1e-4, "schedule_free_adamw": 3e-3}
+# Preconditioned BADM in a comparison, ``badm-<preconditioner>`` (docs/preconditioners.md): the learning rate of
+# its scale (newton_schulz: the hidden matrices' 1/sigma; normalized: AdamW's scale), best at both sweep sizes.
+DEFAULT_LEARNING_RATES.update({"badm-newton_schulz": 0.03, "badm-normalized": 3e-3, "badm-second_moment": 10.0})
 # The demo model is the tiny GPT-2, where AdamW's sweep optimum is 1e-2: the demo compares tuned against tuned.
 DEMO_LEARNING_RATES = "adamw_torch=0.01"
 ALIASES = {"adamw": "adamw_torch", "lion": "lion_32bit"}
@@ -143,7 +146,8 @@ def _compare_parser(prog: str) -> argparse.ArgumentParser:
                                 "wall-clock. Other --field value options override the recipe.")
     if not prog.endswith("demo"):
         p.add_argument("recipe", help="recipe YAML")
-    p.add_argument("--optimizers", default="badm,adamw", help="comma-separated: badm and Trainer optim names")
+    p.add_argument("--optimizers", default="badm,adamw", help="comma-separated: badm, badm-<preconditioner> (e.g. "
+                   "badm-newton_schulz) and Trainer optim names")
     p.add_argument("--learning_rates", default="", help="per optimizer, e.g. adamw=1e-3,sgd=0.05 "
                    f"(defaults: {DEFAULT_LEARNING_RATES}; badm uses the recipe's learning_rate)")
     p.add_argument("--output_dir", default=None, help="where runs, table and plot go")
@@ -158,15 +162,20 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
     recipe_path = getattr(opts, "recipe", None)
     recipe = read_recipe(recipe_path) if recipe is None else recipe
     name = Path(recipe_path).stem if recipe_path else "demo"
-    parse(recipe, overrides, recipe_path or name)  # validate once, before any training
     out = Path(opts.output_dir or recipe.get("output_dir") or Path("outputs") / f"compare-{name}")
     lrs = {ALIASES.get(k, k): float(v) for k, v in (kv.split("=") for kv in opts.learning_rates.split(",") if kv)}
-    runs: dict[str, dict[str, Any]] = {}
+    plan: dict[str, dict[str, Any]] = {}
     for optimizer in [ALIASES.get(o.strip(), o.strip()) for o in opts.optimizers.split(",") if o.strip()]:
-        lr = lrs.get(optimizer, DEFAULT_LEARNING_RATES.get(optimizer))
         run_recipe = {**recipe, "optimizer": optimizer, "output_dir": str(out / optimizer)}
+        if optimizer.startswith("badm-"):  # preconditioned BADM
+            run_recipe.update(optimizer="badm", preconditioner=optimizer.removeprefix("badm-"))
+        lr = lrs.get(optimizer, DEFAULT_LEARNING_RATES.get(optimizer))
         if lr is not None:
             run_recipe["learning_rate"] = lr
+        parse(run_recipe, overrides, f"{recipe_path or name} ({optimizer})")  # validate all before any training
+        plan[optimizer] = run_recipe
+    runs: dict[str, dict[str, Any]] = {}
+    for optimizer, run_recipe in plan.items():
         recipe_file = out / f"{optimizer}.yaml"
         recipe_file.parent.mkdir(parents=True, exist_ok=True)
         recipe_file.write_text(yaml.safe_dump(run_recipe))

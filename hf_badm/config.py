@@ -7,15 +7,16 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-MODES = ("fused", "per_sub_batch")
+from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS, RHO_OVER_SIGMA
+
 WEIGHTINGS = ("items", "uniform")
-NONFINITE = ("skip", "raise")
-PRECONDITIONERS = ("none", "second_moment", "newton_schulz", "normalized")
 ELEMENTWISE = ("second_moment", "normalized")
 ELEMENTWISE_SIGMA = {"second_moment": 0.1, "normalized": 100.0}  # docs/preconditioners.md
 # Plain BADM is an SGD-scale method: 1/sigma around 0.3-3. Below this, a learning rate is AdamW-scale.
 SGD_SCALE_MIN_LR = 1e-2
-DEFAULT_RHO_OVER_SIGMA = 9.0  # beta = 0.9: the robust choice of the GPT-2 convergence sweeps (docs/benchmarks.md)
+# preconditioner="normalized" steps like AdamW: from this learning rate up it diverges (docs/benchmarks.md).
+ADAM_SCALE_MAX_LR = 0.1
+DEFAULT_RHO_OVER_SIGMA = RHO_OVER_SIGMA["none"]  # beta = 0.9: the robust choice of the GPT-2 convergence sweeps
 
 
 @dataclass
@@ -24,7 +25,7 @@ class BADMConfig:
 
     How ``TrainingArguments.learning_rate`` relates to the paper's penalties: BADM's step size is
     ``1/sigma``, so ``sigma`` defaults to ``1 / learning_rate``; ``rho`` defaults to ``9 * sigma``
-    (momentum ``beta = rho / (rho + sigma) = 0.9``). The Trainer's LR schedule (warmup, decay)
+    (momentum ``beta = rho / (rho + sigma) = 0.9``; per preconditioner, ``RHO_OVER_SIGMA``). The Trainer's LR schedule (warmup, decay)
     scales both penalties as ``sigma_t = sigma / f_t``, ``rho_t = rho / f_t``. Weight decay is the
     Trainer's ``weight_decay`` (decoupled; biases and norm weights excluded).
     """
@@ -35,7 +36,8 @@ class BADMConfig:
     )
     rho: Optional[float] = field(
         default=None,
-        metadata={"help": "BADM proximal coefficient rho > 0; momentum beta = rho/(rho+sigma). Default: 9 * sigma (beta 0.9)."},
+        metadata={"help": "BADM proximal coefficient rho > 0; momentum beta = rho/(rho+sigma). Default: 9 * sigma (beta 0.9) "
+                          "for the paper's BADM and normalized, sigma for newton_schulz, 6000 * sigma for second_moment."},
     )
     mode: str = field(
         default="fused",
@@ -112,7 +114,14 @@ class BADMConfig:
                     "learning_rate around 1 (sigma around 1), or set BADMConfig(sigma=...).",
                     stacklevel=3,
                 )
-        rho = self.rho if self.rho is not None else DEFAULT_RHO_OVER_SIGMA * sigma
+            if self.preconditioner == "normalized" and learning_rate >= ADAM_SCALE_MAX_LR:
+                warnings.warn(
+                    f"learning_rate={learning_rate:g} looks like an SGD learning rate, but preconditioner="
+                    "'normalized' takes RMS-normalised, AdamW-scale steps: it would diverge. Use an AdamW learning "
+                    "rate (1e-3 to 1e-2), or set BADMConfig(sigma=...).",
+                    stacklevel=3,
+                )
+        rho = self.rho if self.rho is not None else RHO_OVER_SIGMA[self.preconditioner] * sigma
         return {"sigma": float(sigma), "rho": float(rho), "mode": self.mode, "nonfinite": self.nonfinite,
                 "preconditioner": self.preconditioner}
 
@@ -120,7 +129,5 @@ class BADMConfig:
         """Param-group settings of the tensors Newton-Schulz does not orthogonalise."""
         kind = self.elementwise_preconditioner
         sigma = self.elementwise_sigma if self.elementwise_sigma is not None else ELEMENTWISE_SIGMA[kind]
-        rho = self.elementwise_rho
-        if rho is None:
-            rho = 600.0 if kind == "second_moment" else DEFAULT_RHO_OVER_SIGMA * sigma
+        rho = self.elementwise_rho if self.elementwise_rho is not None else RHO_OVER_SIGMA[kind] * sigma
         return {"preconditioner": kind, "sigma": float(sigma), "rho": float(rho)}

@@ -110,9 +110,11 @@ class Sweep:
         self.args, self.results, self.base, self.tokenizer = args, results, base, tokenizer
         self.extended: set[tuple[str, str, str]] = set()
 
-    def run(self, opt: str, lr: float, ratio: float | None, seed: int, size: str, corpus: str) -> dict[str, Any]:
-        elr = None
-        if VARIANTS.get(opt, {}).get("elementwise_preconditioner") == "normalized":
+    def run(self, opt: str, lr: float, ratio: float | None, seed: int, size: str, corpus: str,
+            elr: float | None = None, again: bool = False) -> dict[str, Any]:
+        """One run (cached by its key); ``elr``: the elementwise lr of a newton_schulz variant with normalized
+        elementwise tensors (default: the best normalized lr of the same size)."""
+        if elr is None and VARIANTS.get(opt, {}).get("elementwise_preconditioner") == "normalized":
             norm = self.best("badm_norm", size, corpus)
             if norm is None:
                 raise SystemExit(f"{opt} takes the best badm_norm learning rate: include badm_norm in --optimizers")
@@ -120,9 +122,11 @@ class Sweep:
         key, r = recipe(opt, lr, ratio, seed, size, corpus, self.args.steps[size], self.base, self.args.out_dir,
                         self.tokenizer, elr)
         done = self.results.get(key)
-        if done is not None:
+        if done is not None and not again:
             return done
         summary = bc.train(r)
+        if done is not None and done["final_eval_loss"] != summary["final_eval_loss"]:
+            print(f"{key}: re-run ended at {summary['final_eval_loss']} (recorded: {done['final_eval_loss']})")
         entry = {"key": key, "corpus": corpus, "size": size, "optimizer": opt, "learning_rate": lr,
                  "rho_over_sigma": ratio, "elementwise_lr": elr, "seed": seed, "max_steps": self.args.steps[size],
                  "tokens": self.args.steps[size] * r["per_device_train_batch_size"] * r["block_size"], **summary}
@@ -160,11 +164,6 @@ class Sweep:
                 if jobs[o]:
                     lr, r = jobs[o].pop(0)
                     self.run(o, lr, r, 0, size, corpus)
-        for spec in self.args.extra:  # extra single points, e.g. badm=10@19 (recorded like every other point)
-            name, point = spec.split("=", 1)
-            lr, _, ratio = point.partition("@")
-            if name in opts:
-                self.run(name, float(lr), float(ratio) if ratio else None, 0, size, corpus)
         if coordinate and "badm" in opts:
             lr_best = min((p for p in self.points("badm", size, corpus) if p["rho_over_sigma"] == self.args.center_ratio),
                           key=lambda p: p["final_eval_loss"])["learning_rate"]
@@ -178,15 +177,43 @@ class Sweep:
                 raise SystemExit(f"{o} takes the best rho/sigma of {fused}: include {fused} in --optimizers")
             self.extend(fused or "badm_norm", size, corpus)
             ratio = self.best(fused, size, corpus)["rho_over_sigma"] if fused else FIXED_RATIO[o]
+            elr = self.best(fused, size, corpus).get("elementwise_lr") if fused else None
             for lr in self.args.grids[o]:
-                self.run(o, lr, ratio, 0, size, corpus)
+                self.run(o, lr, ratio, 0, size, corpus, elr)
+            for _ in range(1 + self.args.extend):  # the elementwise lr: one half-decade either side, then edges
+                b = self.best(o, size, corpus)
+                if fused or not b.get("elementwise_lr"):
+                    break
+                tried = {p.get("elementwise_lr") for p in self.points(o, size, corpus)
+                         if (p["learning_rate"], p["rho_over_sigma"]) == (b["learning_rate"], b["rho_over_sigma"])}
+                todo = [e for e in (nice_down(b["elementwise_lr"]), nice_up(b["elementwise_lr"])) if e not in tried]
+                if not todo:
+                    break
+                for e in todo:
+                    self.run(o, b["learning_rate"], b["rho_over_sigma"], 0, size, corpus, e)
+        for spec in self.args.extra:  # extra single points, e.g. badm=10@19 (recorded like every other point)
+            name, point = spec.split("=", 1)
+            lr, _, ratio = point.partition("@")
+            if name in opts:
+                self.run(name, float(lr), float(ratio) if ratio else None, 0, size, corpus)
         for o in opts:
             self.extend(o, size, corpus)
         # Phase 3: more seeds of each optimizer's best point.
         for seed in range(1, self.args.seeds):
             for o in opts:
                 b = self.best(o, size, corpus)
-                self.run(o, b["learning_rate"], b["rho_over_sigma"], seed, size, corpus)
+                self.run(o, b["learning_rate"], b["rho_over_sigma"], seed, size, corpus, b.get("elementwise_lr"))
+
+    def retime(self, size: str, corpus: str) -> None:
+        """Re-run every optimizer's best point (all its seeds) round-robin in one pass, replacing the recorded
+        runs: sweeps recorded in different sessions ran under different machine load, and the wall-clock
+        columns must compare runs timed together (the losses repeat exactly; a difference is printed)."""
+        best = {o: self.best(o, size, corpus) for o in self.args.optimizers}
+        for seed in range(self.args.seeds):
+            for o, b in best.items():
+                if b is not None:
+                    self.run(o, b["learning_rate"], b["rho_over_sigma"], seed, size, corpus, b.get("elementwise_lr"),
+                             again=True)
 
     def extend(self, o: str, size: str, corpus: str) -> None:
         """Extend ``o``'s lr grid (at its best rho/sigma) while its best point lies on the grid's edge
@@ -199,21 +226,22 @@ class Sweep:
             if best is None:
                 return
             grid = sorted({p["learning_rate"] for p in self.points(o, size, corpus)
-                           if p["rho_over_sigma"] == best["rho_over_sigma"]})
+                           if (p["rho_over_sigma"], p.get("elementwise_lr")) == (best["rho_over_sigma"],
+                                                                                  best.get("elementwise_lr"))})
             if best["learning_rate"] == grid[-1]:
                 new = nice_up(grid[-1])
             elif best["learning_rate"] == grid[0]:
                 new = nice_down(grid[0])
             else:
                 return
-            self.run(o, new, best["rho_over_sigma"], 0, size, corpus)
+            self.run(o, new, best["rho_over_sigma"], 0, size, corpus, best.get("elementwise_lr"))
 
 
 # ----------------------------------------------------------------------------- report
 
 def seeds_of(results: bc.Results, best: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in results.runs if all(r[k] == best[k] for k in ("corpus", "size", "optimizer", "learning_rate",
-                                                                          "rho_over_sigma"))]
+    return [r for r in results.runs if all(r.get(k) == best.get(k) for k in ("corpus", "size", "optimizer", "learning_rate",
+                                                                              "rho_over_sigma", "elementwise_lr"))]
 
 
 def speedup_table(sweep: Sweep, size: str, corpus: str) -> tuple[str, dict[str, Any]]:
@@ -225,7 +253,7 @@ def speedup_table(sweep: Sweep, size: str, corpus: str) -> tuple[str, dict[str, 
     rows = [f"AdamW's best final eval loss (target): **{target:.4f}** (lr {adamw['learning_rate']:g}, mean of "
             f"{len(seeds_of(res, adamw))} seeds) after {steps} steps = {adamw['tokens']:,} tokens.\n",
             "| optimizer | best lr | rho/sigma | final eval loss, mean (min–max), seeds | steps to target | speed-up (steps) "
-            "| ms/step (median of all its runs) | train s to target | speed-up (wall-clock) |",
+            "| ms/step (its best point's runs) | train s to target | speed-up (wall-clock) |",
             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     summary: dict[str, Any] = {"target": target, "optimizers": {}}
     for o in opts:
@@ -236,8 +264,7 @@ def speedup_table(sweep: Sweep, size: str, corpus: str) -> tuple[str, dict[str, 
         losses = [r["final_eval_loss"] for r in runs]
         reach = [bc.steps_to_reach(r["curve"], target) for r in runs]
         reach_s = [bc.steps_to_reach(r["curve"], target, key="train_s") for r in runs]
-        all_ms = statistics.median(r["s_per_step"] for r in res.runs if (r["optimizer"], r["size"], r["corpus"])
-                                   == (o, size, corpus)) * 1e3
+        all_ms = statistics.median(r["s_per_step"] for r in runs) * 1e3
         ok = [x for x in reach if x is not None]
         ok_s = [x for x in reach_s if x is not None]
         n_ok = f" ({len(ok)}/{len(runs)} seeds)" if 0 < len(ok) < len(runs) else ""
@@ -256,10 +283,12 @@ def speedup_table(sweep: Sweep, size: str, corpus: str) -> tuple[str, dict[str, 
         if o == "adamw_torch":
             st, ss, sp, spw, n_ok = float(steps), ref_s, 1.0, 1.0, " (by definition)"
         summary["optimizers"][o] = {"learning_rate": best["learning_rate"], "rho_over_sigma": best["rho_over_sigma"],
+                                    "elementwise_lr": best.get("elementwise_lr"),
                                     "final_eval_loss_mean": statistics.mean(losses), "seeds": len(runs),
                                     "steps_to_target": st, "speedup_steps": sp, "train_s_to_target": ss,
                                     "speedup_wall": spw, "ms_per_step": all_ms}
-        rows.append(f"| {LABELS[o]} | {best['learning_rate']:g} | {bc.fmt(best['rho_over_sigma'], 'g')} "
+        elr = f" (elementwise {best['elementwise_lr']:g})" if best.get("elementwise_lr") else ""
+        rows.append(f"| {LABELS[o]} | {best['learning_rate']:g}{elr} | {bc.fmt(best['rho_over_sigma'], 'g')} "
                     f"| {statistics.mean(losses):.4f} ({min(losses):.4f}–{max(losses):.4f}), {len(runs)} "
                     f"| {bc.fmt(st, '.0f', 'not reached')}{n_ok} | {bc.fmt(sp, '.2f', '–')}x | {all_ms:.0f} "
                     f"| {bc.fmt(ss, '.1f', 'not reached')} | {bc.fmt(spw, '.2f', '–')}x |".replace("–x", "–"))
@@ -290,13 +319,21 @@ def grid_tables(sweep: Sweep, size: str, corpus: str) -> str:
     for o in sweep.args.optimizers:
         if o == "badm":
             continue
-        p = sorted(sweep.points(o, size, corpus), key=lambda p: p["learning_rate"])
-        if p:
-            extra = f" (rho/sigma {p[0]['rho_over_sigma']:g})" if o in VARIANTS else ""
-            if p[0].get("elementwise_lr"):
-                extra += f" (elementwise lr {p[0]['elementwise_lr']:g})"
-            out.append(f"- {LABELS[o]}{extra}: " + ", ".join(f"{q['learning_rate']:g}: {q['final_eval_loss']:.3f}"
-                                                            for q in p))
+        p = sorted(sweep.points(o, size, corpus), key=lambda p: (p["learning_rate"], p["rho_over_sigma"] or 0,
+                                                                  p.get("elementwise_lr") or 0))
+        if not p:
+            continue
+        ratios = {q["rho_over_sigma"] for q in p}
+        elrs = {q.get("elementwise_lr") for q in p}
+        extra = f" (rho/sigma {p[0]['rho_over_sigma']:g})" if o in VARIANTS and len(ratios) == 1 else ""
+        if len(elrs) == 1 and p[0].get("elementwise_lr"):
+            extra += f" (elementwise lr {p[0]['elementwise_lr']:g})"
+
+        def point(q: dict[str, Any]) -> str:  # the swept coordinates that vary within this optimizer's points
+            return (f"{q['learning_rate']:g}" + (f" r{q['rho_over_sigma']:g}" if len(ratios) > 1 else "")
+                    + (f" elr{q['elementwise_lr']:g}" if len(elrs) > 1 else ""))
+
+        out.append(f"- {LABELS[o]}{extra}: " + ", ".join(f"{point(q)}: {q['final_eval_loss']:.3f}" for q in p))
     return "\n".join(out) + "\n"
 
 
@@ -361,8 +398,8 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
             "at the best normalized lr of the same size), its per-sub-batch form at the fused form's best r. "
             "'Steps to target' interpolates "
             "linearly between the 10 evaluations of a run; wall-clock is training time with evaluation excluded, "
-            "on a shared 2-core machine, so it is noisy (the ms/step column is the median over all of that "
-            "optimizer's runs at that size). Lion needs bitsandbytes, not installed here: not run.\n",
+            "on a shared 2-core machine, so it is noisy; the best points of all optimizers were re-run together "
+            "(--retime) so that their wall-clock columns were timed under the same load. Lion needs bitsandbytes, not installed here: not run.\n",
             *([a.note + "\n"] if a.note else []),
             bc.stamp(res.meta, a.command, loads),
             f"- every run (all sweep points, all seeds, eval curves): [`{results_rel}`]({results_rel})\n"]
@@ -404,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--docs", type=Path, default=bc.DOCS, help="markdown file whose section is updated")
     p.add_argument("--no-write", action="store_true", help="do not update the markdown file")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from the results JSON")
+    p.add_argument("--retime", action="store_true", help="after the sweep, re-run each optimizer's best point "
+                   "(all seeds) together so that the wall-clock columns compare runs timed under the same load")
     p.add_argument("--smoke", action="store_true", help="seconds-long check: tiny model, a few steps, one lr each")
     p.add_argument("--note", default=None, help="with --report-only: a sentence on how the runs narrowed the protocol")
     p.add_argument("--commands", default=None, help="with --report-only: the sweep commands to document")
@@ -441,6 +480,8 @@ def main(argv: list[str] | None = None) -> None:
             for size in a.sizes:
                 sweep.results = bc.Results(a.results / f"{Path(corpus).stem}-{size}.json")
                 sweep.sweep(size, corpus)
+                if a.retime:
+                    sweep.retime(size, corpus)
     sweep.results = bc.Results.merged(sorted(a.results.glob("*.json")))
     docs_dir = a.docs.parent
     try:

@@ -86,12 +86,21 @@ def test_recipe_under_torchrun_with_deepspeed_zero3(tmp_path):
 
 
 def test_compare_writes_table_and_plot(tmp_path):
-    done = cli("compare", "recipes/pretrain/tiny-gpt.yaml", "--optimizers", "badm,adamw", *FAST,
+    done = cli("compare", "recipes/pretrain/tiny-gpt.yaml", "--optimizers", "badm,badm-newton_schulz,adamw", *FAST,
                "--output_dir", str(tmp_path / "cmp"))
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| badm |" in table and "| adamw_torch | 0.003 |" in table and "comparison.png" in done.stdout
+    assert "| badm-newton_schulz | 0.03 |" in table
+    ns = json.loads((tmp_path / "cmp" / "badm-newton_schulz" / "metrics.json").read_text())
+    assert ns["recipe"]["badm"]["preconditioner"] == "newton_schulz"
     assert matplotlib.image.imread(tmp_path / "cmp" / "comparison.png").ndim == 3
+
+
+def test_compare_rejects_an_unknown_badm_variant_before_training(tmp_path):
+    done = cli("compare", "recipes/pretrain/tiny-gpt.yaml", "--optimizers", "adamw,badm-adam", *FAST,
+               "--output_dir", str(tmp_path / "cmp"))
+    assert done.returncode == 2 and "preconditioner" in done.stderr and not (tmp_path / "cmp" / "adamw_torch").exists()
 
 
 def test_demo_runs_and_prints_the_table(tmp_path):

@@ -51,6 +51,16 @@ def test_learning_rate_maps_to_sigma_and_adamw_scale_warns(tmp_path):
     assert opt.param_groups[0]["rho"] == pytest.approx(4.0 * DEFAULT_RHO_OVER_SIGMA)
     with pytest.warns(UserWarning, match="AdamW learning rate"):
         create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=5e-5))
+    with pytest.warns(UserWarning, match="AdamW-scale steps"):
+        create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=1.0), preconditioner="normalized")
+
+
+@pytest.mark.parametrize("preconditioner, ratio", [("none", 9.0), ("normalized", 9.0), ("newton_schulz", 1.0),
+                                                   ("second_moment", 6000.0)])
+def test_default_rho_per_preconditioner(preconditioner, ratio):
+    """The measured default rho/sigma of each local solve, in BADM itself and through BADMConfig."""
+    assert BADM(tiny_model().parameters(), lr=0.01, preconditioner=preconditioner).defaults["rho"] == pytest.approx(100 * ratio)
+    assert BADMConfig(preconditioner=preconditioner).optimizer_kwargs(0.01)["rho"] == pytest.approx(100 * ratio)
 
 
 def test_optimizer_cls_and_kwargs_path(tmp_path):

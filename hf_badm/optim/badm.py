@@ -19,6 +19,10 @@ __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 MODES = ("fused", "per_sub_batch")
 PRECONDITIONERS = ("none", "second_moment", "newton_schulz", "normalized")
 NONFINITE = ("skip", "raise")
+# Default rho/sigma per local solve, from the convergence sweeps (docs/benchmarks.md, docs/preconditioners.md):
+# plain and normalized BADM beta = rho/(rho+sigma) = 0.9; newton_schulz rho = sigma (its direction carries its
+# own momentum); second_moment sigma << rho sqrt(v) (sigma 0.1 with rho 600).
+RHO_OVER_SIGMA = {"none": 9.0, "second_moment": 6000.0, "newton_schulz": 1.0, "normalized": 9.0}
 
 
 class NonFiniteGradientError(FloatingPointError, ValueError):
@@ -124,7 +128,9 @@ class BADM(Optimizer):
             ``weight_decay`` and ``foreach``.
         sigma: augmented-Lagrangian penalty :math:`\sigma > 0` (step size :math:`1/\sigma`).
             Default 1.0 when neither ``sigma`` nor ``lr`` is given.
-        rho: proximal coefficient :math:`\rho > 0`; default :math:`9\sigma` (:math:`\beta = 0.9`).
+        rho: proximal coefficient :math:`\rho > 0`; default :math:`9\sigma` (:math:`\beta = 0.9`) for the
+            paper's BADM and ``normalized``, :math:`\sigma` for ``newton_schulz``, :math:`6000\sigma` for
+            ``second_moment`` (``RHO_OVER_SIGMA``, measured).
         lr: alternative spelling of :math:`1/\sigma` (give one of ``sigma`` and ``lr``).
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
         mode: ``"fused"`` or ``"per_sub_batch"``.
@@ -169,7 +175,8 @@ class BADM(Optimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
         sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=1.0)
-        rho = 9.0 * sigma if rho is None else _positive("rho", rho)
+        _check_preconditioner({"preconditioner": preconditioner})
+        rho = RHO_OVER_SIGMA[preconditioner] * sigma if rho is None else _positive("rho", rho)
         defaults = dict(lr=lr, sigma=sigma, rho=rho, weight_decay=_non_negative("weight_decay", weight_decay),
                         foreach=foreach, preconditioner=preconditioner, beta2=beta2, eps=eps, ns_momentum=ns_momentum,
                         ns_steps=ns_steps)
