@@ -22,7 +22,8 @@ commands:
   train RECIPE.yaml [--field value ...]   train one recipe (every recipe field can be overridden)
   compare RECIPE.yaml --optimizers badm,adamw [--learning_rates adamw=1e-3] [--field value ...]
                                           the same recipe per optimizer: table + loss plots
-  demo [--output_dir DIR] [--max_steps N] BADM vs AdamW on the built-in corpus (a few minutes on a CPU)
+  demo [--output_dir DIR] [--max_steps N] BADM (plain and newton_schulz) vs AdamW on the built-in corpus
+                                          (about a minute on 2 CPU cores)
 
 `hf-badm COMMAND --help` lists every field."""
 
@@ -38,6 +39,7 @@ DEFAULT_LEARNING_RATES = {"adamw_torch": 3e-3, "adamw_torch_fused": 3e-3, "sgd":
 DEFAULT_LEARNING_RATES.update({"badm-newton_schulz": 0.03, "badm-normalized": 3e-3, "badm-second_moment": 10.0})
 # The demo model is the tiny GPT-2, where AdamW's sweep optimum is 1e-2: the demo compares tuned against tuned.
 DEMO_LEARNING_RATES = "adamw_torch=0.01"
+DEMO_OPTIMIZERS = "badm,badm-newton_schulz,adamw"
 ALIASES = {"adamw": "adamw_torch", "lion": "lion_32bit"}
 DEMO_RECIPE: dict[str, Any] = {
     "task": "pretrain", "model_family": "gpt2", "model_size": "tiny", "block_size": 64, "num_train_examples": 3000,
@@ -209,9 +211,12 @@ def comparison_table(runs: dict[str, dict[str, Any]]) -> str:
 
 
 def demo(argv: list[str]) -> str:
-    """BADM vs AdamW pre-training a tiny GPT on the built-in corpus: the README's first command."""
+    """BADM (the paper's, and preconditioned with Newton-Schulz) vs AdamW pre-training a tiny GPT on the
+    built-in corpus: the README's first command."""
     if not any(a.startswith("--learning_rates") for a in argv):
         argv = ["--learning_rates", DEMO_LEARNING_RATES, *argv]
+    if not any(a.startswith("--optimizers") for a in argv):
+        argv = ["--optimizers", DEMO_OPTIMIZERS, *argv]
     return compare(argv, prog="hf-badm demo", recipe=dict(DEMO_RECIPE))
 
 

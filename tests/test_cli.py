@@ -55,6 +55,13 @@ def test_pretrain_then_full_finetune_recipes(tmp_path):
     assert_run_written(tmp_path / "ft")
 
 
+def test_newton_schulz_pretrain_recipe(tmp_path):
+    done = cli("train", "recipes/pretrain/tiny-gpt-newton-schulz.yaml", *FAST, "--output_dir", str(tmp_path / "ns"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    badm = assert_run_written(tmp_path / "ns")["recipe"]["badm"]
+    assert (badm["preconditioner"], badm["elementwise_preconditioner"]) == ("newton_schulz", "normalized")
+
+
 def test_llama_pretrain_then_lora_sft_recipes(tmp_path):
     pre = cli("train", "recipes/pretrain/small-llama.yaml", *FAST, "--output_dir", str(tmp_path / "pre"))
     assert pre.returncode == 0, pre.stderr[-3000:]
@@ -108,6 +115,7 @@ def test_demo_runs_and_prints_the_table(tmp_path):
                "--output_dir", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| badm | 3 |" in done.stdout and "| adamw_torch | 0.01 |" in done.stdout
+    assert "| badm-newton_schulz | 0.03 |" in done.stdout
     assert (tmp_path / "demo" / "comparison.png").exists()
 
 

@@ -159,14 +159,15 @@ def test_invalid_preconditioner_arguments(kwargs, name):
         BADM(make_net().parameters(), **kwargs)
 
 
-@pytest.mark.parametrize("preconditioner, lr", [("second_moment", 1.0), ("newton_schulz", 1 / 30)])
+@pytest.mark.parametrize("preconditioner, lr, rho", [("second_moment", 1.0, 1000.0), ("normalized", 3e-3, None),
+                                                     ("newton_schulz", 1 / 30, None)])
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
-def test_preconditioned_badm_trains_in_the_trainer(tmp_path, preconditioner, lr, mode):
+def test_preconditioned_badm_trains_in_the_trainer(tmp_path, preconditioner, lr, rho, mode):
     from hf_badm import BADMConfig, BADMTrainer
     from tiny import assert_loss_falls, chain_dataset, tiny_args, tiny_model
 
     model = tiny_model("llama")
-    config = BADMConfig(mode=mode, preconditioner=preconditioner, rho=(1000.0 if preconditioner == "second_moment" else 30.0))
+    config = BADMConfig(mode=mode, preconditioner=preconditioner, rho=rho)
     trainer = BADMTrainer(model=model, args=tiny_args(tmp_path, learning_rate=lr, gradient_accumulation_steps=2),
                           train_dataset=chain_dataset(), badm_config=config)
     trainer.train()
@@ -174,22 +175,24 @@ def test_preconditioned_badm_trains_in_the_trainer(tmp_path, preconditioner, lr,
     groups = trainer._badm().param_groups
     embed = model.get_input_embeddings().weight
     owner = next(g for g in groups if any(p is embed for p in g["params"]))
-    assert owner["preconditioner"] == "second_moment"
-    if preconditioner == "newton_schulz":
-        assert (owner["sigma"], owner["rho"]) == (0.1, 600.0)
+    if preconditioner != "newton_schulz":
+        assert owner["preconditioner"] == preconditioner
+    else:  # the elementwise defaults
+        assert (owner["preconditioner"], owner["sigma"], owner["rho"]) == ("normalized", 10.0, 90.0)
         q_proj = model.model.layers[0].self_attn.q_proj.weight
         assert next(g for g in groups if any(p is q_proj for p in g["params"]))["preconditioner"] == "newton_schulz"
 
 
-def test_newton_schulz_with_normalized_elementwise_tensors(tmp_path):
+def test_newton_schulz_with_second_moment_elementwise_tensors(tmp_path):
     from hf_badm import BADMConfig, create_badm_optimizer
     from tiny import tiny_args, tiny_model
 
     model = tiny_model("gpt2")
-    config = BADMConfig(preconditioner="newton_schulz", rho=30.0, elementwise_preconditioner="normalized")
+    config = BADMConfig(preconditioner="newton_schulz", elementwise_preconditioner="second_moment")
     opt, _ = create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=1 / 30), badm_config=config)
     embed = model.get_input_embeddings().weight
     owner = next(g for g in opt.param_groups if any(p is embed for p in g["params"]))
-    assert (owner["preconditioner"], owner["sigma"], owner["rho"]) == ("normalized", 100.0, 900.0)
+    assert (owner["preconditioner"], owner["sigma"], owner["rho"]) == ("second_moment", 0.1, 600.0)
+    assert opt.param_groups[0]["rho"] == pytest.approx(30.0)  # newton_schulz: rho = sigma by default
     with pytest.raises(ValueError, match="elementwise_preconditioner"):
         BADMConfig(elementwise_preconditioner="newton_schulz")
