@@ -1,4 +1,4 @@
-"""Median ``optimizer.step()`` time and optimizer-state bytes: BADM (fused, per-sub-batch) vs AdamW and SGD.
+"""Median ``optimizer.step()`` time and optimizer-state bytes: BADM (fused, per-sub-batch, preconditioned) vs AdamW and SGD.
 
 Every optimizer updates its own copy of the same GPT-2-like float32 parameters (token and position
 embeddings, per layer qkv/proj/fc/proj matrices with biases and layernorms) with the same fixed random
@@ -99,10 +99,21 @@ class Case:
             self.round_s.append(sum(absorbs) + elapsed)
 
 
+def newton_schulz_badm(params: list[nn.Parameter]) -> BADM:
+    """The grouping of ``hf_badm.badm_param_groups``: hidden matrices orthogonalised; the two embedding
+    tables (the first two tensors here) and all 1-D tensors take the elementwise defaults."""
+    hidden = [p for i, p in enumerate(params) if p.dim() == 2 and i >= 2]
+    rest = [p for i, p in enumerate(params) if p.dim() != 2 or i < 2]
+    return BADM([{"params": hidden}, {"params": rest, "preconditioner": "normalized", "sigma": 10.0, "rho": 90.0}],
+                lr=0.03, preconditioner="newton_schulz")
+
+
 def build_cases(shapes: list[tuple[int, ...]], grads: list[torch.Tensor]) -> list[Case]:
     factories: list[tuple[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]]] = [
         ("BADM fused", lambda ps: BADM(ps, sigma=1000.0, rho=1500.0)),
         ("BADM per_sub_batch", lambda ps: BADM(ps, sigma=1000.0, rho=1500.0, mode="per_sub_batch")),
+        ("BADM normalized", lambda ps: BADM(ps, lr=3e-3, preconditioner="normalized")),
+        ("BADM newton_schulz (+ normalized elsewhere)", newton_schulz_badm),
         ("AdamW(foreach)", lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)),
         ("SGD(momentum=0.9, foreach)", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True)),
     ]

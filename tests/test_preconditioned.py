@@ -56,6 +56,7 @@ def test_frozen_normalized_is_plain_badm_with_rescaled_penalties(mode, monkeypat
     (its duals are c times the variant's)."""
     c = 0.37
     monkeypatch.setattr(badm_module, "normalized_direction", lambda g, v, steps, beta2, eps: g / c)
+    monkeypatch.setattr(badm_module, "normalized_directions", lambda gs, vs, steps, beta2, eps, foreach: [g / c for g in gs])
     nets = [make_net(), make_net()]
     pre = BADM(nets[0].parameters(), sigma=2.0, rho=3.0, mode=mode, preconditioner="normalized")
     plain = BADM(nets[1].parameters(), sigma=2.0 * c, rho=3.0 * c, mode=mode)
@@ -100,10 +101,11 @@ def literal_preconditioned(kind: str, mode: str, steps: int = 12, sigma: float =
 @pytest.mark.parametrize("kind", ["second_moment", "normalized"])
 def test_elementwise_variants_equal_literal_preconditioned_slots(kind, mode):
     expected = literal_preconditioned(kind, mode)
-    net = make_net()
-    opt = BADM(net.parameters(), sigma=1.0, rho=20.0, mode=mode, preconditioner=kind, beta2=0.9)
-    run_steps(net, opt, 12, mode=mode)
-    assert max_rel(list(net.parameters()), expected) <= 1e-10
+    for foreach in (False, True):
+        net = make_net()
+        opt = BADM(net.parameters(), sigma=1.0, rho=20.0, mode=mode, preconditioner=kind, beta2=0.9, foreach=foreach)
+        run_steps(net, opt, 12, mode=mode)
+        assert max_rel(list(net.parameters()), expected) <= 1e-10, foreach
 
 
 def test_per_slot_preconditioner_state_is_per_slot():

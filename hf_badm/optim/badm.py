@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from hf_badm.optim.preconditioned import (fused_second_moment, newton_schulz_direction, normalized_direction,
-                                          second_moment_gain)
+                                          normalized_directions, second_moment_gain)
 
 __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
@@ -306,6 +306,7 @@ class BADM(Optimizer):
         """One shared preconditioner from the reduced gradient (exact for second_moment, see
         ``preconditioned``); newton_schulz orthogonalises the reduced gradient's momentum."""
         decay = 1.0 - group["weight_decay"] * lr
+        normalized: list[tuple[Tensor, Tensor, Tensor]] = []  # updated together below (foreach kernels)
         for p, g, m in zip(params, _grads_or_zeros(params), bufs):
             state = self.state[p]
             kind = _local_solve(group, p)
@@ -319,11 +320,17 @@ class BADM(Optimizer):
                 state["exp_avg_sq"], state["steps"] = torch.zeros_like(p, memory_format=torch.preserve_format), 0
             state["steps"] += 1
             if kind == "normalized":
-                d = normalized_direction(g, state["exp_avg_sq"], state["steps"], group["beta2"], group["eps"])
-                _fused_single([p], [d], [m], beta=beta, inv_rho=inv_rho, c=inv_rho - lr, decay=decay)
+                normalized.append((p, g, m))
                 continue
             fused_second_moment(p, g, m, state["exp_avg_sq"], state["steps"], lr=lr, ratio=group["rho"] / group["sigma"],
                                 beta2=group["beta2"], eps=group["eps"], decay=decay)
+        if normalized:
+            ps, gs, ms = (list(t) for t in zip(*normalized))
+            foreach = self._foreach(group, ps)
+            ds = normalized_directions(gs, [self.state[p]["exp_avg_sq"] for p in ps], [self.state[p]["steps"] for p in ps],
+                                       group["beta2"], group["eps"], foreach)
+            kernel = _fused_foreach if foreach else _fused_single
+            kernel(ps, ds, ms, beta=beta, inv_rho=inv_rho, c=inv_rho - lr, decay=decay)
 
     # ------------------------------------------------------------------ per-sub-batch mode
     @torch.no_grad()

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["second_moment_gain", "orthogonalised", "fused_second_moment", "newton_schulz_direction",
-           "normalized_direction"]
+           "normalized_direction", "normalized_directions"]
 
 # Quintic Newton-Schulz coefficients that drive all singular values towards ~1 in five steps.
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -75,6 +75,19 @@ def normalized_direction(grad: Tensor, v: Tensor, steps: int, beta2: float, eps:
     """``g / (sqrt(v_hat) + eps)`` after folding ``g`` into the second-moment EMA ``v`` (in place)."""
     v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     return grad / (v / (1.0 - beta2**steps)).sqrt_().add_(eps)
+
+
+def normalized_directions(grads: list[Tensor], vs: list[Tensor], steps: list[int], beta2: float, eps: float,
+                          foreach: bool) -> list[Tensor]:
+    """:func:`normalized_direction` of many tensors, with the ``torch._foreach_*`` kernels when ``foreach``."""
+    if not foreach:
+        return [normalized_direction(g, v, k, beta2, eps) for g, v, k in zip(grads, vs, steps)]
+    torch._foreach_mul_(vs, beta2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
+    denom = torch._foreach_div(vs, [1.0 - beta2**k for k in steps])
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(grads, denom)
 
 
 def fused_second_moment(p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: int, *, lr: float, ratio: float,
