@@ -27,6 +27,7 @@ def test_bench_convergence_smoke():
     out = _smoke("bench_convergence.py").stdout
     assert "| optimizer | best lr | rho/sigma |" in out and "AdamW's best final eval loss (target)" in out
     assert "BADM fused" in out and "BADM per-sub-batch (S=4)" in out and "SGD+momentum" in out
+    assert "BADM normalized" in out and "BADM newton_schulz (elementwise normalized)" in out
 
 
 def test_bench_scaling_smoke():
@@ -42,3 +43,8 @@ def test_bench_throughput_smoke():
 def test_bench_sft_smoke():
     out = _smoke("bench_sft.py").stdout
     assert "| optimizer | best lr | held-out loss, mean over seeds | exact match, mean (per seed) |" in out
+
+
+def test_probe_second_moment_target_smoke(tmp_path):
+    out = _smoke("probe_second_moment_target.py", "--out-dir", str(tmp_path)).stdout
+    assert "== v tracks g:" in out and "== v tracks g + pi:" in out

@@ -584,21 +584,21 @@ def _fused_foreach(params, grads, bufs, *, beta, inv_rho, c, decay) -> None:
 
 
 def _absorb_single(grads, duals, aggs, *, k, weight) -> None:
-    # t = g + pi;  pi <- pi - k t  (= pi + sigma (w_s - w));  A += weight * (pi - k t)  (= sigma (w_s - w) + pi)
+    # pi' = pi - k (g + pi) (= pi + sigma (w_s - w)); the slot's term sigma (w_s - w) + pi' = pi' - k (g + pi)
+    # = 2 pi' - pi, so A += weight (2 pi' - pi): no temporary tensor.
     for g, pi, a in zip(grads, duals, aggs):
-        t = g + pi
-        pi.add_(t, alpha=-k)
-        a.add_(pi, alpha=weight)
-        a.add_(t, alpha=-weight * k)
+        a.add_(pi, alpha=-weight)
+        pi.mul_(1.0 - k).add_(g, alpha=-k)
+        a.add_(pi, alpha=2.0 * weight)
 
 
 def _absorb_foreach(grads, duals, aggs, *, k, weight) -> None:
     grouped = Optimizer._group_tensors_by_device_and_dtype([grads, duals, aggs])
     for (dg, dpi, da), _ in grouped.values():
-        t = torch._foreach_add(dg, dpi)
-        torch._foreach_add_(dpi, t, alpha=-k)
-        torch._foreach_add_(da, dpi, alpha=weight)
-        torch._foreach_add_(da, t, alpha=-weight * k)
+        torch._foreach_add_(da, dpi, alpha=-weight)
+        torch._foreach_mul_(dpi, 1.0 - k)
+        torch._foreach_add_(dpi, dg, alpha=-k)
+        torch._foreach_add_(da, dpi, alpha=2.0 * weight)
 
 
 def _apply_single(params, aggs, *, scale, decay) -> None:

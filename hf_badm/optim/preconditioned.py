@@ -91,10 +91,14 @@ def normalized_directions(grads: list[Tensor], vs: list[Tensor], steps: list[int
 
 
 def fused_second_moment(p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: int, *, lr: float, ratio: float,
-                        beta2: float, eps: float, decay: float) -> None:
-    """The exact shared-preconditioner step on one parameter; ``m = -pi`` (the negated mean dual)."""
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    u = second_moment_gain(v, steps, ratio, beta2, eps).mul_(g - m)  # (g + pi) / (1 + ratio q)
+                        beta2: float, eps: float, decay: float, track_dual: bool = False) -> None:
+    """The exact shared-preconditioner step on one parameter; ``m = -pi`` (the negated mean dual).
+    ``track_dual``: ``v`` tracks ``(g + pi)**2`` instead of ``g**2`` (measured worse:
+    scripts/probe_second_moment_target.py)."""
+    t = g - m  # g + pi
+    tracked = t if track_dual else g
+    v.mul_(beta2).addcmul_(tracked, tracked, value=1.0 - beta2)
+    u = second_moment_gain(v, steps, ratio, beta2, eps).mul_(t)  # (g + pi) / (1 + ratio q)
     if decay != 1.0:
         p.mul_(decay)
     p.add_(u, alpha=-2.0 * lr).add_(m, alpha=-lr)  # w - 2 u_t + pi / sigma_t, with u_t = lr u
