@@ -3,8 +3,8 @@ Schedule-Free AdamW, each with the same learning-rate sweep protocol, at a fixed
 
 Protocol (identical for every optimizer): every point of a log-spaced learning-rate grid (>= 4 values,
 half-decade steps; BADM also over rho/sigma, i.e. its momentum beta = r/(r+1)) trains once with
-seed 0; if the best point lies on the edge of the grid, the grid is extended one value in that
-direction; the best point (lowest final held-out loss) is re-run with further seeds. Reported: the
+seed 0; while the best point lies on the edge of the grid, the grid is extended one value in that
+direction (at most ``--extend`` times); the best point (lowest final held-out loss) is re-run with further seeds. Reported: the
 best final eval loss per optimizer (mean over seeds), and the steps and training wall-clock each
 optimizer's best setting needs to reach AdamW's best final loss (the speed-up ratio). Every run goes
 into ``results.json`` next to the table (written after each run, so an interrupted sweep resumes).
@@ -41,7 +41,8 @@ S4 = {"mode": "per_sub_batch", "sub_batches_per_micro_batch": 4}
 NS_NORM = {"preconditioner": "newton_schulz", "elementwise_preconditioner": "normalized"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "badm": {}, "badm_s4": S4, "badm_sm": {"preconditioner": "second_moment"},
-    "badm_norm": {"preconditioner": "normalized"}, "badm_ns": {"preconditioner": "newton_schulz"},
+    "badm_norm": {"preconditioner": "normalized"},
+    "badm_ns": {"preconditioner": "newton_schulz", "elementwise_preconditioner": "second_moment"},
     "badm_ns_norm": NS_NORM, "badm_ns_norm_s4": {**NS_NORM, **S4},
 }
 # Preconditioned variants sweep lr at one rho/sigma (second_moment: rho = 6000 sigma, i.e. sigma 0.1 with rho 600 at
@@ -175,29 +176,20 @@ class Sweep:
             fused = PER_SUB_BATCH_OF.get(o)
             if fused is not None and fused not in opts:
                 raise SystemExit(f"{o} takes the best rho/sigma of {fused}: include {fused} in --optimizers")
-            self.extend(fused or "badm_norm", size, corpus)
+            self.widen(fused or "badm_norm", size, corpus, "learning_rate")
             ratio = self.best(fused, size, corpus)["rho_over_sigma"] if fused else FIXED_RATIO[o]
             elr = self.best(fused, size, corpus).get("elementwise_lr") if fused else None
             for lr in self.args.grids[o]:
                 self.run(o, lr, ratio, 0, size, corpus, elr)
-            for _ in range(1 + self.args.extend):  # the elementwise lr: one half-decade either side, then edges
-                b = self.best(o, size, corpus)
-                if fused or not b.get("elementwise_lr"):
-                    break
-                tried = {p.get("elementwise_lr") for p in self.points(o, size, corpus)
-                         if (p["learning_rate"], p["rho_over_sigma"]) == (b["learning_rate"], b["rho_over_sigma"])}
-                todo = [e for e in (nice_down(b["elementwise_lr"]), nice_up(b["elementwise_lr"])) if e not in tried]
-                if not todo:
-                    break
-                for e in todo:
-                    self.run(o, b["learning_rate"], b["rho_over_sigma"], 0, size, corpus, e)
+            if not fused:  # newton_schulz with normalized elementwise tensors: their lr is swept too
+                self.widen(o, size, corpus, "elementwise_lr")
         for spec in self.args.extra:  # extra single points, e.g. badm=10@19 (recorded like every other point)
             name, point = spec.split("=", 1)
             lr, _, ratio = point.partition("@")
             if name in opts:
                 self.run(name, float(lr), float(ratio) if ratio else None, 0, size, corpus)
         for o in opts:
-            self.extend(o, size, corpus)
+            self.widen(o, size, corpus, "learning_rate")
         # Phase 3: more seeds of each optimizer's best point.
         for seed in range(1, self.args.seeds):
             for o in opts:
@@ -215,26 +207,28 @@ class Sweep:
                     self.run(o, b["learning_rate"], b["rho_over_sigma"], seed, size, corpus, b.get("elementwise_lr"),
                              again=True)
 
-    def extend(self, o: str, size: str, corpus: str) -> None:
-        """Extend ``o``'s lr grid (at its best rho/sigma) while its best point lies on the grid's edge
-        (``--extend`` values at most, once per optimizer, size and corpus)."""
-        if (o, size, corpus) in self.extended:
+    def widen(self, o: str, size: str, corpus: str, axis: str) -> None:
+        """Add values along ``axis`` (``learning_rate`` or ``elementwise_lr``), the best seed-0 point's other
+        coordinates held, while that best lies on the edge of the values tried: half a decade beyond the edge
+        each time, at most ``--extend`` times per optimizer and axis. Once the best is interior this adds
+        nothing, so re-running a sweep command is idempotent."""
+        if (o, size, corpus, axis) in self.extended:
             return
-        self.extended.add((o, size, corpus))
+        self.extended.add((o, size, corpus, axis))
+        coords = ("learning_rate", "rho_over_sigma", "elementwise_lr")
         for _ in range(self.args.extend):
             best = self.best(o, size, corpus)
-            if best is None:
+            if best is None or best.get(axis) is None:
                 return
-            grid = sorted({p["learning_rate"] for p in self.points(o, size, corpus)
-                           if (p["rho_over_sigma"], p.get("elementwise_lr")) == (best["rho_over_sigma"],
-                                                                                  best.get("elementwise_lr"))})
-            if best["learning_rate"] == grid[-1]:
-                new = nice_up(grid[-1])
-            elif best["learning_rate"] == grid[0]:
-                new = nice_down(grid[0])
-            else:
+            tried = sorted({p[axis] for p in self.points(o, size, corpus)
+                            if all(p.get(k) == best.get(k) for k in coords if k != axis)})
+            todo = ([nice_down(tried[0])] if best[axis] == tried[0] else []) + (
+                [nice_up(tried[-1])] if best[axis] == tried[-1] else [])
+            if not todo:
                 return
-            self.run(o, new, best["rho_over_sigma"], 0, size, corpus, best.get("elementwise_lr"))
+            for value in todo:
+                point = {**{k: best.get(k) for k in coords}, axis: value}
+                self.run(o, point["learning_rate"], point["rho_over_sigma"], 0, size, corpus, point["elementwise_lr"])
 
 
 # ----------------------------------------------------------------------------- report
@@ -390,12 +384,14 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
             "cosine schedule with 20 warm-up steps (Schedule-Free AdamW: constant), global-norm clipping 1.0, no "
             "weight decay. Sweep protocol, the same for every optimizer: a log-spaced learning-rate grid (half "
             "decades, >= 4 values; BADM fused also over rho/sigma = r, momentum beta = r/(r+1)), one run per point "
-            "with seed 0, the grid extended by one value when the best lies on its edge, then the best point "
+            "with seed 0, the grid extended half a decade at a time while the best lies on its edge (at most 3 times), "
+            "then the best point "
             f"re-run to {a.seeds} seeds. BADM per-sub-batch (S = 4 sub-batches of 4 sequences, each sub-batch's "
             "gradient clipped on its own) sweeps lr at the fused sweep's best r. The preconditioned BADM variants "
             "(docs/preconditioners.md) sweep lr at one r each: second_moment r = 6000, normalized r = 9, "
             "newton_schulz r = 1 (its elementwise tensors: second_moment with sigma 0.1, rho 600, or normalized "
-            "at the best normalized lr of the same size), its per-sub-batch form at the fused form's best r. "
+            "with r = 9 and their own lr, swept like the lr from the best normalized lr of the same size at the "
+            "best matrix lr), its per-sub-batch form at the fused form's best r and elementwise lr. "
             "'Steps to target' interpolates "
             "linearly between the 10 evaluations of a run; wall-clock is training time with evaluation excluded, "
             "on a shared 2-core machine, so it is noisy; the best points of all optimizers were re-run together "
@@ -431,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--extra", action="append", default=[], metavar="OPT=LR[@RATIO]",
                    help="extra seed-0 points, e.g. badm=10@19 (they join the sweep and can win it)")
     p.add_argument("--seeds", type=int, default=2, help="seeds of each optimizer's best point (default 2)")
-    p.add_argument("--extend", type=int, default=1, help="grid extensions when the best is on the edge (default 1)")
+    p.add_argument("--extend", type=int, default=3, help="at most this many grid extensions per optimizer and axis "
+                   "while the best lies on the grid's edge (default 3)")
     p.add_argument("--num-train", type=int, default=3000)
     p.add_argument("--num-eval", type=int, default=100)
     p.add_argument("--out-dir", type=Path, default=bc.ROOT / "outputs" / "bench-convergence")

@@ -26,9 +26,9 @@ run second_moment-s1-r1000 --preconditioner second_moment --learning_rate 1.0 --
 run second_moment-s1-r100 --preconditioner second_moment --learning_rate 1.0 --rho 100
 run second_moment-s0.1-r600 --preconditioner second_moment --learning_rate 10 --rho 600
 run second_moment-s0.03-r600 --preconditioner second_moment --learning_rate 33.3333 --rho 600
-run ns-s30-r30-e1-1000 --preconditioner newton_schulz --learning_rate 0.0333333 --rho 30 --elementwise_sigma 1 --elementwise_rho 1000
-run ns-s10-r10-e1-1000 --preconditioner newton_schulz --learning_rate 0.1 --rho 10 --elementwise_sigma 1 --elementwise_rho 1000
-run ns-s100-r100-e1-1000 --preconditioner newton_schulz --learning_rate 0.01 --rho 100 --elementwise_sigma 1 --elementwise_rho 1000
-run ns-s30-r30-e0.1-600 --preconditioner newton_schulz --learning_rate 0.0333333 --rho 30 --elementwise_sigma 0.1 --elementwise_rho 600
-run ns-s10-r10-e0.1-600 --preconditioner newton_schulz --learning_rate 0.1 --rho 10 --elementwise_sigma 0.1 --elementwise_rho 600
-run ns-s30-r30-e0.03-300 --preconditioner newton_schulz --learning_rate 0.0333333 --rho 30 --elementwise_sigma 0.03 --elementwise_rho 300
+run ns-s30-r30-e1-1000 --preconditioner newton_schulz --elementwise_preconditioner second_moment --learning_rate 0.0333333 --rho 30 --elementwise_sigma 1 --elementwise_rho 1000
+run ns-s10-r10-e1-1000 --preconditioner newton_schulz --elementwise_preconditioner second_moment --learning_rate 0.1 --rho 10 --elementwise_sigma 1 --elementwise_rho 1000
+run ns-s100-r100-e1-1000 --preconditioner newton_schulz --elementwise_preconditioner second_moment --learning_rate 0.01 --rho 100 --elementwise_sigma 1 --elementwise_rho 1000
+run ns-s30-r30-e0.1-600 --preconditioner newton_schulz --elementwise_preconditioner second_moment --learning_rate 0.0333333 --rho 30 --elementwise_sigma 0.1 --elementwise_rho 600
+run ns-s10-r10-e0.1-600 --preconditioner newton_schulz --elementwise_preconditioner second_moment --learning_rate 0.1 --rho 10 --elementwise_sigma 0.1 --elementwise_rho 600
+run ns-s30-r30-e0.03-300 --preconditioner newton_schulz --elementwise_preconditioner second_moment --learning_rate 0.0333333 --rho 30 --elementwise_sigma 0.03 --elementwise_rho 300
