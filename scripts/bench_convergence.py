@@ -342,7 +342,8 @@ def plot(sweep: Sweep, size: str, corpus: str, target: float, path: Path) -> Pat
         b = sweep.best(o, size, corpus)
         if b is None:
             continue
-        label = f"{LABELS[o]} (lr {b['learning_rate']:g}" + (f", r {b['rho_over_sigma']:g})" if b["rho_over_sigma"] else ")")
+        label = (f"{LABELS[o]} (lr {b['learning_rate']:g}" + (f", r {b['rho_over_sigma']:g}" if b["rho_over_sigma"] else "")
+                 + (f", elementwise lr {b['elementwise_lr']:g}" if b.get("elementwise_lr") else "") + ")")
         steps = [p["step"] for p in b["curve"]]
         axes[0].plot(steps, [p["eval_loss"] for p in b["curve"]], marker=".", label=label)
         axes[1].plot([p["train_s"] for p in b["curve"]], [p["eval_loss"] for p in b["curve"]], marker=".", label=label)
@@ -352,7 +353,9 @@ def plot(sweep: Sweep, size: str, corpus: str, target: float, path: Path) -> Pat
                 q = [p for p in pts if p["rho_over_sigma"] == r]
                 axes[2].plot([p["learning_rate"] for p in q], [p["final_eval_loss"] for p in q], marker="o",
                              label=f"BADM fused r={r:g}")
-        else:
+        else:  # the lr sweep through the best point (other rho/sigma and elementwise lr: in the tables)
+            pts = [p for p in pts if (p["rho_over_sigma"], p.get("elementwise_lr")) == (b["rho_over_sigma"],
+                                                                                         b.get("elementwise_lr"))]
             axes[2].plot([p["learning_rate"] for p in pts], [p["final_eval_loss"] for p in pts], marker="o", label=LABELS[o])
     for ax, xl in zip(axes, ("step", "training wall-clock (s, eval excluded)", "learning rate (BADM: 1/sigma)")):
         ax.axhline(target, color="gray", ls="--", lw=0.8)
