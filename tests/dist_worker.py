@@ -29,7 +29,8 @@ def trainer_job(out: Path, job: dict) -> BADMTrainer:
     model = tiny_model("gpt2")
     return BADMTrainer(model=model.double() if job.get("double") else model, args=args,
                        train_dataset=chain_dataset(pad_to_random_length=job.get("pad", False)),
-                       badm_config=BADMConfig(mode=job["mode"], sigma=3.0, rho=4.5))
+                       badm_config=BADMConfig(mode=job["mode"], sigma=3.0, rho=4.5,
+                                              preconditioner=job.get("preconditioner", "none")))
 
 
 def full_params(trainer: BADMTrainer) -> dict[str, torch.Tensor]:

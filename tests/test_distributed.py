@@ -163,6 +163,8 @@ def zero(tmp_path_factory) -> Path:
     for name, mode, config in (("err_per_sub_batch", "per_sub_batch", zero_config(1)),
                                ("err_optimizer", "fused", bad_optimizer), ("err_untested", "fused", untested)):
         jobs.append({"name": name, "mode": mode, "ga": 1, "steps": 1, "deepspeed": config, "expect_error": True})
+    jobs.append({"name": "err_newton_schulz", "mode": "fused", "ga": 1, "steps": 1, "deepspeed": zero_config(2),
+                 "preconditioner": "newton_schulz", "expect_error": True})
     launch(out, jobs)
     return out
 
@@ -186,10 +188,11 @@ def test_deepspeed_zero_with_fused_badm(zero, stage, single_thread):
 @pytest.mark.timeout(600)
 def test_deepspeed_start_up_errors_name_the_fix(zero):
     messages = {name: (zero / name / "error0.txt").read_text()
-                for name in ("err_per_sub_batch", "err_optimizer", "err_untested")}
+                for name in ("err_per_sub_batch", "err_optimizer", "err_untested", "err_newton_schulz")}
     assert 'mode="fused"' in messages["err_per_sub_batch"] and "DDP" in messages["err_per_sub_batch"]
     assert "'optimizer' section" in messages["err_optimizer"]
     assert "zero_allow_untested_optimizer" in messages["err_untested"]
+    assert "whole weight matrices" in messages["err_newton_schulz"] and "'normalized'" in messages["err_newton_schulz"]
 
 
 # ---------------------------------------------------------------------------------------------- re-slotting
