@@ -31,6 +31,16 @@ BASE_RECIPE: dict[str, Any] = {
 }
 
 
+def benchmark_tokenizer(out_dir: Path) -> str:
+    """The benchmarks' BPE tokenizer (vocab 1024, built from the built-in corpus) under ``out_dir``, built once."""
+    tok_dir = out_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").exists():
+        from hf_badm.data import build_tokenizer
+
+        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
+    return str(tok_dir)
+
+
 def quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

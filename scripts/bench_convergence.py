@@ -468,12 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     results = bc.Results.merged([])  # replaced per corpus and size below
     base = {**bc.BASE_RECIPE, "num_train_examples": a.num_train, "num_eval_examples": a.num_eval}
-    tok_dir = a.out_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        from hf_badm.data import build_tokenizer
-
-        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
-    sweep = Sweep(a, results, base, str(tok_dir))
+    tok_dir = bc.benchmark_tokenizer(a.out_dir)
+    sweep = Sweep(a, results, base, tok_dir)
     corpora = ["builtin", *[str(Path(t).resolve()) for t in a.text]]
     if not a.report_only:
         for corpus in corpora:

@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(a.threads)
     results = bc.Results(a.results)
-    tok_dir = a.out_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        from hf_badm.data import build_tokenizer
-
-        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
+    tok_dir = bc.benchmark_tokenizer(a.out_dir)
     block = bc.BASE_RECIPE["block_size"]
     # Interleave: each (batch, S) pair runs its modes back to back, so load drift hits both modes alike.
     for b in batches:
@@ -74,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "num_eval_examples": num_eval, "optimizer": "badm", "learning_rate": a.lr,
                                      "rho": a.rho_over_sigma / a.lr, "mode": mode, "max_steps": steps,
                                      "eval_steps": max(1, steps // 10), "warmup_steps": max(1, steps // 15),
-                                     "tokenizer_name_or_path": str(tok_dir),
+                                     "tokenizer_name_or_path": tok_dir,
                                      "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", ""))}
                 if mode == "per_sub_batch":
                     r.update(per_device_train_batch_size=b, sub_batches_per_micro_batch=s)

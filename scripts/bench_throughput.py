@@ -107,11 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    tok_dir = a.out_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        from hf_badm.data import build_tokenizer
-
-        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
+    tok_dir = bc.benchmark_tokenizer(a.out_dir)
     results = bc.Results(a.results)
     for rnd in range(a.rounds):
         for size in sizes:
@@ -122,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 spec = {**bc.BASE_RECIPE, "model_size": size, "num_train_examples": num_train, "num_eval_examples": 20,
                         "eval_strategy": "no", "learning_rate": 3.0, "rho": 3.0, "max_steps": a.steps,
-                        "tokenizer_name_or_path": str(tok_dir), "threads": a.threads,
+                        "tokenizer_name_or_path": tok_dir, "threads": a.threads,
                         "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", "")),
                         **OPTIMIZERS[o][1]}
                 done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,

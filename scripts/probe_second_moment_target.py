@@ -36,13 +36,9 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(1)
     lrs = [float(x) for x in a.lrs.split(",")]
-    tok_dir = a.out_dir / "tokenizer"  # the convergence benchmark's tokenizer and held-out size: comparable numbers
-    if not (tok_dir / "tokenizer.json").exists():
-        from hf_badm.data import build_tokenizer
-
-        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
+    tok_dir = bc.benchmark_tokenizer(a.out_dir)  # the convergence benchmark's tokenizer and held-out size
     base = {**bc.BASE_RECIPE, "model_size": "tiny", "max_steps": a.steps, "eval_steps": max(1, a.steps // 10),
-            "num_eval_examples": 100, "tokenizer_name_or_path": str(tok_dir), "optimizer": "badm",
+            "num_eval_examples": 100, "tokenizer_name_or_path": tok_dir, "optimizer": "badm",
             "preconditioner": "second_moment"}
     finals: dict[tuple[str, float, int], float] = {}
 

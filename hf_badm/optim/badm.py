@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from hf_badm.optim.preconditioned import (fused_second_moment, newton_schulz_direction, normalized_direction,
-                                          normalized_directions, second_moment_gain)
+from hf_badm.optim.preconditioned import (fold_second_moment, fused_second_moment, newton_schulz_direction,
+                                          normalized_direction, normalized_directions, second_moment_gain)
 
 __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
@@ -175,12 +175,11 @@ class BADM(Optimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
         sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=1.0)
-        _check_preconditioner({"preconditioner": preconditioner})
-        rho = RHO_OVER_SIGMA[preconditioner] * sigma if rho is None else _positive("rho", rho)
-        defaults = dict(lr=lr, sigma=sigma, rho=rho, weight_decay=_non_negative("weight_decay", weight_decay),
+        defaults = dict(lr=lr, sigma=sigma, weight_decay=_non_negative("weight_decay", weight_decay),
                         foreach=foreach, preconditioner=preconditioner, beta2=beta2, eps=eps, ns_momentum=ns_momentum,
                         ns_steps=ns_steps)
         _check_preconditioner(defaults)
+        defaults["rho"] = RHO_OVER_SIGMA[preconditioner] * sigma if rho is None else _positive("rho", rho)
         self.mode = mode
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -364,10 +363,7 @@ class BADM(Optimizer):
         duals, aggs = [], []
         for p in params:
             state = self._slot_state(p)
-            slots = state["duals"]
-            while len(slots) <= slot:
-                slots.append(torch.zeros_like(p, memory_format=torch.preserve_format))
-            duals.append(slots[slot])
+            duals.append(_slot_list(state, "duals", slot, p)[slot])
             aggs.append(state["aggregate"])
         if group["preconditioner"] != "none":
             self._absorb_preconditioned(group, params, duals, aggs, slot, weight)
@@ -393,7 +389,7 @@ class BADM(Optimizer):
                     d = normalized_direction(g, sqs[slot], steps[slot], group["beta2"], group["eps"])
                     k = sigma / (sigma + rho)
                 else:
-                    sqs[slot].mul_(group["beta2"]).addcmul_(g, g, value=1.0 - group["beta2"])
+                    fold_second_moment(sqs[slot], g, group["beta2"])
                     d, k = g, second_moment_gain(sqs[slot], steps[slot], rho / sigma, group["beta2"], group["eps"])
             kt = (d + pi).mul_(k)  # sigma_t (w_s - w) = -(d + pi) / (1 + rho q / sigma)
             pi.sub_(kt)

@@ -35,17 +35,26 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["second_moment_gain", "orthogonalised", "fused_second_moment", "newton_schulz_direction",
+__all__ = ["fold_second_moment", "rms_denominator", "second_moment_gain", "orthogonalised", "fused_second_moment", "newton_schulz_direction",
            "normalized_direction", "normalized_directions"]
 
 # Quintic Newton-Schulz coefficients that drive all singular values towards ~1 in five steps.
 _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+def fold_second_moment(v: Tensor, grad: Tensor, beta2: float) -> None:
+    """``v <- beta2 v + (1 - beta2) grad**2`` in place: the EMA every elementwise local solve keeps."""
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def rms_denominator(v: Tensor, steps: int, beta2: float, eps: float) -> Tensor:
+    """``q = sqrt(v / (1 - beta2**steps)) + eps`` (bias-corrected), a new tensor."""
+    return (v / (1.0 - beta2**steps)).sqrt_().add_(eps)
+
+
 def second_moment_gain(v: Tensor, steps: int, ratio: float, beta2: float, eps: float) -> Tensor:
-    """k = sigma / (sigma + rho q) = 1 / (1 + ratio q), q = sqrt(v / (1 - beta2**steps)) + eps."""
-    q = (v / (1.0 - beta2**steps)).sqrt_().add_(eps)
-    return q.mul_(ratio).add_(1.0).reciprocal_()
+    """k = sigma / (sigma + rho q) = 1 / (1 + ratio q)."""
+    return rms_denominator(v, steps, beta2, eps).mul_(ratio).add_(1.0).reciprocal_()
 
 
 @torch.no_grad()
@@ -73,8 +82,8 @@ def newton_schulz_direction(grad: Tensor, momentum: Tensor, mu: float, steps: in
 
 def normalized_direction(grad: Tensor, v: Tensor, steps: int, beta2: float, eps: float) -> Tensor:
     """``g / (sqrt(v_hat) + eps)`` after folding ``g`` into the second-moment EMA ``v`` (in place)."""
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-    return grad / (v / (1.0 - beta2**steps)).sqrt_().add_(eps)
+    fold_second_moment(v, grad, beta2)
+    return grad / rms_denominator(v, steps, beta2, eps)
 
 
 def normalized_directions(grads: list[Tensor], vs: list[Tensor], steps: list[int], beta2: float, eps: float,
@@ -93,11 +102,10 @@ def normalized_directions(grads: list[Tensor], vs: list[Tensor], steps: list[int
 def fused_second_moment(p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: int, *, lr: float, ratio: float,
                         beta2: float, eps: float, decay: float, track_dual: bool = False) -> None:
     """The exact shared-preconditioner step on one parameter; ``m = -pi`` (the negated mean dual).
-    ``track_dual``: ``v`` tracks ``(g + pi)**2`` instead of ``g**2`` (measured worse:
-    scripts/probe_second_moment_target.py)."""
+    ``track_dual``: ``v`` tracks ``(g + pi)**2`` instead of ``g**2`` (not shown better, within the run-to-run
+    spread: scripts/probe_second_moment_target.py, docs/preconditioners.md)."""
     t = g - m  # g + pi
-    tracked = t if track_dual else g
-    v.mul_(beta2).addcmul_(tracked, tracked, value=1.0 - beta2)
+    fold_second_moment(v, t if track_dual else g, beta2)
     u = second_moment_gain(v, steps, ratio, beta2, eps).mul_(t)  # (g + pi) / (1 + ratio q)
     if decay != 1.0:
         p.mul_(decay)
