@@ -80,7 +80,7 @@ class BADMTrainerMixin:
         self.badm_config = badm_config if badm_config is not None else BADMConfig()
         if not isinstance(self.badm_config, BADMConfig):
             raise TypeError(f"badm_config must be a BADMConfig, got {type(self.badm_config).__name__}")
-        self._sub_batch_norms: list[float] = []
+        self._sub_batch_norms: list[torch.Tensor] = []
         super().__init__(*args, **kwargs)
         # Count loss items the way the model's loss really works: a causal LM whose config leaves
         # loss_type unset (GPT-2) still shifts its labels, but the Trainer's flag misses it.
@@ -187,6 +187,7 @@ class BADMTrainerMixin:
         total = float(num_items_in_batch) if num_items_in_batch is not None and cfg.sub_batch_weights == "items" else None
         world = self.args.world_size if self.args.average_tokens_across_devices else 1
         params = [p for group in opt.param_groups for p in group["params"]]
+        norm_cap = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
         logged = torch.zeros((), device=self.args.device)
         with self.accelerator.no_sync(model):
             for sub in split_micro_batch(inputs, cfg.sub_batches_per_micro_batch):
@@ -199,8 +200,8 @@ class BADMTrainerMixin:
                 if self.args.n_gpu > 1:
                     loss = loss.mean()
                 loss.backward()
-                norm_cap = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
-                self._sub_batch_norms.append(float(torch.nn.utils.clip_grad_norm_(params, norm_cap)))
+                # kept as a tensor: read once per step in _get_grad_norm, not a device sync per sub-batch
+                self._sub_batch_norms.append(torch.nn.utils.clip_grad_norm_(params, norm_cap).detach())
                 weight = 1.0 if cfg.sub_batch_weights == "uniform" else float(items if items is not None else _batch_len(sub))
                 opt.absorb_sub_batch(weight)
                 share = weight * world / total if total else 1.0 / (self.current_gradient_accumulation_steps *
@@ -217,7 +218,7 @@ class BADMTrainerMixin:
         if self._per_sub_batch() is None:
             return super()._get_grad_norm(model, grad_norm=grad_norm)
         norms, self._sub_batch_norms = self._sub_batch_norms, []
-        return math.sqrt(sum(n * n for n in norms) / len(norms)) if norms else 0.0
+        return math.sqrt(sum(float(n) ** 2 for n in norms) / len(norms)) if norms else 0.0
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
