@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer,
                           TrainerCallback, TrainingArguments, default_data_collator)
 
+from hf_badm.cli import _fail
 from hf_badm.config import BADMConfig
 from hf_badm.trainer import BADMTrainer, BADMTrainerMixin
 
@@ -62,11 +62,6 @@ class TaskArguments:
     optimizer: str = field(default="badm", metadata={
         "help": "'badm', or any Trainer optim name for comparison (adamw_torch, sgd, adafactor, lion_32bit, ...)."})
     exact_match_examples: int = field(default=64, metadata={"help": "Held-out prompts scored by exact match (sft tasks)."})
-
-
-def _fail(message: str) -> None:
-    print(f"hf-badm: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def check_inputs(model_args: ModelArguments, task_args: TaskArguments) -> None:
