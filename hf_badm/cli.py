@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
+from hf_badm.optim.defaults import DEMO_LEARNING_RATES as DEMO_DEFAULTS
+
 USAGE = """hf-badm COMMAND ...
 
 commands:
@@ -30,15 +33,10 @@ commands:
 # Settings of a CLI run unless the recipe or command line says otherwise.
 CLI_DEFAULTS: dict[str, Any] = {"report_to": "none", "include_num_input_tokens_seen": True, "save_strategy": "no",
                                 "logging_steps": 10}
-# Comparison optimizers keep their own scale of learning rate; BADM's comes from the recipe (lr = 1/sigma).
-# AdamW's and Schedule-Free AdamW's best on the small GPT-2 sweep, SGD's on both (docs/benchmarks.md).
-DEFAULT_LEARNING_RATES = {"adamw_torch": 3e-3, "adamw_torch_fused": 3e-3, "sgd": 0.3, "adafactor": 1e-3,
-                          "lion_32bit": 1e-4, "schedule_free_adamw": 3e-3}
-# Preconditioned BADM in a comparison, ``badm-<preconditioner>`` (docs/preconditioners.md): the learning rate of
-# its scale (newton_schulz: the hidden matrices' 1/sigma; normalized: AdamW's scale), best at both sweep sizes.
-DEFAULT_LEARNING_RATES.update({"badm-newton_schulz": 0.03, "badm-normalized": 3e-3, "badm-second_moment": 10.0})
-# The demo model is the tiny GPT-2, where AdamW's sweep optimum is 1e-2: the demo compares tuned against tuned.
-DEMO_LEARNING_RATES = "adamw_torch=0.01"
+# Comparison optimizers keep their own scale of learning rate (the table in hf_badm.optim.defaults); BADM's
+# comes from the recipe (lr = 1/sigma).
+DEFAULT_LEARNING_RATES = COMPARE_LEARNING_RATES
+DEMO_LEARNING_RATES = ",".join(f"{k}={v:g}" for k, v in DEMO_DEFAULTS.items())
 DEMO_OPTIMIZERS = "badm,badm-newton_schulz,adamw"
 ALIASES = {"adamw": "adamw_torch", "lion": "lion_32bit"}
 DEMO_RECIPE: dict[str, Any] = {

@@ -7,16 +7,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS, RHO_OVER_SIGMA
+from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS
+from hf_badm.optim.defaults import ADAM_SCALE_MAX_LR, ELEMENTWISE_SIGMA, SGD_SCALE_MIN_LR, default_rho
 
 WEIGHTINGS = ("items", "uniform")
 ELEMENTWISE = ("second_moment", "normalized")
-ELEMENTWISE_SIGMA = {"second_moment": 0.1, "normalized": 10.0}  # the sweeps' best at both sizes (docs/benchmarks.md)
-# Plain BADM is an SGD-scale method: 1/sigma around 0.3-3. Below this, a learning rate is AdamW-scale.
-SGD_SCALE_MIN_LR = 1e-2
-# preconditioner="normalized" steps like AdamW: from this learning rate up it diverges (docs/benchmarks.md).
-ADAM_SCALE_MAX_LR = 0.1
-DEFAULT_RHO_OVER_SIGMA = RHO_OVER_SIGMA["none"]  # beta = 0.9: the robust choice of the GPT-2 convergence sweeps
 
 
 @dataclass
@@ -25,7 +20,7 @@ class BADMConfig:
 
     How ``TrainingArguments.learning_rate`` relates to the paper's penalties: BADM's step size is
     ``1/sigma``, so ``sigma`` defaults to ``1 / learning_rate``; ``rho`` defaults to ``9 * sigma``
-    (momentum ``beta = rho / (rho + sigma) = 0.9``; per preconditioner, ``RHO_OVER_SIGMA``). The Trainer's LR schedule (warmup, decay)
+    (momentum ``beta = rho / (rho + sigma) = 0.9``; per preconditioner, ``hf_badm.optim.defaults``). The Trainer's LR schedule (warmup, decay)
     scales both penalties as ``sigma_t = sigma / f_t``, ``rho_t = rho / f_t``. Weight decay is the
     Trainer's ``weight_decay`` (decoupled; biases and norm weights excluded).
     """
@@ -122,7 +117,7 @@ class BADMConfig:
                     "rate (1e-3 to 1e-2), or set BADMConfig(sigma=...).",
                     stacklevel=3,
                 )
-        rho = self.rho if self.rho is not None else RHO_OVER_SIGMA[self.preconditioner] * sigma
+        rho = self.rho if self.rho is not None else default_rho(self.preconditioner, sigma)
         return {"sigma": float(sigma), "rho": float(rho), "mode": self.mode, "nonfinite": self.nonfinite,
                 "preconditioner": self.preconditioner}
 
@@ -130,5 +125,5 @@ class BADMConfig:
         """Param-group settings of the tensors Newton-Schulz does not orthogonalise."""
         kind = self.elementwise_preconditioner
         sigma = self.elementwise_sigma if self.elementwise_sigma is not None else ELEMENTWISE_SIGMA[kind]
-        rho = self.elementwise_rho if self.elementwise_rho is not None else RHO_OVER_SIGMA[kind] * sigma
+        rho = self.elementwise_rho if self.elementwise_rho is not None else default_rho(kind, sigma)
         return {"preconditioner": kind, "sigma": float(sigma), "rho": float(rho)}

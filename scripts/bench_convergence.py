@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
+from hf_badm.optim.defaults import RHO_OVER_SIGMA  # noqa: E402
 
 SECTION = "## Convergence: pre-training sweeps and speed-up vs AdamW"
 LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_torch": "AdamW", "sgd": "SGD+momentum 0.9",
@@ -49,7 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # lr 10; normalized: beta 0.9; newton_schulz: rho = sigma as in its prototype); per-sub-batch variants take their
 # fused variant's best rho/sigma. newton_schulz with normalized elementwise tensors gives those the best
 # normalized learning rate of the same size (elementwise_sigma = 1/lr, elementwise_rho = 9 elementwise_sigma).
-FIXED_RATIO = {"badm_sm": 6000.0, "badm_norm": 9.0, "badm_ns": 1.0, "badm_ns_norm": 1.0}
+FIXED_RATIO = {name: RHO_OVER_SIGMA[VARIANTS[name]["preconditioner"]] for name in ("badm_sm", "badm_norm", "badm_ns", "badm_ns_norm")}
 PER_SUB_BATCH_OF = {"badm_s4": "badm", "badm_ns_norm_s4": "badm_ns_norm"}
 GRIDS: dict[str, list[float]] = {
     "badm": [1.0, 3.0, 10.0, 30.0],

@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer
 
 from hf_badm import BADM, BADMConfig, BADMTrainer, create_badm_optimizer
-from hf_badm.config import DEFAULT_RHO_OVER_SIGMA
+from hf_badm.optim.defaults import RHO_OVER_SIGMA
 from hf_badm.factory import badm_optimizer_cls_and_kwargs
 from hf_badm.trainer import count_loss_items
 from reference import LiteralBADM
@@ -48,7 +48,7 @@ def test_learning_rate_maps_to_sigma_and_adamw_scale_warns(tmp_path):
     model = tiny_model()
     opt, _ = create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=0.25))
     assert opt.param_groups[0]["sigma"] == pytest.approx(4.0)
-    assert opt.param_groups[0]["rho"] == pytest.approx(4.0 * DEFAULT_RHO_OVER_SIGMA)
+    assert opt.param_groups[0]["rho"] == pytest.approx(4.0 * RHO_OVER_SIGMA["none"])
     with pytest.warns(UserWarning, match="AdamW learning rate"):
         create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=5e-5))
     with pytest.warns(UserWarning, match="AdamW-scale steps"):

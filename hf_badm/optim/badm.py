@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hf_badm.optim.defaults import default_rho
 from hf_badm.optim.preconditioned import (fold_second_moment, fused_second_moment, newton_schulz_direction,
                                           normalized_direction, normalized_directions, second_moment_gain)
 
@@ -19,10 +20,6 @@ __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 MODES = ("fused", "per_sub_batch")
 PRECONDITIONERS = ("none", "second_moment", "newton_schulz", "normalized")
 NONFINITE = ("skip", "raise")
-# Default rho/sigma per local solve, from the convergence sweeps (docs/benchmarks.md, docs/preconditioners.md):
-# plain and normalized BADM beta = rho/(rho+sigma) = 0.9; newton_schulz rho = sigma (its direction carries its
-# own momentum); second_moment sigma << rho sqrt(v) (sigma 0.1 with rho 600).
-RHO_OVER_SIGMA = {"none": 9.0, "second_moment": 6000.0, "newton_schulz": 1.0, "normalized": 9.0}
 
 
 class NonFiniteGradientError(FloatingPointError, ValueError):
@@ -130,7 +127,7 @@ class BADM(Optimizer):
             Default 1.0 when neither ``sigma`` nor ``lr`` is given.
         rho: proximal coefficient :math:`\rho > 0`; default :math:`9\sigma` (:math:`\beta = 0.9`) for the
             paper's BADM and ``normalized``, :math:`\sigma` for ``newton_schulz``, :math:`6000\sigma` for
-            ``second_moment`` (``RHO_OVER_SIGMA``, measured).
+            ``second_moment`` (``hf_badm.optim.defaults``, measured).
         lr: alternative spelling of :math:`1/\sigma` (give one of ``sigma`` and ``lr``).
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
         mode: ``"fused"`` or ``"per_sub_batch"``.
@@ -179,7 +176,7 @@ class BADM(Optimizer):
                         foreach=foreach, preconditioner=preconditioner, beta2=beta2, eps=eps, ns_momentum=ns_momentum,
                         ns_steps=ns_steps)
         _check_preconditioner(defaults)
-        defaults["rho"] = RHO_OVER_SIGMA[preconditioner] * sigma if rho is None else _positive("rho", rho)
+        defaults["rho"] = default_rho(preconditioner, sigma) if rho is None else _positive("rho", rho)
         self.mode = mode
         self.nonfinite = nonfinite
         self.skipped_steps = 0
