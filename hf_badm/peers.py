@@ -1,0 +1,142 @@
+"""Peer optimizers the BADM family is measured against, built for a plain ``transformers.Trainer``.
+
+``create_muon_optimizer``: torch's ``torch.optim.Muon`` on the hidden weight matrices and
+``torch.optim.AdamW`` on everything else (embeddings, LM head, norms, biases) -- the split every Muon
+user makes -- as ONE ``torch.optim.Optimizer`` for ``Trainer(optimizers=create_muon_optimizer(model, args))``.
+
+Which tensor goes where is decided by the same rule as BADM's ``preconditioner="newton_schulz"``
+groups (``hf_badm.factory.badm_param_groups``): a trainable 2-D tensor that is not an input/output
+embedding is a hidden matrix. So ``muon`` and ``badm-newton_schulz`` orthogonalise exactly the same
+tensors, and weight decay follows the Trainer's own decay/no-decay split in both.
+
+Defaults, and why (``hf_badm.optim.defaults``):
+
+- Muon lr = ``args.learning_rate``; ``hf-badm compare`` gives it ``COMPARE_LEARNING_RATES["muon"]``
+  (0.03, the learning rate of ``badm-newton_schulz``).
+- ``adjust_lr_fn=None`` (torch's "original", Keller Jordan's): the update of an ``A x B`` matrix is
+  scaled by ``sqrt(max(1, A/B))``, exactly BADM newton_schulz's ``sqrt(max(1, rows/cols))``. With it,
+  Muon at lr ``x`` and fused BADM newton_schulz at ``rho = sigma = 1/x`` take the same step on every
+  hidden matrix (BADM.md section 6; up to torch's bfloat16 Newton-Schulz). ``"match_rms_adamw"``
+  (Moonshot's ``0.2 sqrt(max(A, B))``) would be about 2-5x larger on these models' matrices and put
+  Muon on an AdamW lr scale, so BADM's tuned 0.03 would not carry over.
+- AdamW lr of the other tensors = ``MUON_ADAMW_LR`` = 1 / ``ELEMENTWISE_SIGMA["normalized"]`` = 0.1:
+  the learning rate BADM newton_schulz uses on the same tensors (its elementwise ``normalized`` local
+  solve steps g / RMS(g) with momentum 0.9, an Adam-scale step; 0.1 was the best elementwise lr of the
+  sweeps at both sizes). AdamW's betas and eps are the Trainer's (``adam_beta1/2``, ``adam_epsilon``).
+- Muon: Nesterov momentum 0.95, 5 quintic Newton-Schulz steps (torch's defaults, as BADM's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainingArguments, get_scheduler
+
+from hf_badm.optim.defaults import ELEMENTWISE_SIGMA
+
+__all__ = ["MUON_ADAMW_LR", "MuonWithAdamW", "create_muon_optimizer", "muon_param_groups"]
+
+# The AdamW lr of the tensors Muon does not orthogonalise: BADM newton_schulz's elementwise lr on the same tensors.
+MUON_ADAMW_LR = 1.0 / ELEMENTWISE_SIGMA["normalized"]
+_BADM_KEYS = ("preconditioner", "sigma", "rho")
+
+
+def muon_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[dict]]:
+    """``(hidden, rest)`` param groups by BADM newton_schulz's rule: hidden weight matrices (Muon) and the
+    embeddings, LM head, norms and biases (AdamW), each split into decay / no-decay groups by the
+    Trainer's rule. BADM's own keys are dropped from the groups."""
+    from hf_badm.config import BADMConfig
+    from hf_badm.factory import badm_param_groups
+
+    groups = badm_param_groups(model, weight_decay, config=BADMConfig(preconditioner="newton_schulz"))
+    hidden = [g for g in groups if "preconditioner" not in g]
+    rest = [{k: v for k, v in g.items() if k not in _BADM_KEYS} for g in groups if "preconditioner" in g]
+    hidden = [{k: v for k, v in g.items() if k not in _BADM_KEYS} for g in hidden]
+    return hidden, rest
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """``torch.optim.Muon`` on ``hidden`` groups and ``torch.optim.AdamW`` on ``rest`` groups, as one optimizer.
+
+    ``param_groups`` is the Muon groups followed by the AdamW groups (the very dicts the two inner
+    optimizers read, so a scheduler that scales every group's ``"lr"`` scales both parts by the same
+    factor); ``state`` is one dict for both (their parameters are disjoint), so ``state_dict`` /
+    ``load_state_dict`` round-trip like any torch optimizer. Each group carries ``"optimizer"``:
+    ``"muon"`` or ``"adamw"``.
+    """
+
+    def __init__(self, hidden: list[dict], rest: list[dict], *, lr: float, adamw_lr: float,
+                 momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None) -> None:
+        hidden = [{**g, "optimizer": "muon"} for g in hidden if g["params"]]
+        rest = [{**g, "optimizer": "adamw"} for g in rest if g["params"]]
+        if not hidden and not rest:
+            raise ValueError("no parameters to optimize")
+        self._muon = (torch.optim.Muon(hidden, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                       adjust_lr_fn=adjust_lr_fn, weight_decay=0.0) if hidden else None)
+        self._adamw = (torch.optim.AdamW(rest, lr=adamw_lr, betas=betas, eps=eps, weight_decay=0.0, foreach=foreach)
+                       if rest else None)
+        inner = [o for o in (self._muon, self._adamw) if o is not None]
+        super().__init__([g for o in inner for g in o.param_groups], {})
+        self._link()
+
+    def _link(self) -> None:
+        """Point the inner optimizers at this optimizer's groups and state (after init and after load)."""
+        n = len(self._muon.param_groups) if self._muon is not None else 0
+        if self._muon is not None:
+            self._muon.param_groups = self.param_groups[:n]
+            self._muon.state = self.state
+        if self._adamw is not None:
+            self._adamw.param_groups = self.param_groups[n:]
+            self._adamw.state = self.state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)  # replaces self.param_groups and self.state
+        self._link()
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for opt in (self._muon, self._adamw):
+            if opt is not None:
+                opt.step()
+        return loss
+
+
+def create_muon_optimizer(
+    model: nn.Module,
+    args: TrainingArguments,
+    num_training_steps: int | None = None,
+    *,
+    adamw_lr: float | None = None,
+    **muon_kwargs: Any,
+) -> tuple[MuonWithAdamW, torch.optim.lr_scheduler.LRScheduler | None]:
+    """Muon (hidden matrices, lr ``args.learning_rate``) + AdamW (the rest, lr ``adamw_lr``, default
+    ``MUON_ADAMW_LR`` = 0.1) over the model's trainable parameters, with the Trainer's LR schedule, for
+    ``Trainer(optimizers=create_muon_optimizer(model, args))``.
+
+    Weight decay ``args.weight_decay`` on the Trainer's decay group of each part (decoupled, both scaled
+    by their group's lr). ``muon_kwargs``: ``momentum``, ``nesterov``, ``ns_steps``, ``adjust_lr_fn``
+    (default None = sqrt(max(1, rows/cols)), BADM newton_schulz's scaling), ``foreach`` (AdamW). The
+    scheduler is transformers' ``get_scheduler`` exactly as in ``create_badm_optimizer`` (``None`` when
+    the number of steps is not known yet: the Trainer then builds the same schedule itself).
+    """
+    if getattr(args, "deepspeed_plugin", None) is not None:
+        raise ValueError("Trainer(optimizers=create_muon_optimizer(...)) cannot run under DeepSpeed: the Trainer discards "
+                         "an optimizer passed through optimizers= when it initialises DeepSpeed and trains with its "
+                         "default AdamW instead. Use DeepSpeed's own Muon (use_muon parameters) there")
+    hidden, rest = muon_param_groups(model, args.weight_decay)
+    optimizer = MuonWithAdamW(hidden, rest, lr=args.learning_rate,
+                              adamw_lr=MUON_ADAMW_LR if adamw_lr is None else adamw_lr,
+                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **muon_kwargs)
+    steps = num_training_steps if num_training_steps is not None else args.max_steps
+    if steps is None or steps <= 0:
+        return optimizer, None
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                              num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    return optimizer, scheduler
