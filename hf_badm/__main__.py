@@ -1,7 +1,8 @@
-"""``python -m hf_badm`` (also ``accelerate launch -m hf_badm train RECIPE.yaml``)."""
+"""``python -m hf_badm`` (also ``accelerate launch -m hf_badm train RECIPE.yaml``): the application, loaded only here."""
 
 import sys
 
-from hf_badm.cli import main
+if __name__ == "__main__":
+    from hf_badm.app.cli import main
 
-sys.exit(main())
+    sys.exit(main())

@@ -35,7 +35,7 @@ def benchmark_tokenizer(out_dir: Path) -> str:
     """The benchmarks' BPE tokenizer (vocab 1024, built from the built-in corpus) under ``out_dir``, built once."""
     tok_dir = out_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        from hf_badm.data import build_tokenizer
+        from hf_badm.app.data import build_tokenizer
 
         build_tokenizer(vocab_size=1024, save_dir=tok_dir)
     return str(tok_dir)
@@ -65,8 +65,8 @@ def train(recipe: dict[str, Any], quiet_output: bool = True) -> dict[str, Any]:
 
     Returns a compact summary: eval curve with training-only wall time (evaluation excluded) at each
     eval point, final eval loss, training-only seconds per step, and the 1-minute load average."""
-    from hf_badm.cli import parse
-    from hf_badm.run import run
+    from hf_badm.app.cli import parse
+    from hf_badm.app.run import run
 
     model_args, task_args, badm, args = parse(dict(recipe), [], "bench")
     load_before = load()

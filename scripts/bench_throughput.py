@@ -36,7 +36,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One training run in this process with the optimizer step timed by a callback."""
     import torch
 
-    import hf_badm.run as hr
+    import hf_badm.app.run as hr
     from hf_badm.optim.badm import BADM
 
     torch.set_num_threads(spec.pop("threads"))

@@ -1,4 +1,4 @@
-"""Tests for hf_badm.data: the built-in corpus and tasks, the local tokenizer, loading and blocking."""
+"""Tests for hf_badm.app.data (also importable as hf_badm.data): the built-in corpus and tasks, the local tokenizer, loading and blocking."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, default_data_collator
 
-from hf_badm.data import (
+from hf_badm.app.data import (
     INSTRUCTION_TASKS,
     build_tokenizer,
     builtin_text_dataset,

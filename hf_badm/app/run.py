@@ -1,7 +1,7 @@
 """One training job of a recipe: model, data, Trainer (BADM or a comparison optimizer), metrics and plot.
 
 The arguments are dataclasses, so a recipe is YAML for ``HfArgumentParser`` and every field can be
-overridden on the command line; ``hf_badm.cli`` does the parsing.
+overridden on the command line; ``hf_badm.app.cli`` does the parsing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer,
                           TrainerCallback, TrainingArguments, default_data_collator)
 
-from hf_badm.cli import _fail
+from hf_badm.app import RecipeError
 from hf_badm.config import BADMConfig
 from hf_badm.trainer import BADMTrainer, BADMTrainerMixin
 
@@ -69,18 +69,18 @@ def check_inputs(model_args: ModelArguments, task_args: TaskArguments) -> None:
     for name in ("model_name_or_path", "tokenizer_name_or_path"):
         value = getattr(model_args, name)
         if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
-            _fail(f"{name}: directory not found: {value}")
+            raise RecipeError(f"{name}: directory not found: {value}")
     spec = task_args.dataset
     if spec != "builtin" and (spec.startswith((".", "/", "~")) or Path(spec).suffix) and not Path(spec).expanduser().exists():
-        _fail(f"dataset: file or directory not found: {spec}")
+        raise RecipeError(f"dataset: file or directory not found: {spec}")
     if task_args.task == "lora-sft" and not model_args.model_name_or_path:
-        _fail("task lora-sft adapts a trained model: set model_name_or_path (e.g. the pretrain recipe's output_dir)")
+        raise RecipeError("task lora-sft adapts a trained model: set model_name_or_path (e.g. the pretrain recipe's output_dir)")
     if task_args.task == "finetune" and not model_args.model_name_or_path:
-        _fail("task finetune starts from a trained model: set model_name_or_path")
+        raise RecipeError("task finetune starts from a trained model: set model_name_or_path")
 
 
 def load_tokenizer(model_args: ModelArguments, out_dir: Path) -> PreTrainedTokenizerBase:
-    from hf_badm.data import build_tokenizer
+    from hf_badm.app.data import build_tokenizer
 
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source:
@@ -135,7 +135,7 @@ def _trainer_class(task: str, optimizer: str) -> type[Trainer]:
 
 def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> dict[str, Any]:
     """Train one recipe; write ``metrics.json``, ``loss.png`` and the model into ``args.output_dir``."""
-    from hf_badm import data
+    from hf_badm.app import data
 
     check_inputs(model_args, task_args)
     _ = args.device  # set up the process group before the model: ZeRO-3 builds it partitioned (zero.Init)
@@ -190,7 +190,7 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     trainer.save_model(str(out))  # on every rank: under ZeRO-3 it gathers the partitioned weights
     if trainer.is_world_process_zero():
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        from hf_badm.plots import plot_runs
+        from hf_badm.app.plots import plot_runs
 
         plot_runs({task_args.optimizer: metrics}, out / "loss.png")
     return metrics

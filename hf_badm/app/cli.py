@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from hf_badm.app import RecipeError
 from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
 from hf_badm.optim.defaults import DEMO_LEARNING_RATES as DEMO_DEFAULTS
 
@@ -47,23 +48,23 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
-def _fail(message: str) -> None:
-    print(f"hf-badm: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def recipe_parser(task: str = "pretrain"):
     """Instruction-tuning tasks take TRL's SFTConfig (TrainingArguments plus max_length, packing, ...)."""
     from transformers import HfArgumentParser, TrainingArguments
 
     from hf_badm.config import BADMConfig
-    from hf_badm.run import SFT_TASKS, ModelArguments, TaskArguments
+    from hf_badm.app.run import SFT_TASKS, ModelArguments, TaskArguments
 
     if task in SFT_TASKS:
         from trl import SFTConfig as TrainingArguments  # noqa: N814
     parser = HfArgumentParser((ModelArguments, TaskArguments, BADMConfig, TrainingArguments), allow_abbrev=False)
     parser.prog, parser.usage = "hf-badm train", "hf-badm train RECIPE.yaml [--field value ...]"
+    parser.error = _argument_error  # argparse would print usage and exit; the app raises instead
     return parser
+
+
+def _argument_error(message: str) -> None:
+    raise RecipeError(f"{message} (see `hf-badm train --help`)")
 
 
 def _tokens(key: str, value: Any) -> list[str]:
@@ -80,13 +81,13 @@ def read_recipe(path: str | None) -> dict[str, Any]:
         return {}
     file = Path(path)
     if not file.is_file():
-        _fail(f"recipe file not found: {path}")
+        raise RecipeError(f"recipe file not found: {path}")
     try:
         recipe = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as err:
-        _fail(f"{path} is not valid YAML: {err}")
+        raise RecipeError(f"{path} is not valid YAML: {err}")
     if not isinstance(recipe, dict):
-        _fail(f"{path} must be a mapping of field: value")
+        raise RecipeError(f"{path} must be a mapping of field: value")
     return recipe
 
 
@@ -106,26 +107,26 @@ def parse(recipe: dict[str, Any], overrides: list[str], source: str = "recipe"):
     known = {a.dest for a in parser._actions}
     unknown = sorted(k for k in recipe if k not in known)
     if unknown:
-        _fail(f"{source}: unknown field(s) {', '.join(unknown)} (see `hf-badm train --help`)")
+        raise RecipeError(f"{source}: unknown field(s) {', '.join(unknown)} (see `hf-badm train --help`)")
     merged = {**CLI_DEFAULTS, **recipe}
     merged.setdefault("output_dir", str(Path("outputs") / Path(source).stem))
     tokens = [t for k, v in merged.items() for t in _tokens(k, v)]
     try:
         *parsed, rest = parser.parse_args_into_dataclasses(args=tokens + overrides, return_remaining_strings=True)
     except ValueError as err:  # a dataclass's own validation (BADMConfig, TrainingArguments)
-        _fail(str(err).splitlines()[0])
+        raise RecipeError(str(err).splitlines()[0])
     if rest:
-        _fail(f"unknown argument(s) {' '.join(rest)} (see `hf-badm train --help`)")
+        raise RecipeError(f"unknown argument(s) {' '.join(rest)} (see `hf-badm train --help`)")
     return parsed
 
 
-def train(argv: list[str]) -> dict[str, Any]:
-    from hf_badm.run import run
+def train(argv: list[str]) -> dict[str, Any] | None:
+    from hf_badm.app.run import run
 
     if not argv or argv[0] in ("-h", "--help"):
         recipe_parser().print_help()
         print("\nTasks sft and lora-sft also take the fields of TRL's SFTConfig (max_length, packing, ...).")
-        raise SystemExit(0)
+        return None
     recipe_path, overrides = (None, argv) if argv[0].startswith("--") else (argv[0], argv[1:])
     model_args, task_args, badm, args = parse(read_recipe(recipe_path), overrides, recipe_path or "recipe")
     import torch.distributed as dist
@@ -156,7 +157,7 @@ def _compare_parser(prog: str) -> argparse.ArgumentParser:
 
 def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, Any] | None = None) -> str:
     """Each optimizer trains in its own process (clean peak-memory numbers), then one table and plot."""
-    from hf_badm.plots import plot_runs
+    from hf_badm.app.plots import plot_runs
 
     opts, overrides = _compare_parser(prog).parse_known_args(argv)
     recipe_path = getattr(opts, "recipe", None)
@@ -183,7 +184,7 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
         done = subprocess.run([sys.executable, "-m", "hf_badm", "train", str(recipe_file), *overrides,
                                "--output_dir", str(out / optimizer)])
         if done.returncode != 0:
-            _fail(f"the {optimizer} run failed (exit {done.returncode})")
+            raise RecipeError(f"the {optimizer} run failed (exit {done.returncode})")
         runs[optimizer] = json.loads((out / optimizer / "metrics.json").read_text())
     table = comparison_table(runs)
     (out / "comparison.md").write_text(table + "\n")
@@ -218,21 +219,22 @@ def demo(argv: list[str]) -> str:
     return compare(argv, prog="hf-badm demo", recipe=dict(DEMO_RECIPE))
 
 
+COMMANDS = {"train": train, "compare": compare, "demo": demo}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console script: the one place where errors become a one-line message and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
-    command, rest = argv[0], argv[1:]
-    if command == "train":
-        train(rest)
-    elif command == "compare":
-        compare(rest)
-    elif command == "demo":
-        demo(rest)
-    else:
-        print(USAGE, file=sys.stderr)
-        _fail(f"unknown command {command!r}")
+    try:
+        if argv[0] not in COMMANDS:
+            raise RecipeError(f"unknown command {argv[0]!r} (commands: {', '.join(COMMANDS)})")
+        COMMANDS[argv[0]](argv[1:])
+    except RecipeError as err:
+        print(f"hf-badm: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
