@@ -6,12 +6,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments, get_scheduler
+from transformers import TrainingArguments, get_scheduler
+from transformers.trainer_pt_utils import get_parameter_names
 
 from hf_badm.config import BADMConfig
 from hf_badm.optim import BADM
 
-__all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups"]
+__all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups", "decay_parameter_names"]
+
+# The Trainer's no-decay rule (``Trainer.get_decay_parameter_names``): biases and norm weights. Kept equal to it by
+# tests/test_trainer.py, so that a plain Trainer, BADMTrainer and create_badm_optimizer decay the same tensors.
+_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def decay_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that take weight decay, by the Trainer's rule, without a Trainer."""
+    return get_parameter_names(model, [nn.LayerNorm], _NO_DECAY_PATTERNS)
 
 
 def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[str] | None = None,
@@ -20,9 +30,7 @@ def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[s
     (``Trainer.get_decay_parameter_names``: biases and norm weights get no decay). With the
     newton_schulz preconditioner, tensors other than hidden weight matrices (embeddings, the LM head,
     1-D tensors) go to groups of their own with second_moment and ``config.group_overrides()``."""
-    if decay_names is None:
-        decay_names = Trainer.get_decay_parameter_names(None, model)  # a pure function of the model
-    decay = set(decay_names)
+    decay = set(decay_parameter_names(model) if decay_names is None else decay_names)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere): "
@@ -69,6 +77,11 @@ def badm_optimizer_cls_and_kwargs(args: TrainingArguments, **badm_kwargs: Any) -
     """``(BADM, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; the Trainer builds the
     decay groups with ``args.weight_decay`` itself. Keywords are BADMConfig fields (or ``badm_config=``)."""
     config, extra = _split_config(dict(badm_kwargs))
+    if config.preconditioner == "newton_schulz":
+        raise ValueError("optimizer_cls_and_kwargs= cannot take preconditioner='newton_schulz': the Trainer builds the "
+                         "param groups itself, so embeddings and the LM head would be orthogonalised like hidden "
+                         "matrices. Use BADMTrainer(badm_config=BADMConfig(preconditioner='newton_schulz')) (works on "
+                         "every engine) or optimizers=create_badm_optimizer(model, args, preconditioner='newton_schulz')")
     return BADM, {**config.optimizer_kwargs(args.learning_rate), **extra}
 
 
@@ -88,6 +101,13 @@ def create_badm_optimizer(
     (default ``args.max_steps``); when neither is known it is ``None`` and the Trainer builds the same
     schedule itself once it knows the length of training.
     """
+    if getattr(args, "deepspeed_plugin", None) is not None:
+        raise ValueError(
+            "Trainer(optimizers=create_badm_optimizer(...)) cannot run under DeepSpeed: the Trainer discards an optimizer "
+            "passed through optimizers= when it initialises DeepSpeed and trains with its default AdamW instead, at "
+            "BADM's learning rate. Use BADMTrainer(badm_config=BADMConfig(...)) (or the BADMTrainerMixin), or "
+            "Trainer(optimizer_cls_and_kwargs=badm_optimizer_cls_and_kwargs(args, ...)): both create BADM where "
+            "DeepSpeed takes it")
     config, extra = _split_config(dict(badm_kwargs))
     optimizer = BADM(badm_param_groups(model, args.weight_decay, config=config),
                      **config.optimizer_kwargs(args.learning_rate), **extra)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hf_badm.config import BADMConfig
@@ -31,7 +31,7 @@ from hf_badm.factory import badm_param_groups
 from hf_badm.optim import BADM
 from hf_badm.optim.badm import reslot_state_dict
 
-__all__ = ["BADMTrainerMixin", "BADMTrainer", "split_micro_batch", "count_loss_items"]
+__all__ = ["BADMTrainerMixin", "BADMTrainer", "BADMMetricsCallback", "find_badm", "split_micro_batch", "count_loss_items"]
 
 SLOT_FILE = "badm_slots_rank{rank}-of-{world}.pt"
 
@@ -65,6 +65,40 @@ def count_loss_items(inputs: dict[str, Any], shifts_labels: bool) -> int | None:
     return int(labels.ne(-100).sum())
 
 
+def find_badm(optimizer: Any) -> BADM | None:
+    """The BADM inside an optimizer wrapper (Accelerate's, DeepSpeed's ZeRO optimizer), or None."""
+    while optimizer is not None and not isinstance(optimizer, BADM) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer if isinstance(optimizer, BADM) else None
+
+
+class BADMMetricsCallback(TrainerCallback):
+    """Adds BADM's ``badm_*`` metrics to the Trainer's training logs.
+
+    For ``Trainer(optimizers=create_badm_optimizer(...), callbacks=[BADMMetricsCallback()])`` (BADMTrainer and
+    the mixin use it by themselves). The metrics are read right after each optimizer step, before the LR scheduler
+    moves, so they describe the same step as the logged ``learning_rate``. They reach ``log_history``, the console
+    and callbacks after this one; reporting integrations (``report_to``) run before user callbacks in the
+    Trainer, so only BADMTrainer/the mixin hands the metrics to them too."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.optimizer = optimizer  # None: the Trainer's optimizer (the one passed through optimizers=)
+        self.latest: dict[str, float] = {}
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        opt = find_badm(self.optimizer if self.optimizer is not None else optimizer)
+        if opt is not None:
+            self.latest = opt.metrics()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs is None or "loss" not in logs:
+            return
+        missing = {k: v for k, v in self.latest.items() if k not in logs}
+        logs.update(missing)
+        if state.log_history:
+            state.log_history[-1].update(missing)
+
+
 class BADMTrainerMixin:
     """Put before a Trainer class: ``class BADMSFTTrainer(BADMTrainerMixin, SFTTrainer): ...``.
 
@@ -81,10 +115,12 @@ class BADMTrainerMixin:
         if not isinstance(self.badm_config, BADMConfig):
             raise TypeError(f"badm_config must be a BADMConfig, got {type(self.badm_config).__name__}")
         self._sub_batch_norms: list[torch.Tensor] = []
+        self._badm_metrics = BADMMetricsCallback()
         super().__init__(*args, **kwargs)
-        # Count loss items the way the model's loss really works: a causal LM whose config leaves
-        # loss_type unset (GPT-2) still shifts its labels, but the Trainer's flag misses it.
-        self._loss_shifts_labels = _loss_shifts_labels(self.model) or getattr(self, "_loss_shifts_labels", False)
+        self.add_callback(self._badm_metrics)
+        # Per-sub-batch weights count loss items the way the model's loss really works: a causal LM whose config
+        # leaves loss_type unset (GPT-2) still shifts its labels, which the Trainer's own flag misses.
+        self._badm_shifts_labels = _loss_shifts_labels(self.model) or bool(getattr(self, "_loss_shifts_labels", False))
         self._check_badm_setup()
 
     # ------------------------------------------------------------------ set-up
@@ -120,17 +156,20 @@ class BADMTrainerMixin:
     # ------------------------------------------------------------------ per-sub-batch checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        opt = self._per_sub_batch()
+        opt = self._per_sub_batch_optimizer()
         if opt is not None and self.args.world_size > 1:  # the Trainer's optimizer.pt holds rank 0's slots only
             os.makedirs(output_dir, exist_ok=True)
-            name = SLOT_FILE.format(rank=self.args.process_index, world=self.args.world_size)
-            torch.save(opt.state_dict(), os.path.join(output_dir, name))
+            path = os.path.join(output_dir, SLOT_FILE.format(rank=self.args.process_index, world=self.args.world_size))
+            torch.save(opt.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)  # a slot file is there whole or not at all
+            # rank 0 writes trainer_state.json (what marks a checkpoint) after this: every rank's slots come first
+            torch.distributed.barrier()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The Trainer loads optimizer.pt (rank 0's slots); per-sub-batch then takes this rank's own slots
         when the layout (world size, slots per rank) is unchanged, and re-slots all ranks' otherwise."""
         super()._load_optimizer_and_scheduler(checkpoint)
-        opt = self._per_sub_batch()
+        opt = self._per_sub_batch_optimizer()
         if checkpoint is None or opt is None or not opt.state:
             return
         found = glob.glob(os.path.join(checkpoint, SLOT_FILE.format(rank="*", world="*")))
@@ -153,37 +192,37 @@ class BADMTrainerMixin:
         opt.load_state_dict(reslot_state_dict(states, slots))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """BADM over the trainable parameters (the Trainer's decay rule); per-sub-batch mode on several ranks gets
+        its rank aggregation here, once, whichever way the optimizer came in."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             groups = badm_param_groups(opt_model, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
                                        self.badm_config)
             self.optimizer = BADM(groups, **self.badm_config.optimizer_kwargs(self.args.learning_rate))
+        opt = find_badm(self.optimizer)
+        if opt is not None and opt.mode == "per_sub_batch" and opt.aggregator is None and self.args.world_size > 1:
+            opt.aggregator = all_reduce_aggregator
+        self._badm_metrics.optimizer = self.optimizer
         return self.optimizer
 
-    def _badm(self) -> BADM | None:
-        opt = self.optimizer
-        while opt is not None and not isinstance(opt, BADM) and hasattr(opt, "optimizer"):
-            opt = opt.optimizer
-        return opt if isinstance(opt, BADM) else None
+    @property
+    def badm_optimizer(self) -> BADM | None:
+        """The BADM this trainer steps (unwrapped from Accelerate's or DeepSpeed's wrapper), None before creation."""
+        return find_badm(self.optimizer)
 
-    def _per_sub_batch(self) -> BADM | None:
-        opt = self._badm()
-        if opt is None or opt.mode != "per_sub_batch":
-            return None
-        if opt.aggregator is None and self.args.world_size > 1:
-            opt.aggregator = all_reduce_aggregator
-        return opt
+    def _per_sub_batch_optimizer(self) -> BADM | None:
+        opt = self.badm_optimizer
+        return opt if opt is not None and opt.mode == "per_sub_batch" else None
 
     # ------------------------------------------------------------------ the per-sub-batch loop
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-        opt = self._per_sub_batch()
+        opt = self._per_sub_batch_optimizer()
         if opt is None:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         inputs = self._prepare_inputs(inputs)
         cfg = self.badm_config
-        shifts = bool(getattr(self, "_loss_shifts_labels", True))
         total = float(num_items_in_batch) if num_items_in_batch is not None and cfg.sub_batch_weights == "items" else None
         world = self.args.world_size if self.args.average_tokens_across_devices else 1
         params = [p for group in opt.param_groups for p in group["params"]]
@@ -191,7 +230,7 @@ class BADMTrainerMixin:
         logged = torch.zeros((), device=self.args.device)
         with self.accelerator.no_sync(model):
             for sub in split_micro_batch(inputs, cfg.sub_batches_per_micro_batch):
-                items = count_loss_items(sub, shifts) if cfg.sub_batch_weights == "items" else None
+                items = count_loss_items(sub, self._badm_shifts_labels) if cfg.sub_batch_weights == "items" else None
                 if items == 0:  # no loss items: the mean loss is undefined, the sub-batch weighs nothing
                     opt.absorb_sub_batch(0.0)
                     continue
@@ -210,21 +249,22 @@ class BADMTrainerMixin:
         return logged
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor | None:
-        if self._per_sub_batch() is not None:
+        if self._per_sub_batch_optimizer() is not None:
             return None  # each sub-batch was clipped before it was absorbed
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
-        if self._per_sub_batch() is None:
+        if self._per_sub_batch_optimizer() is None:
             return super()._get_grad_norm(model, grad_norm=grad_norm)
         norms, self._sub_batch_norms = self._sub_batch_norms, []
         return math.sqrt(sum(float(n) ** 2 for n in norms) / len(norms)) if norms else 0.0
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        opt = self._badm()
-        if opt is not None and "loss" in logs:
-            logs = {**logs, **opt.metrics()}
+        """badm_* metrics of the step just taken (read by the callback before the scheduler moved), added before
+        any callback or reporting integration sees the logs."""
+        if "loss" in logs:
+            logs = {**logs, **self._badm_metrics.latest}
         super().log(logs, *args, **kwargs)
 
 

@@ -4,7 +4,10 @@ tests/test_distributed.py launches it with ``accelerate launch`` or ``python -m 
 ``dist_worker.py OUT JOBS_JSON``; a job is a dict and writes ``OUT/<name>/rank<r>.pt`` with
 ``{"params": {name: tensor}, "losses": [...]}``, or ``OUT/<name>/error<r>.txt`` when ``expect_error`` is set
 and construction raised. Trainer job keys: name, mode, ga (accumulation), steps, double (float64 model),
-pad (unequal sub-batches), save_steps (0: none), resume (checkpoint), deepspeed (config dict).
+pad (unequal sub-batches), save_steps (0: none), resume (checkpoint), deepspeed (config dict), wiring (how BADM
+reaches the Trainer, as the README shows it: "badm_trainer" (default), "optimizers" (a plain Trainer with
+``optimizers=create_badm_optimizer(...)``), "cls_kwargs" (``optimizer_cls_and_kwargs=``), "mixin" (TRL's
+SFTTrainer through BADMTrainerMixin)).
 ``{"name": ..., "fsdp2": True, "steps": n}`` runs :func:`fsdp2_run` instead.
 """
 
@@ -18,22 +21,45 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hf_badm import BADM, BADMConfig, BADMTrainer
+from transformers import Trainer, TrainingArguments
+
+from hf_badm import BADM, BADMConfig, BADMTrainer, BADMTrainerMixin, create_badm_optimizer
+from hf_badm.factory import badm_optimizer_cls_and_kwargs
 from tiny import chain_dataset, losses, tiny_args, tiny_model
 
 
-def trainer_job(out: Path, job: dict) -> BADMTrainer:
-    save = job.get("save_steps", 0)
-    args = tiny_args(out / job["name"], max_steps=job["steps"], gradient_accumulation_steps=job["ga"], max_grad_norm=0.0,
-                     save_strategy="steps" if save else "no", save_steps=save or 500, deepspeed=job.get("deepspeed"))
+def trainer_job(out: Path, job: dict) -> Trainer:
+    save, wiring = job.get("save_steps", 0), job.get("wiring", "badm_trainer")
+    args_cls: type = TrainingArguments
+    if wiring == "mixin":
+        from trl import SFTConfig as args_cls  # noqa: N813
+    args = tiny_args(out / job["name"], args_cls, max_steps=job["steps"], gradient_accumulation_steps=job["ga"],
+                     max_grad_norm=0.0, save_strategy="steps" if save else "no", save_steps=save or 500,
+                     deepspeed=job.get("deepspeed"), **({"max_length": 64} if wiring == "mixin" else {}))
     model = tiny_model("gpt2")
-    return BADMTrainer(model=model.double() if job.get("double") else model, args=args,
-                       train_dataset=chain_dataset(pad_to_random_length=job.get("pad", False)),
-                       badm_config=BADMConfig(mode=job["mode"], sigma=3.0, rho=4.5,
-                                              preconditioner=job.get("preconditioner", "none")))
+    model = model.double() if job.get("double") else model
+    data = chain_dataset(pad_to_random_length=job.get("pad", False))
+    config = BADMConfig(mode=job["mode"], sigma=3.0, rho=4.5, preconditioner=job.get("preconditioner", "none"))
+    if wiring == "optimizers":
+        return Trainer(model=model, args=args, train_dataset=data,
+                       optimizers=create_badm_optimizer(model, args, badm_config=config))
+    if wiring == "cls_kwargs":
+        return Trainer(model=model, args=args, train_dataset=data,
+                       optimizer_cls_and_kwargs=badm_optimizer_cls_and_kwargs(args, badm_config=config))
+    if wiring == "mixin":
+        from trl import SFTTrainer
+
+        from hf_badm.data import build_tokenizer
+
+        class BADMSFTTrainer(BADMTrainerMixin, SFTTrainer):
+            pass
+
+        return BADMSFTTrainer(model=model, args=args, train_dataset=data, processing_class=build_tokenizer(vocab_size=64),
+                              badm_config=config)
+    return BADMTrainer(model=model, args=args, train_dataset=data, badm_config=config)
 
 
-def full_params(trainer: BADMTrainer) -> dict[str, torch.Tensor]:
+def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     params = dict(trainer.model.named_parameters())
     if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
         import deepspeed

@@ -79,8 +79,13 @@ def ddp(tmp_path_factory, single_thread) -> Path:
         job("one_psb_on_two", "per_sub_batch", 2, resume=str(out / "one_psb" / "checkpoint-5")),
         job("ddp", "fused", 2, save_steps=5),
         {"name": "fsdp2", "fsdp2": True, "steps": 10},
+        *(job(f"ddp_{wiring}", "fused", 2, wiring=wiring) for wiring in WIRINGS),
     ], launcher="accelerate")
     return out
+
+
+# Every way the README wires BADM into a Trainer besides BADMTrainer (tests/dist_worker.py builds each one).
+WIRINGS = ("optimizers", "cls_kwargs", "mixin")
 
 
 @pytest.mark.timeout(600)
@@ -134,6 +139,17 @@ def test_fused_ddp_equals_one_rank_and_resumes_on_one_rank(ddp):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("wiring", WIRINGS)
+def test_every_documented_wiring_under_ddp_equals_one_rank(ddp, wiring):
+    """optimizers=create_badm_optimizer(...), optimizer_cls_and_kwargs= and the mixin (TRL's SFTTrainer), 2 ranks x
+    accumulation 2 against the same wiring on 1 rank x accumulation 4 (float64)."""
+    ranks = [result(ddp, f"ddp_{wiring}", r)["params"] for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    run_job(ddp, job(f"one_{wiring}", "fused", 4, wiring=wiring))
+    assert max_rel(ranks[0], result(ddp, f"one_{wiring}")["params"]) <= 1e-5
+
+
+@pytest.mark.timeout(600)
 def test_fused_under_fsdp2_sharding_equals_one_rank(ddp):
     sharded, trace = result(ddp, "fsdp2")["params"], result(ddp, "fsdp2")["losses"]
     single, _ = fsdp2_run(steps=10)
@@ -142,6 +158,10 @@ def test_fused_under_fsdp2_sharding_equals_one_rank(ddp):
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed
+# optimizers= is refused under DeepSpeed (the Trainer would replace the optimizer); the other wirings must train right.
+ZERO_WIRINGS = ("cls_kwargs", "mixin")
+
+
 def zero_config(stage: int) -> dict:
     config = json.loads((LAUNCH / ("zero3.json" if stage == 3 else "zero2.json")).read_text())
     config["zero_optimization"]["stage"] = stage
@@ -157,12 +177,15 @@ def zero(tmp_path_factory) -> Path:
     for stage in (1, 2, 3):
         common = {"mode": "fused", "ga": 2, "steps": 20, "deepspeed": zero_config(stage)}
         jobs += [{"name": f"zero{stage}", "save_steps": 10, **common},
-                 {"name": f"zero{stage}_resumed", "resume": str(out / f"zero{stage}" / "checkpoint-10"), **common}]
+                 {"name": f"zero{stage}_resumed", "resume": str(out / f"zero{stage}" / "checkpoint-10"), **common},
+                 *({"name": f"zero{stage}_{w}", "wiring": w, **common} for w in ZERO_WIRINGS)]
     bad_optimizer = {**zero_config(2), "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
     untested = {k: v for k, v in zero_config(2).items() if k != "zero_allow_untested_optimizer"}
     for name, mode, config in (("err_per_sub_batch", "per_sub_batch", zero_config(1)),
                                ("err_optimizer", "fused", bad_optimizer), ("err_untested", "fused", untested)):
         jobs.append({"name": name, "mode": mode, "ga": 1, "steps": 1, "deepspeed": config, "expect_error": True})
+    jobs.append({"name": "err_optimizers_argument", "wiring": "optimizers", "mode": "fused", "ga": 1, "steps": 1,
+                 "deepspeed": zero_config(2), "expect_error": True})
     jobs.append({"name": "err_newton_schulz", "mode": "fused", "ga": 1, "steps": 1, "deepspeed": zero_config(2),
                  "preconditioner": "newton_schulz", "expect_error": True})
     launch(out, jobs)
@@ -186,9 +209,25 @@ def test_deepspeed_zero_with_fused_badm(zero, stage, single_thread):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("wiring", ZERO_WIRINGS)
+def test_every_documented_wiring_under_zero_equals_one_rank(zero, stage, wiring, single_thread):
+    """optimizer_cls_and_kwargs= and the mixin under ZeRO-1/2/3, 2 ranks, against the same wiring on 1 rank (float32)."""
+    two = result(zero, f"zero{stage}_{wiring}")
+    reference = zero / f"one_rank_{wiring}" / "rank0.pt"
+    if not reference.exists():
+        run_job(zero, {"name": f"one_rank_{wiring}", "wiring": wiring, "mode": "fused", "ga": 4, "steps": 20})
+    assert norm_rel(two["params"], torch.load(reference, weights_only=True)["params"]) <= 1e-4
+    assert sum(two["losses"][-5:]) < 0.95 * sum(two["losses"][:5])
+
+
+@pytest.mark.timeout(600)
 def test_deepspeed_start_up_errors_name_the_fix(zero):
-    messages = {name: (zero / name / "error0.txt").read_text()
-                for name in ("err_per_sub_batch", "err_optimizer", "err_untested", "err_newton_schulz")}
+    messages = {name: (zero / name / "error0.txt").read_text() for name in
+                ("err_per_sub_batch", "err_optimizer", "err_untested", "err_newton_schulz", "err_optimizers_argument")}
+    # a plain Trainer would drop an optimizer given through optimizers= and train with AdamW: refused, fix named
+    assert "BADMTrainer" in messages["err_optimizers_argument"] and "optimizer_cls_and_kwargs" in messages[
+        "err_optimizers_argument"]
     assert 'mode="fused"' in messages["err_per_sub_batch"] and "DDP" in messages["err_per_sub_batch"]
     assert "'optimizer' section" in messages["err_optimizer"]
     assert "zero_allow_untested_optimizer" in messages["err_untested"]

@@ -41,7 +41,7 @@ def test_lora_trains_only_adapters_and_reloads_identically(tmp_path, pretrained_
     # a tiny base adapts slowly through rank-8 adapters: AdamW (lr 1e-2) gains 2.6% here, BADM about 2%
     assert trainer.state.global_step == 30 and after < 0.99 * before, (before, after)
 
-    in_optimizer = {id(p) for g in trainer._badm().param_groups for p in g["params"]}
+    in_optimizer = {id(p) for g in trainer.badm_optimizer.param_groups for p in g["params"]}
     trainable = {id(p) for n, p in model.named_parameters() if p.requires_grad}
     assert in_optimizer == trainable and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     for n, p in model.get_base_model().named_parameters():

@@ -94,7 +94,7 @@ def test_per_sub_batch_equals_fused_with_equal_sub_batches(tmp_path, k):
                               badm_config=BADMConfig(mode=mode, sub_batches_per_micro_batch=k if mode != "fused" else 1))
         trainer.train()
         runs[mode] = trainer
-    assert runs["per_sub_batch"]._badm().sub_batches_last_step == 4 * k
+    assert runs["per_sub_batch"].badm_optimizer.sub_batches_last_step == 4 * k
     assert max_rel_diff(runs["per_sub_batch"].model, runs["fused"].model) <= 1e-5
 
 
@@ -201,7 +201,7 @@ def test_bf16_autocast_on_cpu_keeps_fp32_optimizer_state(tmp_path):
                           badm_config=BADMConfig(mode="per_sub_batch"))
     trainer.train()
     assert_loss_falls(trainer)
-    opt = trainer._badm()
+    opt = trainer.badm_optimizer
     assert all(t.dtype == torch.float32 for s in opt.state.values() for t in [s["aggregate"], *s["duals"]])
 
 

@@ -55,12 +55,13 @@ def chain_dataset(n: int = 256, seed: int = 0, pad_to_random_length: bool = Fals
     return Dataset.from_list(rows)
 
 
-def tiny_args(out, **overrides) -> TrainingArguments:
+def tiny_args(out, args_cls: type = TrainingArguments, **overrides) -> TrainingArguments:
+    """Deterministic CPU arguments of the tiny runs; ``args_cls`` e.g. TRL's SFTConfig."""
     base = dict(output_dir=str(out), use_cpu=True, report_to=[], max_steps=30, per_device_train_batch_size=4,
                 gradient_accumulation_steps=1, learning_rate=0.3, lr_scheduler_type="constant", logging_steps=1,
                 save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0, max_grad_norm=1.0)
     base.update(overrides)
-    return TrainingArguments(**base)
+    return args_cls(**base)
 
 
 def losses(trainer) -> list[float]:
