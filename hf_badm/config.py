@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS
+from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.optim.defaults import ADAM_SCALE_MAX_LR, ELEMENTWISE_SIGMA, SGD_SCALE_MIN_LR, default_rho
 
 WEIGHTINGS = ("items", "uniform")
@@ -89,7 +90,7 @@ class BADMConfig:
                                       or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"BADMConfig.{name} must be a finite number > 0 (or None), got {value!r}")
         for name, allowed in (("mode", MODES), ("sub_batch_weights", WEIGHTINGS), ("nonfinite", NONFINITE),
-                              ("preconditioner", PRECONDITIONERS), ("elementwise_preconditioner", ELEMENTWISE)):
+                              ("preconditioner", tuple(LOCAL_SOLVES)), ("elementwise_preconditioner", ELEMENTWISE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"BADMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         k = self.sub_batches_per_micro_batch

@@ -8,10 +8,10 @@ import io
 import pytest
 import torch
 
-import hf_badm.optim.badm as badm_module
-import hf_badm.optim.preconditioned as preconditioned
 from hf_badm import BADM
+from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.optim.preconditioned import orthogonalised
+from hf_badm.optim.solves import Normalized, SecondMoment
 from test_optimizer import STEPS, SUBS, literal_grads, make_net, max_rel, mse, run_steps, sub_batches
 from reference import LiteralBADM
 
@@ -39,11 +39,13 @@ def assert_same_trajectory_under_a_schedule(nets, opts, mode: str) -> None:
 def test_frozen_second_moment_is_plain_badm_with_rescaled_rho(mode, monkeypatch):
     """q = sqrt(v_hat) + eps frozen to a constant c: D = sigma + rho c, i.e. plain BADM with rho' = rho c."""
     c = 0.37
-    def frozen(v, steps, ratio, beta2, eps):
-        return torch.full_like(v, 1.0 / (1.0 + ratio * c))
 
-    for module in (badm_module, preconditioned):
-        monkeypatch.setattr(module, "second_moment_gain", frozen)
+    class Frozen(SecondMoment):
+        def directions(self, grads, states, group, foreach):
+            ratio = group["rho"] / group["sigma"]
+            return grads, [torch.full_like(g, 1.0 / (1.0 + ratio * c)) for g in grads]
+
+    monkeypatch.setitem(LOCAL_SOLVES, "second_moment", Frozen())
     nets = [make_net(), make_net()]
     pre = BADM(nets[0].parameters(), sigma=2.0, rho=3.0, mode=mode, preconditioner="second_moment", weight_decay=0.05)
     plain = BADM(nets[1].parameters(), sigma=2.0, rho=3.0 * c, mode=mode, weight_decay=0.05)
@@ -55,8 +57,12 @@ def test_frozen_normalized_is_plain_badm_with_rescaled_penalties(mode, monkeypat
     """sqrt(v_hat) + eps frozen to c: plain BADM on g / c, i.e. plain BADM with sigma' = c sigma, rho' = c rho
     (its duals are c times the variant's)."""
     c = 0.37
-    monkeypatch.setattr(badm_module, "normalized_direction", lambda g, v, steps, beta2, eps: g / c)
-    monkeypatch.setattr(badm_module, "normalized_directions", lambda gs, vs, steps, beta2, eps, foreach: [g / c for g in gs])
+
+    class Frozen(Normalized):
+        def directions(self, grads, states, group, foreach):
+            return [g / c for g in grads], None
+
+    monkeypatch.setitem(LOCAL_SOLVES, "normalized", Frozen())
     nets = [make_net(), make_net()]
     pre = BADM(nets[0].parameters(), sigma=2.0, rho=3.0, mode=mode, preconditioner="normalized")
     plain = BADM(nets[1].parameters(), sigma=2.0 * c, rho=3.0 * c, mode=mode)
@@ -114,8 +120,8 @@ def test_per_slot_preconditioner_state_is_per_slot():
     run_steps(net, opt, 1, mode="per_sub_batch")
     p = next(net.parameters())
     state = opt.state[p]
-    assert len(state["duals"]) == len(state["slot_sq"]) == SUBS and state["slot_steps"] == [1] * SUBS
-    assert not torch.equal(state["slot_sq"][0], state["slot_sq"][1])
+    assert len(state["duals"]) == len(state["exp_avg_sq"]) == SUBS and state["steps"] == [1] * SUBS
+    assert not torch.equal(state["exp_avg_sq"][0], state["exp_avg_sq"][1])
 
 
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
@@ -144,9 +150,8 @@ def test_newton_schulz_uses_orthogonalised_momentum_on_matrices_only(mode):
     run_steps(net, opt, 3, mode=mode)
     for p in net.parameters():
         state = opt.state[p]
-        key = ("ns_momentum" if mode == "fused" else "slot_ns") if p.dim() == 2 else (
-            "exp_avg_sq" if mode == "fused" else "slot_sq")
-        assert key in state, (p.shape, sorted(state))
+        key = "momentum_buffer" if p.dim() == 2 else "exp_avg_sq"
+        assert key in state and (mode == "fused") != isinstance(state[key], list), (p.shape, sorted(state))
     x = torch.randn(16, 6, dtype=torch.float64)
     s = torch.linalg.svdvals(orthogonalised(x) / (16 / 6) ** 0.5)
     assert float(s.min()) > 0.5 and float(s.max()) < 1.3
@@ -174,7 +179,7 @@ def test_preconditioned_badm_trains_in_the_trainer(tmp_path, preconditioner, lr,
                           train_dataset=chain_dataset(), badm_config=config)
     trainer.train()
     assert_loss_falls(trainer)
-    groups = trainer._badm().param_groups
+    groups = trainer.badm_optimizer.param_groups
     embed = model.get_input_embeddings().weight
     owner = next(g for g in groups if any(p is embed for p in g["params"]))
     if preconditioner != "newton_schulz":

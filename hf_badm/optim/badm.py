@@ -5,21 +5,24 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from hf_badm.optim import solves  # noqa: F401  (registers the built-in local solves)
 from hf_badm.optim.defaults import default_rho
-from hf_badm.optim.preconditioned import (fold_second_moment, fused_second_moment, newton_schulz_direction,
-                                          normalized_direction, normalized_directions, second_moment_gain)
+from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, local_solve_for
+from hf_badm.optim.preconditioned import NS_DTYPES, orthogonalise, resolve_ns_dtype
 
 __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
 MODES = ("fused", "per_sub_batch")
-PRECONDITIONERS = ("none", "second_moment", "newton_schulz", "normalized")
+PRECONDITIONERS = tuple(LOCAL_SOLVES)  # the built-in ones; BADM accepts every registered local solve
 NONFINITE = ("skip", "raise")
+# Orthogonalizer(inputs, ns_steps, dtype) -> directions: the Newton-Schulz seam of BADM (see the class docstring).
+Orthogonalizer = Callable[[list[Tensor], int, torch.dtype], list[Tensor]]
 
 
 class NonFiniteGradientError(FloatingPointError, ValueError):
@@ -135,7 +138,8 @@ class BADM(Optimizer):
         nonfinite: ``"skip"`` (default) leaves parameters and state untouched when a step's gradient
             (or an absorbed sub-batch) holds NaN/Inf, warns and counts it; ``"raise"`` raises
             :class:`NonFiniteGradientError` instead.
-        preconditioner: the local solve (``hf_badm.optim.preconditioned``): ``"none"`` (the paper),
+        preconditioner: the local solve (a :class:`~hf_badm.optim.local_solve.LocalSolve`, one file each in
+            ``hf_badm.optim.solves``; BADM itself only runs the two modes around it): ``"none"`` (the paper),
             ``"second_moment"`` (SISA-like, ``D = sigma + rho (sqrt(v_hat) + eps)``), ``"normalized"``
             (QHAdam-like: ``g / (sqrt(v_hat) + eps)`` replaces ``g`` in the local solve; Adam-scale ``lr``)
             or ``"newton_schulz"`` (NSISA-like on 2-D tensors, second_moment elsewhere: put embeddings and
@@ -164,6 +168,7 @@ class BADM(Optimizer):
         eps: float = 1e-8,
         ns_momentum: float = 0.95,
         ns_steps: int = 5,
+        ns_dtype: str = "auto",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -171,6 +176,8 @@ class BADM(Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
+        if ns_dtype not in NS_DTYPES:
+            raise ValueError(f"ns_dtype must be one of {tuple(NS_DTYPES)}, got {ns_dtype!r}")
         sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=1.0)
         defaults = dict(lr=lr, sigma=sigma, weight_decay=_non_negative("weight_decay", weight_decay),
                         foreach=foreach, preconditioner=preconditioner, beta2=beta2, eps=eps, ns_momentum=ns_momentum,
@@ -187,6 +194,9 @@ class BADM(Optimizer):
         # Seam for data parallelism: called at step() with the aggregate buffers and this rank's
         # weight sum; must sum both over ranks (in place for the tensors) and return the global sum.
         self.aggregator: Callable[[list[Tensor], float], float] | None = None
+        self.ns_dtype = ns_dtype
+        # Seam for Newton-Schulz work (see the class docstring): all matrices of a step in one call.
+        self.orthogonalizer: Orthogonalizer = orthogonalise
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and validation
@@ -233,14 +243,14 @@ class BADM(Optimizer):
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr (1/sigma) must be a finite number >= 0 at every step, got {lr!r}")
         sigma, rho = group["sigma"], group["rho"]
-        return lr, rho / (rho + sigma), lr * sigma / rho
+        return lr, rho / (rho + sigma), lr * (sigma / rho)  # exactly lr at rho = sigma: c = 1/rho_t - 1/sigma_t = 0
 
     def _foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["foreach"] is not None:
             return group["foreach"]
         return not torch.jit.is_scripting() and all(p.device.type in ("cpu", "cuda", "xpu") for p in params)
 
-    def _params_to_update(self, group: dict[str, Any], key: str) -> list[Tensor]:
+    def _params_to_update(self, group: dict[str, Any]) -> list[Tensor]:
         """Params with a gradient, or with history (their state evolves under a zero gradient)."""
         out = []
         for p in group["params"]:
@@ -248,7 +258,7 @@ class BADM(Optimizer):
                 if p.grad.is_sparse:
                     raise ValueError("BADM does not support sparse gradients")
                 out.append(p)
-            elif key in self.state[p]:
+            elif self.state.get(p):
                 out.append(p)
         return out
 
@@ -260,7 +270,7 @@ class BADM(Optimizer):
         warnings.warn(f"BADM: {what} holds NaN or Inf; skipped, parameters and state unchanged", stacklevel=3)
         return False
 
-    # ------------------------------------------------------------------ fused mode
+    # ------------------------------------------------------------------ the two modes
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
@@ -274,59 +284,59 @@ class BADM(Optimizer):
         return loss
 
     def _fused_step(self) -> None:
-        work = [(g, self._params_to_update(g, "momentum")) for g in self.param_groups]
+        """One shared local-solve state from the reduced gradient (exact for the elementwise solves;
+        for newton_schulz, an approximation of the per-slot form): directions of every group first, one
+        orthogonalizer call, then the updates."""
+        work = [(g, self._params_to_update(g)) for g in self.param_groups]
         grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
         if not self._check_finite(grads, "gradient"):
             self.skipped_steps += 1
             return
+        parts = []
         for group, params in work:
-            if not params:
-                continue
+            for solve, ps in _by_solve(group, params):
+                parts.append(_Part.of(group, solve, ps, [self._solve_state(solve, p) for p in ps], self._foreach(group, ps)))
+        self._orthogonalise(parts)
+        for part in parts:
+            group, ps = part.group, part.params
             lr, beta, inv_rho = self._coefficients(group)
-            bufs = []
-            for p in params:
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                bufs.append(state["momentum"])
-            if group["preconditioner"] != "none":
-                self._fused_preconditioned(group, params, bufs, lr, beta, inv_rho)
-                continue
-            kernel = _fused_foreach if self._foreach(group, params) else _fused_single
-            kernel(params, _grads_or_zeros(params), bufs, beta=beta, inv_rho=inv_rho, c=inv_rho - lr,
-                   decay=1.0 - group["weight_decay"] * lr)
+            decay = 1.0 - group["weight_decay"] * lr
+            bufs = [self._dual_buffer(p) for p in ps] if _keeps_dual(group, part.solve) else None
+            if part.gains is not None:
+                kernel = _fused_gain_foreach if part.foreach else _fused_gain_single
+                kernel(ps, part.directions, bufs, part.gains, lr=lr, decay=decay)
+            else:
+                kernel = _fused_foreach if part.foreach else _fused_single
+                kernel(ps, part.directions, bufs, beta=beta, inv_rho=inv_rho, c=inv_rho - lr, decay=decay)
         self.sub_batches_last_step = 1
 
-    def _fused_preconditioned(self, group: dict[str, Any], params: list[Tensor], bufs: list[Tensor], lr: float,
-                              beta: float, inv_rho: float) -> None:
-        """One shared preconditioner from the reduced gradient (exact for second_moment, see
-        ``preconditioned``); newton_schulz orthogonalises the reduced gradient's momentum."""
-        decay = 1.0 - group["weight_decay"] * lr
-        normalized: list[tuple[Tensor, Tensor, Tensor]] = []  # updated together below (foreach kernels)
-        for p, g, m in zip(params, _grads_or_zeros(params), bufs):
-            state = self.state[p]
-            kind = _local_solve(group, p)
-            if kind == "newton_schulz":
-                if "ns_momentum" not in state:
-                    state["ns_momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                d = newton_schulz_direction(g, state["ns_momentum"], group["ns_momentum"], group["ns_steps"])
-                _fused_single([p], [d], [m], beta=beta, inv_rho=inv_rho, c=inv_rho - lr, decay=decay)
-                continue
-            if "exp_avg_sq" not in state:
-                state["exp_avg_sq"], state["steps"] = torch.zeros_like(p, memory_format=torch.preserve_format), 0
-            state["steps"] += 1
-            if kind == "normalized":
-                normalized.append((p, g, m))
-                continue
-            fused_second_moment(p, g, m, state["exp_avg_sq"], state["steps"], lr=lr, ratio=group["rho"] / group["sigma"],
-                                beta2=group["beta2"], eps=group["eps"], decay=decay)
-        if normalized:
-            ps, gs, ms = (list(t) for t in zip(*normalized))
-            foreach = self._foreach(group, ps)
-            ds = normalized_directions(gs, [self.state[p]["exp_avg_sq"] for p in ps], [self.state[p]["steps"] for p in ps],
-                                       group["beta2"], group["eps"], foreach)
-            kernel = _fused_foreach if foreach else _fused_single
-            kernel(ps, ds, ms, beta=beta, inv_rho=inv_rho, c=inv_rho - lr, decay=decay)
+    def _solve_state(self, solve: LocalSolve, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if any(k not in state for k in solve.state_keys):
+            state.update(solve.new_state(p))
+        return state
+
+    def _dual_buffer(self, p: Tensor) -> Tensor:
+        state = self.state[p]
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state["momentum"]
+
+    def _orthogonalise(self, parts: list[_Part]) -> None:
+        """Replace the Newton-Schulz inputs of ``parts`` by their directions: one orthogonalizer call per
+        (ns_steps, dtype) of the step (one in practice)."""
+        calls: dict[tuple[int, torch.dtype], list[tuple[_Part, int]]] = {}
+        for part in parts:
+            if part.solve.orthogonalises:
+                for i, x in enumerate(part.directions):
+                    key = (part.group["ns_steps"], resolve_ns_dtype(self.ns_dtype, x.device))
+                    calls.setdefault(key, []).append((part, i))
+        for (steps, dtype), where in calls.items():
+            outputs = self.orthogonalizer([part.directions[i] for part, i in where], steps, dtype)
+            if len(outputs) != len(where):
+                raise RuntimeError(f"BADM.orthogonalizer returned {len(outputs)} directions for {len(where)} inputs")
+            for (part, i), d in zip(where, outputs):
+                part.directions[i] = d
 
     # ------------------------------------------------------------------ per-sub-batch mode
     @torch.no_grad()
@@ -340,13 +350,11 @@ class BADM(Optimizer):
         weight = float(weight.item() if isinstance(weight, Tensor) else weight)
         _non_negative("weight", weight)
         slot = len(self._step_weights)
-        work = [(g, self._params_to_update(g, "aggregate")) for g in self.param_groups]
+        work = [(g, self._params_to_update(g)) for g in self.param_groups]
         grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
         ok = self._check_finite(grads, f"sub-batch {slot}'s gradient")
         if ok:
-            for group, params in work:
-                if params:
-                    self._absorb_group(group, params, slot, weight)
+            self._absorb(work, slot, weight)
         else:
             self.skipped_sub_batches += 1
         self._step_weights.append(weight if ok else 0.0)
@@ -355,42 +363,41 @@ class BADM(Optimizer):
                 p.grad = None
         return ok
 
-    def _absorb_group(self, group: dict[str, Any], params: list[Tensor], slot: int, weight: float) -> None:
-        self._coefficients(group)  # validates lr; k = sigma_t / (sigma_t + rho_t) does not depend on f_t
-        duals, aggs = [], []
-        for p in params:
-            state = self._slot_state(p)
-            duals.append(_slot_list(state, "duals", slot, p)[slot])
-            aggs.append(state["aggregate"])
-        if group["preconditioner"] != "none":
-            self._absorb_preconditioned(group, params, duals, aggs, slot, weight)
-            return
-        kernel = _absorb_foreach if self._foreach(group, params) else _absorb_single
-        kernel(_grads_or_zeros(params), duals, aggs, k=group["sigma"] / (group["sigma"] + group["rho"]), weight=weight)
-
-    def _absorb_preconditioned(self, group: dict[str, Any], params: list[Tensor], duals: list[Tensor],
-                               aggs: list[Tensor], slot: int, weight: float) -> None:
-        """The literal PISA local solve: each slot keeps its own preconditioner state."""
-        sigma, rho = group["sigma"], group["rho"]
-        for p, g, pi, agg in zip(params, _grads_or_zeros(params), duals, aggs):
-            state = self.state[p]
-            kind = _local_solve(group, p)
-            if kind == "newton_schulz":
-                moms = _slot_list(state, "slot_ns", slot, p)
-                d, k = newton_schulz_direction(g, moms[slot], group["ns_momentum"], group["ns_steps"]), sigma / (sigma + rho)
+    def _absorb(self, work: list[tuple[dict[str, Any], list[Tensor]]], slot: int, weight: float) -> None:
+        """The literal local solve of one slot (each slot keeps its own solve state): directions of every
+        group first, one orthogonalizer call, then the duals and the aggregate."""
+        parts = []
+        for group, params in work:
+            self._coefficients(group)  # validates lr; the gain sigma_t / (sigma_t + rho_t) does not depend on f_t
+            for solve, ps in _by_solve(group, params):
+                views = [self._slot_view(solve, p, slot) for p in ps]
+                parts.append(_Part.of(group, solve, ps, views, self._foreach(group, ps)))
+                for p, view in zip(ps, views):  # the solve may rebind values (its step counts)
+                    for key, value in view.items():
+                        self.state[p][key][slot] = value
+        self._orthogonalise(parts)
+        for part in parts:
+            duals = [self.state[p]["duals"][slot] for p in part.params]
+            aggs = [self.state[p]["aggregate"] for p in part.params]
+            if part.gains is not None:
+                kernel = _absorb_gain_foreach if part.foreach else _absorb_gain_single
+                kernel(part.directions, duals, aggs, part.gains, weight=weight)
             else:
-                sqs, steps = _slot_list(state, "slot_sq", slot, p), state.setdefault("slot_steps", [])
-                steps.extend([0] * (slot + 1 - len(steps)))
-                steps[slot] += 1
-                if kind == "normalized":
-                    d = normalized_direction(g, sqs[slot], steps[slot], group["beta2"], group["eps"])
-                    k = sigma / (sigma + rho)
-                else:
-                    fold_second_moment(sqs[slot], g, group["beta2"])
-                    d, k = g, second_moment_gain(sqs[slot], steps[slot], rho / sigma, group["beta2"], group["eps"])
-            kt = (d + pi).mul_(k)  # sigma_t (w_s - w) = -(d + pi) / (1 + rho q / sigma)
-            pi.sub_(kt)
-            agg.add_(pi, alpha=weight).add_(kt, alpha=-weight)
+                kernel = _absorb_foreach if part.foreach else _absorb_single
+                sigma, rho = part.group["sigma"], part.group["rho"]
+                kernel(part.directions, duals, aggs, k=sigma / (sigma + rho), weight=weight)
+
+    def _slot_view(self, solve: LocalSolve, p: Tensor, slot: int) -> dict[str, Any]:
+        """Slot ``slot``'s solve state of ``p`` (created up to that slot), as the solve's own keys."""
+        state = self._slot_state(p)
+        duals = state["duals"]
+        while len(duals) <= slot:
+            duals.append(torch.zeros_like(p, memory_format=torch.preserve_format))
+        if solve.state_keys:
+            while len(state.setdefault(solve.state_keys[0], [])) <= slot:
+                for key, value in solve.new_state(p).items():
+                    state.setdefault(key, []).append(value)
+        return {key: state[key][slot] for key in solve.state_keys}
 
     def _slot_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -450,10 +457,14 @@ class BADM(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` (this release's or an earlier one's keys, see
+        :func:`_upgrade_legacy_state`)."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("badm", None)
         if extra is not None and extra["mode"] != self.mode:
             raise ValueError(f"state was saved in mode={extra['mode']!r} but this optimizer has mode={self.mode!r}")
+        state_dict["state"] = _upgrade_legacy_state(state_dict, self.mode,
+                                                    [p for g in self.param_groups for p in g["params"]])
         super().load_state_dict(state_dict)
         if extra is not None:
             self._step_weights, self.slot_weights = list(extra["step_weights"]), list(extra["slot_weights"])
@@ -462,12 +473,13 @@ class BADM(Optimizer):
 
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        """σ_t, ρ_t (first group), dual norm, sub-batches in the last step and skipped counts, for logging.
+        """Step size 1/σ_t and β = ρ/(ρ+σ) (first group), dual norm, sub-batches in the last step and skipped
+        counts, for logging. Step sizes rather than σ_t, ρ_t: they stay finite where the schedule factor is 0 (the
+        first warm-up step), and σ_t = 1/badm_step_size, ρ_t = σ_t β/(1-β).
 
         Dual norm: fused, the norm of the aggregated dual ``||sum_s alpha_s pi_s|| = ||m||``;
         per-sub-batch, the root-mean-square over slots of ``||pi_s||``."""
-        lr, _, inv_rho = self._coefficients(self.param_groups[0])
-        sigma_t, rho_t = (1.0 / lr, 1.0 / inv_rho) if lr > 0 else (math.inf, math.inf)
+        lr, beta, _ = self._coefficients(self.param_groups[0])
         # over self.state, not param_groups: ZeRO-3 swaps its partitions into param_groups only during step()
         if self.mode == "fused":
             tensors = [s["momentum"] for s in self.state.values() if "momentum" in s]
@@ -476,7 +488,7 @@ class BADM(Optimizer):
         sq = sum(float(n) ** 2 for n in torch._foreach_norm(tensors)) if tensors else 0.0
         if self.mode == "per_sub_batch" and tensors:
             sq /= self.slots
-        return {"badm_sigma": sigma_t, "badm_rho": rho_t, "badm_dual_norm": math.sqrt(sq),
+        return {"badm_step_size": lr, "badm_beta": beta, "badm_dual_norm": math.sqrt(sq),
                 "badm_sub_batches": float(self.sub_batches_last_step), "badm_skipped_steps": float(self.skipped_steps),
                 "badm_skipped_sub_batches": float(self.skipped_sub_batches)}
 
@@ -500,7 +512,7 @@ def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any
     like: dict[Any, Tensor] = {}
     for sd in states:
         for key, entry in sd["state"].items():
-            if "slot_sq" in entry or "slot_ns" in entry:
+            if set(entry) - {"duals", "aggregate"}:
                 raise ValueError("per-slot preconditioner state is non-linear in the slots and cannot be re-slotted "
                                  "exactly: resume with the same world size and accumulation, or use fused mode")
             like[key] = entry["aggregate"]
@@ -516,9 +528,29 @@ def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any
     return {"state": out, "param_groups": states[0]["param_groups"], "badm": extra}
 
 
+# State keys of the release before the local solves had their own files, and their names now.
+_LEGACY_KEYS = {"fused": {"ns_momentum": "momentum_buffer"},
+                "per_sub_batch": {"slot_sq": "exp_avg_sq", "slot_steps": "steps", "slot_ns": "momentum_buffer"}}
+
+
+def _upgrade_legacy_state(state_dict: dict[str, Any], mode: str, params: list[Tensor]) -> dict[Any, dict[str, Any]]:
+    """The saved per-parameter state with earlier releases' keys renamed (``_LEGACY_KEYS``) and fused mode's
+    ``momentum`` dropped where this release does not keep it (rho = sigma, see ``_keeps_dual``). A new dict;
+    the input is not modified. ``params``: this optimizer's parameters, in the saved indices' order."""
+    renames = _LEGACY_KEYS[mode]
+    state = {key: {renames.get(k, k): v for k, v in entry.items()} for key, entry in state_dict["state"].items()}
+    if mode == "fused":
+        indices = [i for g in state_dict["param_groups"] for i in g["params"]]
+        groups = [g for g in state_dict["param_groups"] for _ in g["params"]]
+        for index, group, p in zip(indices, groups, params):
+            if index in state and not _keeps_dual(group, local_solve_for(group, p)):
+                state[index].pop("momentum", None)
+    return state
+
+
 def _check_preconditioner(group: dict[str, Any]) -> None:
-    if "preconditioner" in group and group["preconditioner"] not in PRECONDITIONERS:
-        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {group['preconditioner']!r}")
+    if "preconditioner" in group and group["preconditioner"] not in LOCAL_SOLVES:
+        raise ValueError(f"preconditioner must be one of {tuple(LOCAL_SOLVES)}, got {group['preconditioner']!r}")
     for name in ("beta2", "ns_momentum"):
         value = group.get(name, 0.5)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -530,18 +562,39 @@ def _check_preconditioner(group: dict[str, Any]) -> None:
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
 
 
-def _local_solve(group: dict[str, Any], p: Tensor) -> str:
-    """The group's preconditioner for ``p``: Newton-Schulz acts on whole weight matrices only; every
-    other tensor of a newton_schulz group takes second_moment."""
-    kind = group["preconditioner"]
-    return "second_moment" if kind == "newton_schulz" and p.dim() != 2 else kind
+def _by_solve(group: dict[str, Any], params: list[Tensor]) -> list[tuple[LocalSolve, list[Tensor]]]:
+    """``params`` split by their local solve (the group's, or its fallback), in order of first appearance."""
+    out: dict[str, tuple[LocalSolve, list[Tensor]]] = {}
+    for p in params:
+        solve = local_solve_for(group, p)
+        out.setdefault(solve.name, (solve, []))[1].append(p)
+    return list(out.values())
 
 
-def _slot_list(state: dict[str, Any], key: str, slot: int, p: Tensor) -> list[Tensor]:
-    slots = state.setdefault(key, [])
-    while len(slots) <= slot:
-        slots.append(torch.zeros_like(p, memory_format=torch.preserve_format))
-    return slots
+def _keeps_dual(group: dict[str, Any], solve: LocalSolve) -> bool:
+    """Whether fused mode needs BADM's buffer m = -pi_bar for ``solve`` in ``group``. With a scalar gain it
+    enters the update only through c = 1/rho_t - 1/sigma_t = (sigma/rho - 1)/sigma_t, which is 0 at every
+    step when rho = sigma; a solve with state of its own (which marks the parameter's history) then does
+    without m. The elementwise-gain form always needs it."""
+    return solve.gains or group["sigma"] != group["rho"] or not solve.state_keys
+
+
+class _Part(NamedTuple):
+    """The parameters of one group that share one local solve, with this step's directions and gains."""
+
+    group: dict[str, Any]
+    solve: LocalSolve
+    params: list[Tensor]
+    foreach: bool
+    directions: list[Tensor]
+    gains: list[Tensor] | None
+
+    @classmethod
+    def of(cls, group: dict[str, Any], solve: LocalSolve, params: list[Tensor], states: list[dict[str, Any]],
+           foreach: bool) -> _Part:
+        """Run ``solve`` on the params' gradients (a missing one is zero) with their ``states``."""
+        directions, gains = solve.directions(_grads_or_zeros(params), states, group, foreach)
+        return cls(group, solve, params, foreach, list(directions), None if gains is None else list(gains))
 
 
 def _resolve_sigma_lr(sigma: float | None, lr: float | None, default_sigma: float) -> tuple[float, float]:
@@ -555,43 +608,86 @@ def _resolve_sigma_lr(sigma: float | None, lr: float | None, default_sigma: floa
 
 
 # ---------------------------------------------------------------------- kernels
-def _fused_single(params, grads, bufs, *, beta, inv_rho, c, decay) -> None:
-    for p, g, m in zip(params, grads, bufs):
+def _fused_single(params, directions, bufs, *, beta, inv_rho, c, decay) -> None:
+    """m <- beta m + (1 - beta) d;  w <- w - d / rho_t + c m  (m is None where c = 0: see _keeps_dual)."""
+    for i, (p, d) in enumerate(zip(params, directions)):
         if decay != 1.0:
             p.mul_(decay)
-        m.lerp_(g, 1.0 - beta)
-        p.add_(g, alpha=-inv_rho)
+        if bufs is not None:
+            bufs[i].lerp_(d, 1.0 - beta)
+        p.add_(d, alpha=-inv_rho)
         if c != 0.0:
-            p.add_(m, alpha=c)
+            p.add_(bufs[i], alpha=c)
 
 
-def _fused_foreach(params, grads, bufs, *, beta, inv_rho, c, decay) -> None:
-    grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, bufs])
-    for (dp, dg, dm), _ in grouped.values():
+def _fused_foreach(params, directions, bufs, *, beta, inv_rho, c, decay) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, directions] + ([bufs] if bufs is not None else []))
+    for tensors, _ in grouped.values():
+        dp, dd = tensors[0], tensors[1]
         if decay != 1.0:
             torch._foreach_mul_(dp, decay)
-        torch._foreach_lerp_(dm, dg, 1.0 - beta)
-        torch._foreach_add_(dp, dg, alpha=-inv_rho)
+        if bufs is not None:
+            torch._foreach_lerp_(tensors[2], dd, 1.0 - beta)
+        torch._foreach_add_(dp, dd, alpha=-inv_rho)
         if c != 0.0:
-            torch._foreach_add_(dp, dm, alpha=c)
+            torch._foreach_add_(dp, tensors[2], alpha=c)
 
 
-def _absorb_single(grads, duals, aggs, *, k, weight) -> None:
-    # pi' = pi - k (g + pi) (= pi + sigma (w_s - w)); the slot's term sigma (w_s - w) + pi' = pi' - k (g + pi)
+def _fused_gain_single(params, directions, bufs, gains, *, lr, decay) -> None:
+    """The exact shared-gain form, m = -pi: u = k (d + pi);  w <- w - 2 lr u + lr pi;  pi <- pi - u.
+    ``gains`` is overwritten with u."""
+    for p, d, m, u in zip(params, directions, bufs, gains):
+        u.mul_(d - m)
+        if decay != 1.0:
+            p.mul_(decay)
+        p.add_(u, alpha=-2.0 * lr).add_(m, alpha=-lr)
+        m.add_(u)
+
+
+def _fused_gain_foreach(params, directions, bufs, gains, *, lr, decay) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype([params, directions, bufs, gains])
+    for (dp, dd, dm, du), _ in grouped.values():
+        torch._foreach_mul_(du, torch._foreach_sub(dd, dm))
+        if decay != 1.0:
+            torch._foreach_mul_(dp, decay)
+        torch._foreach_add_(dp, du, alpha=-2.0 * lr)
+        torch._foreach_add_(dp, dm, alpha=-lr)
+        torch._foreach_add_(dm, du)
+
+
+def _absorb_single(directions, duals, aggs, *, k, weight) -> None:
+    # pi' = pi - k (d + pi) (= pi + sigma (w_s - w)); the slot's term sigma (w_s - w) + pi' = pi' - k (d + pi)
     # = 2 pi' - pi, so A += weight (2 pi' - pi): no temporary tensor.
-    for g, pi, a in zip(grads, duals, aggs):
+    for d, pi, a in zip(directions, duals, aggs):
         a.add_(pi, alpha=-weight)
-        pi.mul_(1.0 - k).add_(g, alpha=-k)
+        pi.mul_(1.0 - k).add_(d, alpha=-k)
         a.add_(pi, alpha=2.0 * weight)
 
 
-def _absorb_foreach(grads, duals, aggs, *, k, weight) -> None:
-    grouped = Optimizer._group_tensors_by_device_and_dtype([grads, duals, aggs])
-    for (dg, dpi, da), _ in grouped.values():
+def _absorb_foreach(directions, duals, aggs, *, k, weight) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype([directions, duals, aggs])
+    for (dd, dpi, da), _ in grouped.values():
         torch._foreach_add_(da, dpi, alpha=-weight)
         torch._foreach_mul_(dpi, 1.0 - k)
-        torch._foreach_add_(dpi, dg, alpha=-k)
+        torch._foreach_add_(dpi, dd, alpha=-k)
         torch._foreach_add_(da, dpi, alpha=2.0 * weight)
+
+
+def _absorb_gain_single(directions, duals, aggs, gains, *, weight) -> None:
+    """Elementwise gains: kt = k (d + pi) = -sigma_t (w_s - w);  pi <- pi - kt;  A += weight (pi - kt)."""
+    for d, pi, a, k in zip(directions, duals, aggs, gains):
+        kt = k.mul_(d + pi)
+        pi.sub_(kt)
+        a.add_(pi, alpha=weight).add_(kt, alpha=-weight)
+
+
+def _absorb_gain_foreach(directions, duals, aggs, gains, *, weight) -> None:
+    grouped = Optimizer._group_tensors_by_device_and_dtype([directions, duals, aggs, gains])
+    for (dd, dpi, da, dk), _ in grouped.values():
+        torch._foreach_mul_(dk, torch._foreach_add(dd, dpi))
+        torch._foreach_sub_(dpi, dk)
+        torch._foreach_add_(da, dpi, alpha=weight)
+        torch._foreach_add_(da, dk, alpha=-weight)
 
 
 def _apply_single(params, aggs, *, scale, decay) -> None:

@@ -33,5 +33,6 @@ DEMO_LEARNING_RATES: dict[str, float] = {"adamw_torch": 1e-2}
 
 
 def default_rho(preconditioner: str, sigma: float) -> float:
-    """rho when the user gives only sigma (or a learning rate): the measured rho/sigma of the local solve."""
-    return RHO_OVER_SIGMA[preconditioner] * sigma
+    """rho when the user gives only sigma (or a learning rate): the measured rho/sigma of the local solve
+    (the paper's beta = 0.9 for a local solve without a measured default)."""
+    return RHO_OVER_SIGMA.get(preconditioner, RHO_OVER_SIGMA["none"]) * sigma

@@ -1,50 +1,40 @@
-"""Preconditioned local solves for BADM (the authors' PISA direction; ../shared/BADM.md §6).
+"""The math the local solves share (hf_badm.optim.solves; ../shared/BADM.md §6): the second-moment EMA
+and its RMS denominator, and Newton-Schulz orthogonalisation, batched over matrices of one shape.
 
-Plain BADM solves each sub-batch's proximal problem with one gradient step of size 1/(sigma + rho).
-The variants here change that local solve and nothing else (the dual update and the aggregation
-stay BADM's):
-
-``second_moment`` (SISA-like): the local solve is
-``w_s = w - (g_s + pi_s) / (sigma + rho * q_s)`` with ``q_s = sqrt(v_hat_s) + eps`` and ``v_s`` a
-bias-corrected EMA of ``g_s**2``. With the preconditioner fixed within a step the update is linear
-in (g, pi), so the fused form with ONE shared ``v`` (from the reduced gradient) is itself an exact
-algorithm::
-
-    u  = (g + pi) / (sigma + rho q)          # all sub-batches share q
-    w <- w - 2 u + pi / sigma
-    pi <- pi - sigma u
-
-``newton_schulz`` (NSISA-like): on 2-D weight matrices the local direction is Newton-Schulz
-orthogonalised Nesterov momentum, ``M <- mu M + g; d = NS5(g + mu M) * max(1, rows/cols)**0.5``,
-used in place of the gradient in plain BADM's local solve; other parameters use ``second_moment``.
-
-``normalized`` (QHAdam-like): the local direction is the gradient divided elementwise by its RMS,
-``d_s = g_s / (sqrt(v_hat_s) + eps)``, used in place of the gradient in plain BADM's local solve
-(D = sigma + rho), so the duals average normalised directions and the ``pi / sigma`` term is on
-Adam's scale. With ``v`` fixed within a step ``d`` is linear in ``g``: the fused form with one shared
-``v`` is again an exact algorithm (plain BADM on ``d``).
-
-All functions below are written in step sizes: ``lr`` = 1/sigma_t and ``ratio`` = rho/sigma (fixed
-under a schedule), so a zero schedule factor is the sigma, rho -> inf limit (duals move, w does not).
+Written in step sizes where a schedule enters: ``ratio`` = rho/sigma is fixed under a schedule.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["fold_second_moment", "rms_denominator", "second_moment_gain", "orthogonalised", "fused_second_moment", "newton_schulz_direction",
-           "normalized_direction", "normalized_directions"]
+__all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "fold_second_moments", "rms_denominator", "second_moment_gain",
+           "orthogonalised", "orthogonalise", "resolve_ns_dtype"]
 
-# Quintic Newton-Schulz coefficients that drive all singular values towards ~1 in five steps.
-_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Quintic Newton-Schulz coefficients (Muon's) that drive all singular values towards ~1 in five steps.
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# ns_dtype: "auto" is bfloat16 on CUDA (as torch.optim.Muon) and float32 elsewhere.
+NS_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float64": torch.float64}
 
 
-def fold_second_moment(v: Tensor, grad: Tensor, beta2: float) -> None:
-    """``v <- beta2 v + (1 - beta2) grad**2`` in place: the EMA every elementwise local solve keeps."""
-    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+def fold_second_moments(grads: list[Tensor], states: list[dict[str, Any]], beta2: float,
+                        foreach: bool) -> tuple[list[Tensor], list[int]]:
+    """``v <- beta2 v + (1 - beta2) g**2`` in place and ``steps += 1`` for each state; returns (v, steps)."""
+    vs = [s["exp_avg_sq"] for s in states]
+    for s in states:
+        s["steps"] += 1
+    if foreach:
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
+    else:
+        for v, g in zip(vs, grads):
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    return vs, [s["steps"] for s in states]
 
 
 def rms_denominator(v: Tensor, steps: int, beta2: float, eps: float) -> Tensor:
@@ -57,57 +47,45 @@ def second_moment_gain(v: Tensor, steps: int, ratio: float, beta2: float, eps: f
     return rms_denominator(v, steps, beta2, eps).mul_(ratio).add_(1.0).reciprocal_()
 
 
+def resolve_ns_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype Newton-Schulz runs in: ``"auto"`` is bfloat16 on CUDA (as torch.optim.Muon), float32 elsewhere."""
+    dtype = NS_DTYPES[ns_dtype]
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype
+
+
 @torch.no_grad()
-def orthogonalised(x: Tensor, steps: int = 5) -> Tensor:
-    """Approximately U V^T of ``x = U S V^T`` (Newton-Schulz), scaled by max(1, rows/cols)**0.5."""
-    a, b, c = _NS_COEFFS
-    y = x.float()
-    tall = y.shape[0] > y.shape[1]
-    if tall:
-        y = y.T
-    y = y / (y.norm() + 1e-7)
-    for _ in range(steps):
-        gram = y @ y.T
-        y = a * y + (b * gram + c * gram @ gram) @ y
-    if tall:
-        y = y.T
-    return y.to(x.dtype).mul_(math.sqrt(max(1.0, x.shape[0] / x.shape[1])))
+def orthogonalised(x: Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Approximately ``U V^T`` of ``x = U S V^T`` (Newton-Schulz in ``dtype``), times max(1, rows/cols)**0.5."""
+    return orthogonalise([x], steps, dtype)[0]
 
 
-def newton_schulz_direction(grad: Tensor, momentum: Tensor, mu: float, steps: int) -> Tensor:
-    """Nesterov momentum (updated in place) orthogonalised: the local direction for a weight matrix."""
-    momentum.mul_(mu).add_(grad)
-    return orthogonalised(grad.add(momentum, alpha=mu), steps)
+@torch.no_grad()
+def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]:
+    """:func:`orthogonalised` of each 2-D input, in its dtype; matrices of one shape (and device) are
+    stacked and iterated together with batched matrix products (one ``bmm`` chain per shape)::
 
+        X <- X / (||X||_F + 1e-7);  5 times: A = X X^T;  X <- a X + (b A + c A A) X
 
-def normalized_direction(grad: Tensor, v: Tensor, steps: int, beta2: float, eps: float) -> Tensor:
-    """``g / (sqrt(v_hat) + eps)`` after folding ``g`` into the second-moment EMA ``v`` (in place)."""
-    fold_second_moment(v, grad, beta2)
-    return grad / rms_denominator(v, steps, beta2, eps)
-
-
-def normalized_directions(grads: list[Tensor], vs: list[Tensor], steps: list[int], beta2: float, eps: float,
-                          foreach: bool) -> list[Tensor]:
-    """:func:`normalized_direction` of many tensors, with the ``torch._foreach_*`` kernels when ``foreach``."""
-    if not foreach:
-        return [normalized_direction(g, v, k, beta2, eps) for g, v, k in zip(grads, vs, steps)]
-    torch._foreach_mul_(vs, beta2)
-    torch._foreach_addcmul_(vs, grads, grads, value=1.0 - beta2)
-    denom = torch._foreach_div(vs, [1.0 - beta2**k for k in steps])
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
-    return torch._foreach_div(grads, denom)
-
-
-def fused_second_moment(p: Tensor, g: Tensor, m: Tensor, v: Tensor, steps: int, *, lr: float, ratio: float,
-                        beta2: float, eps: float, decay: float, track_dual: bool = False) -> None:
-    """The exact shared-preconditioner step on one parameter; ``m = -pi`` (the negated mean dual).
-    ``track_dual``: ``v`` tracks ``(g + pi)**2`` instead of ``g**2`` (not shown better, within the run-to-run
-    spread: scripts/probe_second_moment_target.py, docs/preconditioners.md)."""
-    t = g - m  # g + pi
-    fold_second_moment(v, t if track_dual else g, beta2)
-    u = second_moment_gain(v, steps, ratio, beta2, eps).mul_(t)  # (g + pi) / (1 + ratio q)
-    if decay != 1.0:
-        p.mul_(decay)
-    p.add_(u, alpha=-2.0 * lr).add_(m, alpha=-lr)  # w - 2 u_t + pi / sigma_t, with u_t = lr u
-    m.add_(u)  # pi <- pi - sigma_t u_t
+    (on the wide orientation, ``X^T`` for tall matrices). The default ``BADM.orthogonalizer``."""
+    a, b, c = NS_COEFFICIENTS
+    out: list[Tensor | None] = [None] * len(inputs)
+    by_shape: dict[tuple[torch.Size, torch.device], list[int]] = {}
+    for i, x in enumerate(inputs):
+        by_shape.setdefault((x.shape, x.device), []).append(i)
+    for (shape, _), idx in by_shape.items():
+        y = torch.stack([inputs[i].to(dtype) for i in idx])
+        tall = shape[0] > shape[1]
+        if tall:
+            y = y.mT
+        y = y / (torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True) + 1e-7)
+        for _ in range(steps):
+            gram = y @ y.mT
+            y = a * y + (b * gram + c * gram @ gram) @ y
+        if tall:
+            y = y.mT
+        scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+        for j, i in enumerate(idx):
+            out[i] = y[j].to(inputs[i].dtype).mul_(scale)
+    return out  # type: ignore[return-value]

@@ -1,0 +1,8 @@
+"""The built-in local solves, one file each; importing this package registers them."""
+
+from hf_badm.optim.solves.newton_schulz import NewtonSchulz, ns_applies
+from hf_badm.optim.solves.none import Plain
+from hf_badm.optim.solves.normalized import Normalized
+from hf_badm.optim.solves.second_moment import SecondMoment
+
+__all__ = ["Plain", "SecondMoment", "Normalized", "NewtonSchulz", "ns_applies"]
