@@ -104,7 +104,7 @@ class BADMTrainerMixin:
 
     Takes ``badm_config=BADMConfig(...)``. Creates BADM in ``create_optimizer`` (so the DeepSpeed and
     FSDP creation paths use it), runs per-sub-batch mode's absorb loop in ``training_step``, and adds
-    ``badm_*`` metrics (sigma_t, rho_t, dual norm, sub-batches per step, skipped steps) to the logs.
+    ``badm_*`` metrics (step size 1/sigma_t, beta, dual norm, sub-batches per step, skipped steps) to the logs.
     Clipping: fused clips the reduced gradient by global norm (the Trainer's usual clip);
     per-sub-batch clips each sub-batch's gradient to ``max_grad_norm`` before absorbing it, and
     logs the root-mean-square of the sub-batch norms as ``grad_norm``.

@@ -35,7 +35,7 @@ def trainer_job(out: Path, job: dict) -> Trainer:
         from trl import SFTConfig as args_cls  # noqa: N813
     args = tiny_args(out / job["name"], args_cls, max_steps=job["steps"], gradient_accumulation_steps=job["ga"],
                      max_grad_norm=0.0, save_strategy="steps" if save else "no", save_steps=save or 500,
-                     deepspeed=job.get("deepspeed"), **({"max_length": 64} if wiring == "mixin" else {}))
+                     deepspeed=job.get("deepspeed"), **({"max_length": 64, "bf16": False} if wiring == "mixin" else {}))
     model = tiny_model("gpt2")
     model = model.double() if job.get("double") else model
     data = chain_dataset(pad_to_random_length=job.get("pad", False))

@@ -3,6 +3,7 @@ resume, MoE, bf16, misconfiguration. Tiny models from configs, generated data, r
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import torch
 from transformers import Trainer
 
 from hf_badm import BADM, BADMConfig, BADMTrainer, create_badm_optimizer
+from hf_badm.factory import badm_optimizer_cls_and_kwargs, decay_parameter_names
 from hf_badm.optim.defaults import RHO_OVER_SIGMA
-from hf_badm.factory import badm_optimizer_cls_and_kwargs
-from hf_badm.trainer import count_loss_items
+from hf_badm.trainer import BADMMetricsCallback, count_loss_items
 from reference import LiteralBADM
 from tiny import assert_loss_falls, chain_dataset, max_rel_diff, tiny_args, tiny_model
 
@@ -34,14 +35,43 @@ def test_create_badm_optimizer_in_a_plain_trainer_pretrains_from_config(tmp_path
 
 
 def test_schedule_factor_scales_both_penalties(tmp_path):
+    """sigma_t = sigma/f_t, rho_t = rho/f_t: the logged step size 1/sigma_t follows the schedule, beta stays."""
     model = tiny_model()
     args = tiny_args(tmp_path, lr_scheduler_type="linear", warmup_steps=0, max_steps=10)
     optimizer, scheduler = create_badm_optimizer(model, args, sigma=2.0, rho=5.0)
     for t in range(5):
         f = 1 - t / 10
         m = optimizer.metrics()
-        assert m["badm_sigma"] == pytest.approx(2.0 / f) and m["badm_rho"] == pytest.approx(5.0 / f)
+        assert m["badm_step_size"] == pytest.approx(f / 2.0) and m["badm_beta"] == pytest.approx(5.0 / 7.0)
         scheduler.step()
+
+
+@pytest.mark.parametrize("route", ["optimizers", "badm_trainer"])
+def test_badm_metrics_are_logged_for_the_step_of_the_logged_learning_rate(tmp_path, route):
+    """Cosine with warm-up: every logged badm_step_size equals that log's learning_rate (the same step), finite from
+    the zero-factor first warm-up step to the end of the decay; the optimizers= route logs them via the callback."""
+    model = tiny_model()
+    args = tiny_args(tmp_path, lr_scheduler_type="cosine", warmup_steps=2, max_steps=8)
+    if route == "optimizers":
+        trainer = Trainer(model=model, args=args, train_dataset=chain_dataset(), callbacks=[BADMMetricsCallback()],
+                          optimizers=create_badm_optimizer(model, args))
+    else:
+        trainer = BADMTrainer(model=model, args=args, train_dataset=chain_dataset())
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 8 and logs[0]["learning_rate"] == 0.0 and logs[-1]["learning_rate"] > 0
+    for h in logs:
+        assert h["badm_step_size"] == pytest.approx(h["learning_rate"], rel=1e-12, abs=1e-15)
+        assert all(math.isfinite(v) for k, v in h.items() if k.startswith("badm_"))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mixtral"])
+def test_decay_rule_is_the_trainers(tmp_path, family):
+    """create_badm_optimizer decays exactly the tensors a Trainer decays (biases and norm weights excluded)."""
+    model = tiny_model(family)
+    trainer = Trainer(model=model, args=tiny_args(tmp_path))
+    assert decay_parameter_names(model) == trainer.get_decay_parameter_names(model)
+    assert any("norm" in n or "ln" in n for n, _ in model.named_parameters() if n not in decay_parameter_names(model))
 
 
 def test_learning_rate_maps_to_sigma_and_adamw_scale_warns(tmp_path):
@@ -79,7 +109,7 @@ def test_badm_trainer_trains_and_logs_badm_metrics(tmp_path, mode):
     trainer.train()
     assert_loss_falls(trainer)
     logged = [h for h in trainer.state.log_history if "loss" in h][-1]
-    assert logged["badm_sigma"] == pytest.approx(1 / 0.3)
+    assert logged["badm_step_size"] == pytest.approx(0.3)
     assert logged["badm_sub_batches"] == 2 if mode == "per_sub_batch" else 1
     assert logged["badm_dual_norm"] > 0 and logged["badm_skipped_steps"] == 0 and logged["grad_norm"] > 0
 
@@ -170,7 +200,11 @@ def test_moe_with_router_logits_and_idle_experts(tmp_path, family, mode):
         trainer.add_callback(_IdleExpertProbe(expert_params, idle))
     trainer.train()
     assert_loss_falls(trainer)
-    assert model.config.output_router_logits
+    batch = {k: torch.tensor(v[:2]) for k, v in chain_dataset()[:2].items()}
+    out = model(**batch)  # the router's auxiliary loss is part of the trained loss
+    assert out.aux_loss is not None and out.aux_loss > 0
+    lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+    assert float(out.loss) == pytest.approx(float(lm + model.config.router_aux_loss_coef * out.aux_loss), rel=1e-5)
     if mode == "fused":
         assert idle, "expected some expert to receive no tokens in some step"
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -195,14 +229,20 @@ class _IdleExpertProbe:
                 self.record.extend((n, e) for e in range(p.shape[0]) if not p.grad[e].any())
 
 
-def test_bf16_autocast_on_cpu_keeps_fp32_optimizer_state(tmp_path):
-    model = tiny_model("llama")
-    trainer = BADMTrainer(model=model, args=tiny_args(tmp_path, bf16=True), train_dataset=chain_dataset(),
-                          badm_config=BADMConfig(mode="per_sub_batch"))
-    trainer.train()
-    assert_loss_falls(trainer)
-    opt = trainer.badm_optimizer
-    assert all(t.dtype == torch.float32 for s in opt.state.values() for t in [s["aggregate"], *s["duals"]])
+def test_bf16_autocast_on_cpu_tracks_fp32_training(tmp_path):
+    """bf16 autocast (matmuls really run in bf16: checked on an activation) trains per-sub-batch BADM like fp32 does."""
+    losses_by_precision, dtypes = {}, []
+    for bf16 in (False, True):
+        model = tiny_model("llama")
+        model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        trainer = BADMTrainer(model=model, args=tiny_args(tmp_path / str(bf16), bf16=bf16), train_dataset=chain_dataset(),
+                              badm_config=BADMConfig(mode="per_sub_batch"))
+        trainer.train()
+        assert_loss_falls(trainer)
+        losses_by_precision[bf16] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert torch.bfloat16 in dtypes and torch.float32 in dtypes
+    fp32, bf16 = (sum(losses_by_precision[b][-5:]) / 5 for b in (False, True))
+    assert abs(bf16 - fp32) <= 0.05 * fp32, (fp32, bf16)
 
 
 def test_misconfiguration_fails_before_the_first_step(tmp_path):

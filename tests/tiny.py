@@ -18,7 +18,12 @@ def tiny_model(family: str = "gpt2", seed: int = 0) -> torch.nn.Module:
     if family == "gpt2":
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                          embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False)
-        return GPT2LMHeadModel(cfg)
+        model = GPT2LMHeadModel(cfg)
+        # GPT-2 leaves loss_type unset, and the Trainer then counts one loss item too many per sequence in its
+        # num_items_in_batch (fused mode's loss scale, as for any optimizer); naming the loss it computes anyway
+        # makes fused and per-sub-batch runs average the same items.
+        model.loss_type = "ForCausalLM"
+        return model
     if family == "llama":
         return LlamaForCausalLM(LlamaConfig(**common, num_key_value_heads=2))
     if family == "mixtral":
