@@ -303,4 +303,8 @@ def test_tiny_gpt_learns_the_builtin_corpus(tokenizer, one_thread):
     assert batched == [generate_completions(model, tokenizer, [p], max_new_tokens=8)[0] for p in prompts]
     assert model.training and tokenizer.padding_side == "right"
     examples = instruction_examples(4, seed=0)
-    assert 0.0 <= evaluate_exact_match(model, tokenizer, examples, max_new_tokens=4) <= 1.0
+    predictions = generate_completions(model, tokenizer, [e["prompt"] for e in examples], max_new_tokens=4)
+    score = evaluate_exact_match(model, tokenizer, examples, max_new_tokens=4)
+    assert score == exact_match(predictions, [e["completion"] for e in examples])
+    own = [{"prompt": e["prompt"], "completion": f" {p}"} for e, p in zip(examples, predictions)]
+    assert evaluate_exact_match(model, tokenizer, own, max_new_tokens=4) == 1.0

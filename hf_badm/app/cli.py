@@ -1,8 +1,8 @@
-"""``hf-badm train | compare | demo``: YAML recipes parsed by HfArgumentParser, overridable per field.
+"""``hf-badm train | compare | demo``: the console script.
 
-A recipe is a flat YAML mapping of fields of ``ModelArguments``, ``TaskArguments``, ``BADMConfig``
-and ``transformers.TrainingArguments``; ``--field value`` after the recipe overrides it. The same
-command runs under ``accelerate launch -m hf_badm train ...`` and the ``deepspeed`` launcher.
+A recipe (``hf_badm.app.recipe``) is a flat YAML mapping of fields; ``--field value`` after it
+overrides one. The same command runs under ``accelerate launch -m hf_badm train ...`` and the
+``deepspeed`` launcher. ``main`` is the only place that turns errors into a message and exit code.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from hf_badm.app import RecipeError
+from hf_badm.app.recipe import parse, read_recipe, recipe_parser
 from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
 from hf_badm.optim.defaults import DEMO_LEARNING_RATES as DEMO_DEFAULTS
 
@@ -31,12 +32,20 @@ commands:
 
 `hf-badm COMMAND --help` lists every field."""
 
-# Settings of a CLI run unless the recipe or command line says otherwise.
-CLI_DEFAULTS: dict[str, Any] = {"report_to": "none", "include_num_input_tokens_seen": True, "save_strategy": "no",
-                                "logging_steps": 10}
 # Comparison optimizers keep their own scale of learning rate (the table in hf_badm.optim.defaults); BADM's
 # comes from the recipe (lr = 1/sigma).
 DEFAULT_LEARNING_RATES = COMPARE_LEARNING_RATES
+TRAIN_EPILOG = """
+Tasks sft and lora-sft also take the fields of TRL's SFTConfig (max_length, packing, ...).
+
+Data (--dataset): a directory of data files takes its split names from the file names: train.jsonl and
+test.jsonl (or eval*, validation*, valid*, dev*) are the train and evaluation splits; files with none of
+these names are all training data, and 5% of their rows are held out for evaluation.
+
+Output: a run refuses an output_dir that holds a finished run (a model or metrics.json) unless
+--overwrite_output_dir true (which also removes that run's checkpoints), and one that holds only
+checkpoints unless it resumes. --resume_from_checkpoint with no value (or true) resumes from the latest
+complete checkpoint in output_dir. --save_steps N alone saves every N steps."""
 DEMO_LEARNING_RATES = ",".join(f"{k}={v:g}" for k, v in DEMO_DEFAULTS.items())
 DEMO_OPTIMIZERS = "badm,badm-newton_schulz,adamw"
 ALIASES = {"adamw": "adamw_torch", "lion": "lion_32bit"}
@@ -48,84 +57,12 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
-def recipe_parser(task: str = "pretrain"):
-    """Instruction-tuning tasks take TRL's SFTConfig (TrainingArguments plus max_length, packing, ...)."""
-    from transformers import HfArgumentParser, TrainingArguments
-
-    from hf_badm.config import BADMConfig
-    from hf_badm.app.run import SFT_TASKS, ModelArguments, TaskArguments
-
-    if task in SFT_TASKS:
-        from trl import SFTConfig as TrainingArguments  # noqa: N814
-    parser = HfArgumentParser((ModelArguments, TaskArguments, BADMConfig, TrainingArguments), allow_abbrev=False)
-    parser.prog, parser.usage = "hf-badm train", "hf-badm train RECIPE.yaml [--field value ...]"
-    parser.error = _argument_error  # argparse would print usage and exit; the app raises instead
-    return parser
-
-
-def _argument_error(message: str) -> None:
-    raise RecipeError(f"{message} (see `hf-badm train --help`)")
-
-
-def _tokens(key: str, value: Any) -> list[str]:
-    """A YAML value as command-line tokens, so argparse type-checks recipe and overrides alike."""
-    if isinstance(value, dict):
-        return [f"--{key}", json.dumps(value)]
-    if isinstance(value, (list, tuple)):
-        return [f"--{key}", *map(str, value)]
-    return [f"--{key}", "none" if value is None else str(value)]
-
-
-def read_recipe(path: str | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    file = Path(path)
-    if not file.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    try:
-        recipe = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path} is not valid YAML: {err}")
-    if not isinstance(recipe, dict):
-        raise RecipeError(f"{path} must be a mapping of field: value")
-    return recipe
-
-
-def _task(recipe: dict[str, Any], overrides: list[str]) -> str:
-    task = str(recipe.get("task", "pretrain"))
-    for i, token in enumerate(overrides):
-        if token == "--task" and i + 1 < len(overrides):
-            task = overrides[i + 1]
-        elif token.startswith("--task="):
-            task = token.split("=", 1)[1]
-    return task
-
-
-def parse(recipe: dict[str, Any], overrides: list[str], source: str = "recipe"):
-    """(model, task, badm, training) arguments from a recipe dict plus command-line overrides."""
-    parser = recipe_parser(_task(recipe, overrides))
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in recipe if k not in known)
-    if unknown:
-        raise RecipeError(f"{source}: unknown field(s) {', '.join(unknown)} (see `hf-badm train --help`)")
-    merged = {**CLI_DEFAULTS, **recipe}
-    merged.setdefault("output_dir", str(Path("outputs") / Path(source).stem))
-    tokens = [t for k, v in merged.items() for t in _tokens(k, v)]
-    try:
-        *parsed, rest = parser.parse_args_into_dataclasses(args=tokens + overrides, return_remaining_strings=True)
-    except ValueError as err:  # a dataclass's own validation (BADMConfig, TrainingArguments)
-        raise RecipeError(str(err).splitlines()[0])
-    if rest:
-        raise RecipeError(f"unknown argument(s) {' '.join(rest)} (see `hf-badm train --help`)")
-    return parsed
-
-
 def train(argv: list[str]) -> dict[str, Any] | None:
     from hf_badm.app.run import run
 
     if not argv or argv[0] in ("-h", "--help"):
         recipe_parser().print_help()
-        print("\nTasks sft and lora-sft also take the fields of TRL's SFTConfig (max_length, packing, ...).")
+        print(TRAIN_EPILOG)
         return None
     recipe_path, overrides = (None, argv) if argv[0].startswith("--") else (argv[0], argv[1:])
     model_args, task_args, badm, args = parse(read_recipe(recipe_path), overrides, recipe_path or "recipe")
@@ -148,23 +85,41 @@ def _compare_parser(prog: str) -> argparse.ArgumentParser:
     if not prog.endswith("demo"):
         p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--optimizers", default="badm,adamw", help="comma-separated: badm, badm-<preconditioner> (e.g. "
-                   "badm-newton_schulz) and Trainer optim names")
+                   "badm-newton_schulz), muon (torch's Muon + AdamW, hf_badm.peers) and Trainer optim names")
     p.add_argument("--learning_rates", default="", help="per optimizer, e.g. adamw=1e-3,sgd=0.05 "
                    f"(defaults: {DEFAULT_LEARNING_RATES}; badm uses the recipe's learning_rate)")
     p.add_argument("--output_dir", default=None, help="where runs, table and plot go")
+    p.error = _compare_error  # argparse would print its usage and exit; the app raises instead
     return p
 
 
-def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, Any] | None = None) -> str:
-    """Each optimizer trains in its own process (clean peak-memory numbers), then one table and plot."""
-    from hf_badm.app.plots import plot_runs
+def _compare_error(message: str) -> None:
+    raise RecipeError(f"{message} (see `hf-badm compare --help`)")
 
-    opts, overrides = _compare_parser(prog).parse_known_args(argv)
+
+def _learning_rates(spec: str) -> dict[str, float]:
+    try:
+        return {ALIASES.get(k, k): float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+    except ValueError:
+        raise RecipeError(f"--learning_rates takes name=value pairs, e.g. adamw=1e-3,muon=0.02, got {spec!r}") from None
+
+
+def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, Any] | None = None) -> str:
+    """Each optimizer trains in its own process (clean peak-memory numbers) from the same initial weights
+    (the recipe's seed), then one table and plot. Every run is checked before the first one starts."""
+    from hf_badm.app.checks import check_output_dir, check_sources
+    from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
+
+    parser = _compare_parser(prog)
+    if {"-h", "--help"} & set(argv):
+        parser.print_help()
+        return ""
+    opts, overrides = parser.parse_known_args(argv)
     recipe_path = getattr(opts, "recipe", None)
     recipe = read_recipe(recipe_path) if recipe is None else recipe
     name = Path(recipe_path).stem if recipe_path else "demo"
     out = Path(opts.output_dir or recipe.get("output_dir") or Path("outputs") / f"compare-{name}")
-    lrs = {ALIASES.get(k, k): float(v) for k, v in (kv.split("=") for kv in opts.learning_rates.split(",") if kv)}
+    lrs = _learning_rates(opts.learning_rates)
     plan: dict[str, dict[str, Any]] = {}
     for optimizer in [ALIASES.get(o.strip(), o.strip()) for o in opts.optimizers.split(",") if o.strip()]:
         run_recipe = {**recipe, "optimizer": optimizer, "output_dir": str(out / optimizer)}
@@ -173,8 +128,10 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
         lr = lrs.get(optimizer, DEFAULT_LEARNING_RATES.get(optimizer))
         if lr is not None:
             run_recipe["learning_rate"] = lr
-        parse(run_recipe, overrides, f"{recipe_path or name} ({optimizer})")  # validate all before any training
+        model_args, task_args, _, args = parse(run_recipe, overrides, f"{recipe_path or name} ({optimizer})")
+        check_output_dir(args, task_args)
         plan[optimizer] = run_recipe
+    check_sources(model_args, task_args)  # the same model and data for every optimizer
     runs: dict[str, dict[str, Any]] = {}
     for optimizer, run_recipe in plan.items():
         recipe_file = out / f"{optimizer}.yaml"
@@ -190,7 +147,11 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(runs, indent=2, default=str))
     plot = plot_runs(runs, out / "comparison.png", title=f"{name}: {', '.join(runs)}")
-    print("\n" + table + f"\n\nplot: {plot.resolve()}\ntable: {(out / 'comparison.md').resolve()}")
+    print("\n" + table + "\n\n" + (f"plot: {plot.resolve()}" if plot else PLOT_SKIPPED)
+          + f"\ntable: {(out / 'comparison.md').resolve()}")
+    if len({m.get("init_fingerprint") for m in runs.values()}) > 1:
+        print("hf-badm: warning: the runs did not start from the same weights (init_fingerprint differs)",
+              file=sys.stderr)
     return table
 
 
@@ -216,6 +177,8 @@ def demo(argv: list[str]) -> str:
         argv = ["--learning_rates", DEMO_LEARNING_RATES, *argv]
     if not any(a.startswith("--optimizers") for a in argv):
         argv = ["--optimizers", DEMO_OPTIMIZERS, *argv]
+    if not any(a.startswith("--overwrite_output_dir") for a in argv):
+        argv = [*argv, "--overwrite_output_dir", "true"]  # the demo's output is its own: a rerun replaces it
     return compare(argv, prog="hf-badm demo", recipe=dict(DEMO_RECIPE))
 
 
@@ -236,7 +199,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hf-badm: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

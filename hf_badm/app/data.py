@@ -352,7 +352,7 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1024,
 
 # ----------------------------------------------------------------------------- loading
 
-_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def _load(spec: str, columns: Sequence[str], eval_fraction: float, seed: int, config_name: str | None,
@@ -364,10 +364,10 @@ def _load(spec: str, columns: Sequence[str], eval_fraction: float, seed: int, co
     elif path.is_dir():
         raw = datasets.load_dataset(str(path), **load_kwargs)  # data files; splits named by file names
     elif path.is_file():
-        if path.suffix.lower() not in _BUILDERS:
-            raise ValueError(f"unsupported file type {path.suffix!r} for {path}; use one of {sorted(_BUILDERS)}")
-        raw = datasets.load_dataset(_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **load_kwargs)
-    elif spec.startswith((".", "/", "~")) or path.suffix.lower() in _BUILDERS:
+        if path.suffix.lower() not in FILE_BUILDERS:
+            raise ValueError(f"unsupported file type {path.suffix!r} for {path}; use one of {sorted(FILE_BUILDERS)}")
+        raw = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **load_kwargs)
+    elif spec.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
         raise FileNotFoundError(f"dataset file or directory not found: {spec}")
     else:
         raw = datasets.load_dataset(spec, config_name, **load_kwargs)
@@ -381,6 +381,8 @@ def _load(spec: str, columns: Sequence[str], eval_fraction: float, seed: int, co
             raise ValueError(f"{spec} ({name} split) lacks column(s) {missing}; it has {split.column_names}")
     out = out.select_columns(list(columns))
     if test is None:
+        if len(out["train"]) < 2:
+            raise ValueError(f"{spec} has {len(out['train'])} row(s): too few to hold out an evaluation split")
         if not 0.0 < eval_fraction < 1.0:
             raise ValueError(f"{spec} has no test split and eval_fraction={eval_fraction} is not in (0, 1)")
         out = out["train"].train_test_split(test_size=eval_fraction, seed=seed)

@@ -1,14 +1,22 @@
-"""Loss curves of one or more runs against optimizer steps and wall-clock time (matplotlib, PNG)."""
+"""Loss curves of one or more runs against optimizer steps and wall-clock time (PNG).
+
+matplotlib is optional (the ``plots`` extra): without it no plot is drawn and the caller says so once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+PLOT_SKIPPED = "plot skipped: matplotlib is not installed (pip install 'hf-badm[plots]')"
 
-def plot_runs(runs: dict[str, dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
-    """Draw train loss (lines) and eval loss (markers) of each run's ``log_history`` vs step and vs time."""
-    import matplotlib
+
+def plot_runs(runs: dict[str, dict[str, Any]], path: str | Path, title: str | None = None) -> Path | None:
+    """Draw train loss (lines) and eval loss (markers) of each run's ``log_history`` vs step and vs time;
+    None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,95 +1,47 @@
 """One training job of a recipe: model, data, Trainer (BADM or a comparison optimizer), metrics and plot.
 
-The arguments are dataclasses, so a recipe is YAML for ``HfArgumentParser`` and every field can be
-overridden on the command line; ``hf_badm.app.cli`` does the parsing.
+The arguments are dataclasses (``hf_badm.app.arguments``), so a recipe is YAML for ``HfArgumentParser``
+and every field can be overridden on the command line; ``hf_badm.app.recipe`` does the parsing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer,
                           TrainerCallback, TrainingArguments, default_data_collator)
+from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from hf_badm.app import RecipeError
+from hf_badm.app import RecipeError, data
+from hf_badm.app.arguments import SFT_TASKS, SIZES, ModelArguments, TaskArguments
+from hf_badm.app.checks import check_output_dir, check_sources, check_values
+from hf_badm.app.launch import announce_deepspeed_build, warn_single_process
+from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
 from hf_badm.config import BADMConfig
 from hf_badm.trainer import BADMTrainer, BADMTrainerMixin
 
-FAMILIES = ("gpt2", "llama", "mixtral", "qwen2_moe")
-SIZES = {"tiny": dict(hidden=64, layers=2, heads=4), "small": dict(hidden=128, layers=4, heads=4)}
-TASKS = ("pretrain", "finetune", "sft", "lora-sft")
-SFT_TASKS = ("sft", "lora-sft")
 
-
-@dataclass
-class ModelArguments:
-    """Which model: a config family and size (trained from scratch), or a saved/hub model."""
-
-    model_family: str = field(default="gpt2", metadata={"help": "Model built from a config.", "choices": list(FAMILIES)})
-    model_size: str = field(default="tiny", metadata={"help": "Config size (tiny: 2x64, small: 4x128).",
-                                                       "choices": list(SIZES)})
-    model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Local directory or hub id loaded with from_pretrained (overrides the family)."})
-    tokenizer_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Tokenizer to load; default: the model's, else one trained on the built-in data."})
-    vocab_size: int = field(default=1024, metadata={"help": "Vocabulary of a tokenizer trained here."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (task lora-sft)."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (task lora-sft)."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules, comma-separated or 'all-linear'."})
-
-
-@dataclass
-class TaskArguments:
-    """What to train on, and with which optimizer."""
-
-    task: str = field(default="pretrain", metadata={"help": "pretrain | finetune | sft | lora-sft.", "choices": list(TASKS)})
-    dataset: str = field(default="builtin", metadata={
-        "help": "'builtin' (generated corpus / instruction tasks), local .txt/.jsonl/.json/.parquet/.csv file or "
-                "directory (datasets save_to_disk), or a hub dataset name."})
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    text_column: str = field(default="text", metadata={"help": "Text column (pretrain / finetune)."})
-    num_train_examples: int = field(default=4000, metadata={"help": "Built-in data: training documents or prompts."})
-    num_eval_examples: int = field(default=200, metadata={"help": "Built-in data: held-out documents or prompts."})
-    instruction_tasks: Optional[str] = field(default=None, metadata={
-        "help": "Built-in instruction tasks, comma-separated (add,sub,mul,copy,reverse,lookup,sort); default all."})
-    block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
-    optimizer: str = field(default="badm", metadata={
-        "help": "'badm', or any Trainer optim name for comparison (adamw_torch, sgd, adafactor, lion_32bit, ...)."})
-    exact_match_examples: int = field(default=64, metadata={"help": "Held-out prompts scored by exact match (sft tasks)."})
-
-
-def check_inputs(model_args: ModelArguments, task_args: TaskArguments) -> None:
-    """Missing files and impossible combinations end the run before any training, with a short message."""
-    for name in ("model_name_or_path", "tokenizer_name_or_path"):
-        value = getattr(model_args, name)
-        if value and value.startswith((".", "/", "~")) and not Path(value).expanduser().exists():
-            raise RecipeError(f"{name}: directory not found: {value}")
-    spec = task_args.dataset
-    if spec != "builtin" and (spec.startswith((".", "/", "~")) or Path(spec).suffix) and not Path(spec).expanduser().exists():
-        raise RecipeError(f"dataset: file or directory not found: {spec}")
-    if task_args.task == "lora-sft" and not model_args.model_name_or_path:
-        raise RecipeError("task lora-sft adapts a trained model: set model_name_or_path (e.g. the pretrain recipe's output_dir)")
-    if task_args.task == "finetune" and not model_args.model_name_or_path:
-        raise RecipeError("task finetune starts from a trained model: set model_name_or_path")
-
-
-def load_tokenizer(model_args: ModelArguments, out_dir: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedTokenizerBase, bool]:
+    """The named (or the model's) tokenizer, else one trained here; True when trained here (the run saves it)."""
     from hf_badm.app.data import build_tokenizer
 
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source:
         try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError):
+            return AutoTokenizer.from_pretrained(source), False
+        except (OSError, ValueError) as err:
             if model_args.tokenizer_name_or_path:
-                raise
-    return build_tokenizer(vocab_size=model_args.vocab_size, save_dir=out_dir / "tokenizer")
+                raise RecipeError(f"tokenizer_name_or_path: cannot load {source}: {_first_line(err)}") from None
+    return build_tokenizer(vocab_size=model_args.vocab_size), True
 
 
 def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
@@ -134,48 +86,66 @@ def _trainer_class(task: str, optimizer: str) -> type[Trainer]:
 
 
 def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> dict[str, Any]:
-    """Train one recipe; write ``metrics.json``, ``loss.png`` and the model into ``args.output_dir``."""
-    from hf_badm.app import data
+    """Train one recipe; write ``metrics.json``, ``loss.png`` and the model into ``args.output_dir``.
 
-    check_inputs(model_args, task_args)
+    Everything that can be checked is checked before the first write: values, sources, the data
+    itself (loaded and tokenized in memory), the output_dir and the Trainer's own start-up checks."""
+    check_values(model_args, task_args, badm, args)
+    check_sources(model_args, task_args)
+    resume = check_output_dir(args, task_args)
+    if args.deepspeed:
+        announce_deepspeed_build()  # before the process group: DeepSpeed builds its extension there
     _ = args.device  # set up the process group before the model: ZeRO-3 builds it partitioned (zero.Init)
+    warn_single_process(args.world_size)
     if args.deepspeed and torch.distributed.is_initialized():
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if task_args.optimizer != "badm":
+    if task_args.optimizer not in ("badm", "muon"):
         args.optim = task_args.optimizer
-    tokenizer = load_tokenizer(model_args, out)
+    raw = _load_data(task_args, args.seed)
+    tokenizer, trained_here = load_tokenizer(model_args)
+    # The model is the first thing drawn from the RNG: seeded here, one recipe and seed give one set of
+    # initial weights (and every optimizer of `hf-badm compare` starts from them).
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     model = build_model(model_args, tokenizer)
-    tasks = task_args.instruction_tasks.split(",") if task_args.instruction_tasks else None
-    sizes = dict(seed=args.seed, num_train=task_args.num_train_examples, num_eval=task_args.num_eval_examples)
     kwargs: dict[str, Any] = {}
-    if task_args.task in ("pretrain", "finetune"):
-        raw = data.load_text_dataset(task_args.dataset, text_column=task_args.text_column,
-                                     config_name=task_args.dataset_config, **sizes)
-        ds = data.tokenize_for_causal_lm(raw, tokenizer, task_args.block_size, text_column=task_args.text_column)
-        kwargs.update(data_collator=default_data_collator)
-    else:
-        ds = data.load_instruction_dataset(task_args.dataset, tasks=tasks, config_name=task_args.dataset_config, **sizes)
-        ds = ds.select_columns(["prompt", "completion"])
+    if task_args.task in SFT_TASKS:
+        ds = raw.select_columns(["prompt", "completion"])
         if task_args.task == "lora-sft":
             from peft import LoraConfig, get_peft_model
 
             targets = _lora_targets(model_args.lora_target_modules)
             model = get_peft_model(model, LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
                                                      target_modules=targets, task_type="CAUSAL_LM"))
+    else:
+        try:
+            ds = data.tokenize_for_causal_lm(raw, tokenizer, task_args.block_size, text_column="text")
+        except ValueError as err:
+            raise RecipeError(f"dataset {task_args.dataset}: {_first_line(err)}") from None
+        kwargs.update(data_collator=default_data_collator)
+    fingerprint = weights_fingerprint(model)
     if task_args.optimizer == "badm":
         kwargs["badm_config"] = badm
-    trainer = _trainer_class(task_args.task, task_args.optimizer)(
-        model=model, args=args, train_dataset=ds["train"], eval_dataset=ds["test"], processing_class=tokenizer,
-        callbacks=[_Clock()], **kwargs)
+    elif task_args.optimizer == "muon":
+        from hf_badm.peers import create_muon_optimizer
+
+        kwargs["optimizers"] = _start_up(create_muon_optimizer, model, args)
+    trainer = _start_up(_trainer_class(task_args.task, task_args.optimizer), model=model, args=args,
+                        train_dataset=ds["train"], eval_dataset=ds["test"], processing_class=tokenizer,
+                        callbacks=[_Clock()], **kwargs)
+    out = Path(args.output_dir)
+    if task_args.overwrite_output_dir and trainer.is_world_process_zero():
+        for stale in out.glob("checkpoint-*"):  # the replaced run's: a later resume must not continue it
+            shutil.rmtree(stale)
+    if trained_here and trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out / "tokenizer"))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics: dict[str, Any] = {"optimizer": task_args.optimizer, "task": task_args.task,
-                               "train_loss": result.training_loss, **trainer.evaluate()}
+                               "train_loss": result.training_loss, **final_evaluation(trainer),
+                               "init_fingerprint": fingerprint}
     metrics["train_runtime"] = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen
     metrics["tokens_per_second"] = tokens / result.metrics["train_runtime"] if tokens else None
@@ -190,10 +160,60 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     trainer.save_model(str(out))  # on every rank: under ZeRO-3 it gathers the partitioned weights
     if trainer.is_world_process_zero():
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        from hf_badm.app.plots import plot_runs
-
-        plot_runs({task_args.optimizer: metrics}, out / "loss.png")
+        if plot_runs({task_args.optimizer: metrics}, out / "loss.png") is None:
+            print(PLOT_SKIPPED)
     return metrics
+
+
+def _load_data(task_args: TaskArguments, seed: int):
+    """The recipe's data as ``{"train", "test"}``, loaded before anything is written; failures name the source."""
+    sizes = dict(seed=seed, num_train=task_args.num_train_examples, num_eval=task_args.num_eval_examples,
+                 config_name=task_args.dataset_config)
+    try:
+        if task_args.task in SFT_TASKS:
+            tasks = task_args.instruction_tasks.split(",") if task_args.instruction_tasks else None
+            return data.load_instruction_dataset(task_args.dataset, tasks=tasks, **sizes)
+        return data.load_text_dataset(task_args.dataset, text_column=task_args.text_column, **sizes)
+    except ValueError as err:  # ours name the source; datasets' may not
+        message = _first_line(err)
+        raise RecipeError(f"dataset: {message}" if task_args.dataset in message
+                          else f"dataset {task_args.dataset}: {message}") from None
+    except Exception as err:  # noqa: BLE001 (datasets' loaders fail with many types, StopIteration included)
+        raise RecipeError(f"dataset: cannot read {task_args.dataset} ({type(err).__name__}: "
+                          f"{_first_line(err) or 'no rows'})") from None
+
+
+def _start_up(build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Build the optimizer or Trainer; their start-up refusals (ValueError) are the recipe's errors."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as err:
+        raise RecipeError(_first_line(err)) from None
+
+
+def final_evaluation(trainer: Trainer) -> dict[str, Any]:
+    """The evaluation at the last step: the one the Trainer logged there if any (eval_steps dividing max_steps),
+    else a new one."""
+    step = trainer.state.global_step
+    logged = [h for h in trainer.state.log_history if h.get("step") == step and "eval_loss" in h]
+    if logged:
+        return {k: v for k, v in logged[-1].items() if k.startswith("eval_") or k == "epoch"}
+    return trainer.evaluate()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the trainable weights (up to 4096 evenly spaced values of each tensor): equal for runs
+    that start from the same weights, different otherwise; cheap for any model size."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.numel():
+            flat = p.detach().reshape(-1)
+            digest.update(name.encode() + flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _first_line(err: BaseException) -> str:
+    return next((line for line in str(err).splitlines() if line.strip()), "")
 
 
 def _lora_targets(spec: str) -> str | list[str]:

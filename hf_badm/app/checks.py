@@ -1,0 +1,213 @@
+"""What a run checks before it writes anything: recipe values, model / tokenizer / data sources, the output_dir.
+
+Each check raises ``RecipeError`` with one line naming the field or file and what to do instead.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hf_badm.app import RecipeError
+from hf_badm.app.arguments import ModelArguments, TaskArguments
+from hf_badm.app.data import FILE_BUILDERS
+
+# BADM's penalties outside this range overflow or stall in float32 (sigma 1e-300 overflows at step 1;
+# rho 1e308 never moves the weights); the tuned values lie between 1e-2 and 1e4.
+PENALTY_RANGE = (1e-12, 1e12)
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",
+               "metrics.json")
+_TRUE = ("1", "true", "yes", "on")
+
+
+def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: Any, args: Any) -> None:
+    """Numbers and combinations that would fail mid-run or train silently wrong."""
+    lr, wd, clip = args.learning_rate, args.weight_decay, args.max_grad_norm
+    if not (math.isfinite(lr) and lr > 0):
+        raise RecipeError(f"learning_rate must be a finite number > 0, got {lr}")
+    if not (math.isfinite(wd) and wd >= 0):
+        raise RecipeError(f"weight_decay must be a finite number >= 0, got {wd}")
+    if clip is not None and not (math.isfinite(clip) and clip >= 0):
+        raise RecipeError(f"max_grad_norm must be a finite number >= 0 (0 turns clipping off), got {clip}")
+    for name in ("num_train_examples", "num_eval_examples", "block_size"):
+        if getattr(task_args, name) < 2 and not (name == "num_eval_examples" and getattr(task_args, name) == 1):
+            raise RecipeError(f"{name} must be at least 2, got {getattr(task_args, name)}")
+    if task_args.optimizer == "badm":
+        _check_badm(badm, args)
+
+
+def _check_badm(badm: Any, args: Any) -> None:
+    low, high = PENALTY_RANGE
+    for name in ("sigma", "rho", "elementwise_sigma", "elementwise_rho"):
+        value = getattr(badm, name)
+        if value is not None and not low <= value <= high:
+            raise RecipeError(f"{name}={value:g} is outside {low:g}..{high:g}: BADM would overflow or stop learning")
+    if badm.sigma is None and not low <= 1 / args.learning_rate <= high:
+        raise RecipeError(f"learning_rate={args.learning_rate:g} gives BADM sigma = 1/learning_rate outside "
+                          f"{low:g}..{high:g}: use a learning rate in {1 / high:g}..{1 / low:g} or set sigma")
+    k = badm.sub_batches_per_micro_batch
+    if badm.mode == "per_sub_batch":
+        for engine, on in (("DeepSpeed", args.deepspeed), ("FSDP", args.fsdp), ("fp16", args.fp16)):
+            if on:
+                raise RecipeError(f"mode per_sub_batch does not run under {engine}: use mode: fused there")
+        if k > args.per_device_train_batch_size:
+            raise RecipeError(f"sub_batches_per_micro_batch={k} exceeds per_device_train_batch_size="
+                              f"{args.per_device_train_batch_size}: each sub-batch needs at least one example")
+    elif k > 1:
+        raise RecipeError(f"sub_batches_per_micro_batch={k} splits micro-batches only in mode per_sub_batch (fused "
+                          "consumes the accumulated gradient): set mode: per_sub_batch, or remove it")
+
+
+def check_sources(model_args: ModelArguments, task_args: TaskArguments) -> None:
+    """The model, tokenizer and data a run reads exist (locally, or as a hub id that can be reached)."""
+    if task_args.task in ("finetune", "lora-sft") and not model_args.model_name_or_path:
+        raise RecipeError(f"task {task_args.task} starts from a trained model: set model_name_or_path (e.g. the "
+                          "output_dir of a pretrain recipe)")
+    for name in ("model_name_or_path", "tokenizer_name_or_path"):
+        if value := getattr(model_args, name):
+            _check_pretrained(name, value)
+    if task_args.dataset != "builtin":
+        _check_dataset(task_args.dataset)
+
+
+def _check_pretrained(name: str, value: str) -> None:
+    if Path(value).expanduser().exists():
+        return
+    producer = _producing_recipe(value)
+    if producer is not None:
+        raise RecipeError(f"{name}: directory not found: {value}; it is the output_dir of {producer}: run "
+                          f"`hf-badm train {producer}` first")
+    if _looks_local(value):
+        raise RecipeError(f"{name}: directory not found: {value}")
+    _check_hub(name, value, "model")
+
+
+def _check_dataset(spec: str) -> None:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        check_data_file(path)
+    elif path.is_dir():
+        return
+    elif _looks_local(spec) or path.suffix.lower() in FILE_BUILDERS:
+        raise RecipeError(f"dataset: file or directory not found: {spec}")
+    else:
+        _check_hub("dataset", spec, "dataset")
+
+
+def check_data_file(path: Path) -> None:
+    """A data file of a known type with at least two rows (a train and a held-out one), not binary or blank."""
+    suffix = path.suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise RecipeError(f"dataset: {path} has unsupported type {suffix or '(none)'!r}; use one of "
+                          f"{', '.join(FILE_BUILDERS)}")
+    if path.stat().st_size == 0:
+        raise RecipeError(f"dataset: {path} is empty")
+    if FILE_BUILDERS[suffix] == "parquet":
+        return
+    rows, decoder = 0, codecs.getincrementaldecoder("utf-8")()
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                text = decoder.decode(line)
+            except UnicodeDecodeError:
+                raise RecipeError(f"dataset: {path} is not UTF-8 text (a binary file?)") from None
+            if "\0" in text:
+                raise RecipeError(f"dataset: {path} is not text (it holds NUL bytes)")
+            rows += bool(text.strip())
+            if rows > 2:  # enough for a train and a test row, even under a csv header
+                return
+    if rows == 0:
+        raise RecipeError(f"dataset: {path} has only blank lines")
+    if suffix in (".txt", ".text", ".jsonl", ".csv"):
+        raise RecipeError(f"dataset: {path} has {rows} line(s): too few to hold out an evaluation split")
+
+
+def _looks_local(value: str) -> bool:
+    """A path rather than a hub id: starts like one, or is not a valid repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if value.startswith((".", "/", "~")):
+        return True
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _check_hub(name: str, repo_id: str, repo_type: str) -> None:
+    """Fast answers where the hub cannot help: offline mode without a cached copy, an unknown id, no network."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE" if repo_type == "dataset" else "TRANSFORMERS_OFFLINE")
+               if os.environ.get(v, "").lower() in _TRUE]
+    if offline:
+        cached = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}"
+        if not cached.exists():
+            raise RecipeError(f"{name}: {repo_id} is not a local path, and {offline[0]} is set with no cached copy "
+                              "of it on the hub")
+        return
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=10)
+    except GatedRepoError:
+        return  # it exists; from_pretrained / load_dataset say what access needs
+    except RepositoryNotFoundError:
+        raise RecipeError(f"{name}: {repo_id} is neither a local path nor a {repo_type} on the hub") from None
+    except Exception as err:  # noqa: BLE001 (network failures come as many types)
+        raise RecipeError(f"{name}: {repo_id} is not a local path and the hub did not answer ({type(err).__name__}); "
+                          "without network, set HF_HUB_OFFLINE=1 to use a cached copy") from None
+
+
+def _producing_recipe(path: str) -> str | None:
+    """The shipped recipe whose output_dir is ``path`` (so a message can say what to run first), found under
+    ./recipes, then under the project's own recipes/."""
+    target = Path(path).expanduser().resolve()
+    for root in (Path("recipes"), Path(__file__).resolve().parents[2] / "recipes"):
+        for recipe in sorted(root.glob("*/*.yaml")):
+            try:
+                fields = yaml.safe_load(recipe.read_text())
+            except yaml.YAMLError:
+                continue
+            out = fields.get("output_dir") if isinstance(fields, dict) else None
+            if out and Path(out).expanduser().resolve() == target:
+                return str(recipe)
+    return None
+
+
+def check_output_dir(args: Any, task_args: TaskArguments) -> str | None:
+    """Refuse to replace a finished run; returns the checkpoint to resume from (latest complete one for `true`)."""
+    out, resume = Path(args.output_dir), args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() in _TRUE + ("latest",):
+        found = latest_checkpoint(out)
+        if found is None:
+            raise RecipeError(f"resume_from_checkpoint: no complete checkpoint in {out} (a checkpoint-N folder with "
+                              "trainer_state.json)")
+        return found
+    if resume is not None and str(resume).lower() in ("false", "no", "none", ""):
+        resume = None
+    if resume is not None:
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise RecipeError(f"resume_from_checkpoint: {resume} is not a complete checkpoint (no trainer_state.json)")
+        return str(resume)
+    if task_args.overwrite_output_dir or not out.is_dir():
+        return None
+    if finished := [f for f in MODEL_FILES if (out / f).exists()]:
+        raise RecipeError(f"output_dir {out} holds a finished run ({finished[0]}): choose another output_dir, or "
+                          "--overwrite_output_dir true to replace it")
+    if any(out.glob("checkpoint-*")):
+        raise RecipeError(f"output_dir {out} holds checkpoints of an unfinished run: --resume_from_checkpoint to "
+                          "continue it, or --overwrite_output_dir true to start over")
+    return None
+
+
+def latest_checkpoint(out: Path) -> str | None:
+    """The highest ``checkpoint-N`` whose trainer_state.json (the Trainer writes it last) exists."""
+    complete = [d for d in out.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()
+                and (d / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda d: int(d.name.split("-")[-1]))) if complete else None

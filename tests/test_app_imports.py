@@ -1,0 +1,108 @@
+"""The import graph of hf_badm: every module imports, no cycle, the optimizer free of Hugging Face, the
+library outside the application, and no SystemExit outside the console script's entry point."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import hf_badm
+
+ROOT = Path(hf_badm.__file__).parent
+MODULES = {m.name: Path(m.module_finder.path) / (m.name.rsplit(".", 1)[-1] + ("/__init__.py" if m.ispkg else ".py"))
+           for m in pkgutil.walk_packages([str(ROOT)], prefix="hf_badm.")}
+MODULES["hf_badm"] = ROOT / "__init__.py"
+HUGGING_FACE = {"transformers", "accelerate", "peft", "trl", "datasets", "deepspeed"}
+
+
+def imported_names(path: Path, module: str) -> set[str]:
+    """Every module named by an import statement of the file (top level or inside functions); ``from p import m``
+    names the submodule p.m when there is one, else p."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.update(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names)
+    return names
+
+
+GRAPH = {m: {n for n in imported_names(p, m) if n in MODULES and n != m} for m, p in MODULES.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    return next((c for n in sorted(graph) if n not in state and (c := visit(n))), None)
+
+
+def test_every_module_imports():
+    assert {"hf_badm.app.cli", "hf_badm.app.run", "hf_badm.app.data", "hf_badm.app.plots", "hf_badm.data",
+            "hf_badm.optim.badm"} <= set(MODULES)
+    for name in sorted(MODULES):
+        if name != "hf_badm.__main__":  # runs the console script when imported
+            importlib.import_module(name)
+
+
+def test_the_module_graph_has_no_cycle():
+    assert GRAPH["hf_badm.app.run"] and GRAPH["hf_badm.app.cli"]  # the parse sees the app's imports
+    assert find_cycle(GRAPH) is None, " -> ".join(find_cycle(GRAPH))
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if m.startswith("hf_badm.optim")))
+def test_the_optimizer_imports_nothing_from_hugging_face(module):
+    top = {n.split(".")[0] for n in imported_names(MODULES[module], module)}
+    assert not top & HUGGING_FACE, f"{module} imports {sorted(top & HUGGING_FACE)}"
+
+
+def test_the_library_does_not_import_the_application():
+    """Only the entry points (``python -m hf_badm``, the ``hf_badm.data`` re-export) reach into hf_badm.app."""
+    library = [m for m in MODULES if not m.startswith("hf_badm.app") and m not in ("hf_badm.__main__", "hf_badm.data")]
+    assert {m: sorted(n for n in GRAPH[m] if n.startswith("hf_badm.app")) for m in library} == {m: [] for m in library}
+
+
+def test_only_the_entry_point_exits():
+    """The library and the app raise exceptions; ``hf_badm/__main__.py`` alone calls sys.exit(main())."""
+    exits = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.func if isinstance(node, ast.Call) else node.exc if isinstance(node, ast.Raise) else None
+            if isinstance(name, ast.Call):
+                name = name.func
+            text = ast.unparse(name) if name is not None else ""
+            if text in ("SystemExit", "sys.exit", "exit", "quit", "os._exit"):
+                exits.append(module)
+    assert exits == ["hf_badm.__main__"]
+
+
+def test_data_stays_importable_under_its_library_name():
+    from hf_badm import data
+    from hf_badm.app import data as app_data
+
+    assert data.__all__ == app_data.__all__ and all(getattr(data, n) is getattr(app_data, n) for n in data.__all__)
