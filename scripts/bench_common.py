@@ -1,10 +1,28 @@
-"""Shared pieces of the benchmark scripts: one in-process training run through ``hf_badm.run``,
-machine/version stamps, incremental JSON results and section-wise updates of docs/benchmarks.md."""
+"""The benchmark harness: what every script in scripts/ shares, so that each script is a thin command line.
+
+- run options: :func:`add_run_args` (threads, device, output dir, results file, docs file, no-write,
+  smoke) and :func:`smoke_paths` (a smoke run writes only under a temporary directory);
+- one training run: :func:`train` (``hf-badm train`` in this process: the CLI's parsing, then
+  ``hf_badm.app.run.run``) and :func:`steps_to_reach` on its eval curve;
+- corpora: ``builtin`` (the generated stories) and ``stdlib_docs`` (real English prose gathered at run
+  time from the docstrings of Python's standard library and pydoc's topics; nothing copied into the
+  repository): :func:`corpus`, :func:`benchmark_tokenizer`;
+- measuring optimizers: :func:`state_bytes` (the tensors an optimizer keeps) and :class:`StepTimer`
+  (wall time of every ``optimizer.step()`` through torch's global step hooks, CUDA-synchronised);
+- results: :class:`Results` (one JSON file, written after every run), :func:`machine` and :func:`stamp`
+  (the machine and versions a table was measured on), :func:`write_section` (one section of
+  docs/benchmarks.md replaced, the others kept).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import hashlib
+import importlib
+import inspect
+import io
 import json
 import logging
 import os
@@ -12,14 +30,18 @@ import platform
 import re
 import shlex
 import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DOCS = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "docs" / "results"
+CORPORA = ("builtin", "stdlib_docs")
 
 # Settings every benchmark run shares unless a script overrides them.
 BASE_RECIPE: dict[str, Any] = {
@@ -31,20 +53,51 @@ BASE_RECIPE: dict[str, Any] = {
 }
 
 
-def benchmark_tokenizer(out_dir: Path) -> str:
-    """The benchmarks' BPE tokenizer (vocab 1024, built from the built-in corpus) under ``out_dir``, built once."""
-    tok_dir = out_dir / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        from hf_badm.app.data import build_tokenizer
+# ----------------------------------------------------------------------------- run options
 
-        build_tokenizer(vocab_size=1024, save_dir=tok_dir)
-    return str(tok_dir)
+def add_run_args(p: argparse.ArgumentParser, name: str, results: Path | None = None, threads: int | None = 1) -> None:
+    """The options every benchmark script shares: threads, device, where runs and results go, smoke mode."""
+    p.add_argument("--threads", type=int, default=threads,
+                   help="torch threads (default %(default)s; none given: torch's own choice)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
+                   help="where training runs (default cpu; auto: CUDA when available)")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "outputs" / f"bench-{name}", help="runs, tokenizers, corpora")
+    p.add_argument("--results", type=Path, default=results or RESULTS / f"{name}.json", help="result JSON")
+    p.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose section is updated")
+    p.add_argument("--no-write", action="store_true", help="do not update the markdown file")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check (writes only under a temporary directory)")
+
+
+def smoke_paths(a: argparse.Namespace, name: str) -> Path:
+    """Point ``out_dir``, ``results`` and ``docs`` of a smoke run into a fresh temporary directory."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-smoke-"))
+    a.out_dir, a.docs = tmp, tmp / "benchmarks.md"
+    a.results = tmp / ("results" if a.results.suffix != ".json" else a.results.name)
+    return tmp
+
+
+def setup(a: argparse.Namespace) -> None:
+    """Quiet logs, torch threads, and the device check (``--device cuda`` without CUDA stops here)."""
+    quiet()
+    import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if getattr(a, "device", "cpu") == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device")
+
+
+def device_recipe(device: str) -> dict[str, Any]:
+    """Recipe fields for ``--device``: ``use_cpu`` unless the run may use CUDA."""
+    return {"use_cpu": device == "cpu"}
 
 
 def quiet() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
@@ -60,8 +113,137 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def rotations(items: Sequence[Any], rounds: int) -> Iterator[tuple[int, Any]]:
+    """``(round, item)`` round-robin, the order rotated each round so that no item always runs first
+    (load drift on a shared machine then hits every item alike)."""
+    n = len(items)
+    for r in range(rounds):
+        for i in range(n):
+            yield r, items[(r + i) % n]
+
+
+# ----------------------------------------------------------------------------- corpora and tokenizers
+
+_STDLIB_SKIP = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "ensurepip", "lib2to3",
+                "pydoc_data", "xxsubtype", "msilib", "winreg", "winsound", "msvcrt", "nt"}
+
+
+def _paragraphs(doc: str) -> Iterator[str]:
+    """Prose paragraphs of a docstring: one line each; code, doctests and tables left out."""
+    for para in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
+        lines = [line.strip() for line in para.splitlines()]
+        if any(line.startswith((">>>", "...", "$ ", "%", "+--", "===", "***", "---")) for line in lines):
+            continue
+        text = " ".join(line for line in lines if line)
+        if len(text.split()) >= 8 and sum(c.isalpha() or c.isspace() for c in text) >= 0.85 * len(text):
+            yield text
+
+
+def stdlib_docs_paragraphs() -> list[str]:
+    """English prose no one here wrote, from what every Python installation has: the docstrings of the
+    public standard-library modules (``sys.stdlib_module_names``, sorted) and of the classes, functions
+    and methods they define, then pydoc's topic texts (the language reference). Deterministic for a
+    given Python version; exact duplicates dropped."""
+    seen: set[str] = set()
+    out: list[str] = []
+
+    def add(doc: Any) -> None:
+        if isinstance(doc, str):
+            for p in _paragraphs(doc):
+                if p not in seen:
+                    seen.add(p)
+                    out.append(p)
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for name in sorted(sys.stdlib_module_names):
+            if name.startswith("_") or name in _STDLIB_SKIP:
+                continue
+            try:
+                module = importlib.import_module(name)
+            except BaseException:  # noqa: BLE001 - platform-specific modules fail to import in many ways
+                continue
+            add(module.__doc__)
+            for attr, obj in sorted(vars(module).items()):
+                if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+                    continue
+                if inspect.isclass(obj) or inspect.isroutine(obj):
+                    add(obj.__doc__)
+                if inspect.isclass(obj):
+                    for member, f in sorted(vars(obj).items()):
+                        if (not member.startswith("_") or member == "__init__") and (
+                                inspect.isroutine(f) or isinstance(f, (property, classmethod, staticmethod))):
+                            add(getattr(f, "__doc__", None))
+        try:
+            from pydoc_data.topics import topics
+
+            for key in sorted(topics):
+                add(topics[key])
+        except ImportError:
+            pass
+    return out
+
+
+def stdlib_docs(out_dir: Path, eval_every: int = 20) -> Path:
+    """The ``stdlib_docs`` corpus as a dataset directory (``train.txt`` and ``test.txt``, one paragraph per
+    line; every ``eval_every``-th paragraph held out) under ``out_dir``, gathered once per Python version."""
+    path = out_dir / "corpus" / f"stdlib_docs-py{sys.version_info[0]}.{sys.version_info[1]}"
+    if not (path / "test.txt").exists():
+        paras = stdlib_docs_paragraphs()
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "train.txt").write_text("\n".join(p for i, p in enumerate(paras) if i % eval_every) + "\n")
+        (path / "test.txt").write_text("\n".join(p for i, p in enumerate(paras) if not i % eval_every) + "\n")
+        digest = hashlib.sha256("\n".join(paras).encode()).hexdigest()
+        info_path(path).write_text(json.dumps({"paragraphs": len(paras), "characters": sum(map(len, paras)),
+                                                      "sha256": digest, "python": platform.python_version()}))
+    return path
+
+
+def corpus(name: str, out_dir: Path) -> str:
+    """The ``dataset`` recipe value of a corpus: ``builtin``, ``stdlib_docs`` (gathered here), or a file path."""
+    if name == "stdlib_docs":
+        return str(stdlib_docs(out_dir))
+    return name if name == "builtin" else str(Path(name).resolve())
+
+
+def corpus_name(spec: str) -> str:
+    """Short name of a corpus for keys and file names (``stdlib_docs-py3.11`` -> ``stdlib_docs``)."""
+    return "builtin" if spec == "builtin" else Path(spec).name.split("-py")[0].removesuffix(Path(spec).suffix)
+
+
+def info_path(dataset_dir: Path) -> Path:
+    """Size and hash of a gathered corpus, beside (not inside) its dataset directory."""
+    return dataset_dir.parent / f"{dataset_dir.name}.json"
+
+
+def corpus_info(spec: str) -> dict[str, Any]:
+    meta = info_path(Path(spec))
+    return json.loads(meta.read_text()) if spec != "builtin" and meta.exists() else {}
+
+
+def benchmark_tokenizer(out_dir: Path, dataset: str = "builtin") -> str:
+    """The benchmarks' BPE tokenizer (vocab 1024) of a corpus, trained on its training text, under ``out_dir``, once."""
+    from hf_badm.app.data import build_tokenizer
+
+    name = corpus_name(dataset)
+    tok_dir = out_dir / ("tokenizer" if name == "builtin" else f"tokenizer-{Path(dataset).name}")
+    if not (tok_dir / "tokenizer.json").exists():
+        texts = None
+        if name != "builtin":
+            source = Path(dataset) / "train.txt" if Path(dataset).is_dir() else Path(dataset)
+            texts = [line for line in source.read_text().splitlines() if line.strip()]
+        build_tokenizer(texts, vocab_size=1024, save_dir=tok_dir)
+    return str(tok_dir)
+
+
+# ----------------------------------------------------------------------------- one training run
+
 def train(recipe: dict[str, Any], quiet_output: bool = True) -> dict[str, Any]:
-    """One ``hf-badm train`` run in this process (the CLI's own parsing, then ``hf_badm.run.run``).
+    """One ``hf-badm train`` run in this process (the CLI's own parsing, then ``hf_badm.app.run.run``).
 
     Returns a compact summary: eval curve with training-only wall time (evaluation excluded) at each
     eval point, final eval loss, training-only seconds per step, and the 1-minute load average."""
@@ -71,13 +253,7 @@ def train(recipe: dict[str, Any], quiet_output: bool = True) -> dict[str, Any]:
     model_args, task_args, badm, args = parse(dict(recipe), [], "bench")
     load_before = load()
     start = time.perf_counter()
-    if quiet_output:
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            metrics = run(model_args, task_args, badm, args)
-    else:
+    with contextlib.redirect_stdout(io.StringIO()) if quiet_output else contextlib.nullcontext():
         metrics = run(model_args, task_args, badm, args)
     elapsed = time.perf_counter() - start
     curve, eval_time, last_wall = [], 0.0, 0.0
@@ -113,6 +289,67 @@ def steps_to_reach(curve: list[dict[str, float]], target: float, key: str = "ste
     return None
 
 
+# ----------------------------------------------------------------------------- measuring optimizers
+
+def state_bytes(opt: Any) -> int:
+    """Bytes of every tensor an optimizer keeps in ``state`` (BADM's per-slot duals are lists of tensors;
+    0-d step counters excluded). Wrappers (accelerate's ``AcceleratedOptimizer``) are unwrapped."""
+    import torch
+
+    opt = getattr(opt, "optimizer", opt)
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            for t in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(t, torch.Tensor) and t.dim() > 0:
+                    total += t.numel() * t.element_size()
+    return total
+
+
+class StepTimer:
+    """Wall time of every ``optimizer.step()`` of any torch optimizer while active, through torch's global
+    step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``_post_hook``), the clock read
+    after a CUDA synchronisation when CUDA is in use. Only the outermost optimizer's step is timed (an
+    optimizer made of two inner ones counts once). Keeps the last optimizer seen (for :func:`state_bytes`)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.optimizer: Any = None
+        self._depth, self._t0, self._handles = 0, 0.0, []
+
+    @staticmethod
+    def _sync() -> None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    def _pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+        if self._depth == 0:
+            self._sync()
+            self._t0 = time.perf_counter()
+            self.optimizer = opt
+        self._depth += 1
+
+    def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._sync()
+            self.seconds.append(time.perf_counter() - self._t0)
+
+    def __enter__(self) -> "StepTimer":
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._handles = [register_optimizer_step_pre_hook(self._pre), register_optimizer_step_post_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- results and docs
+
 class Results:
     """All runs of a benchmark in one JSON file, written after every run so partial sweeps survive."""
 
@@ -136,13 +373,19 @@ class Results:
 
     def add(self, run: dict[str, Any]) -> None:
         self.runs = [r for r in self.runs if r["key"] != run["key"]] + [run]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"machine": self.meta, "runs": self.runs}, indent=1, default=str))
-        tmp.replace(self.path)
+        write_json(self.path, {"machine": self.meta, "runs": self.runs})
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically (a reader never sees half a file; an interrupted run leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
 
 
 def machine() -> dict[str, str]:
+    """CPU (and GPU, when torch sees one), thread count and library versions of this process."""
     import torch
     import transformers
 
@@ -152,31 +395,25 @@ def machine() -> dict[str, str]:
         cpu = found.group(1).strip() if found else cpu
     except OSError:
         pass
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
+    meta = {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+    if torch.cuda.is_available():
+        meta["gpu"] = torch.cuda.get_device_name(0)
+        meta["cuda"] = str(torch.version.cuda)
+    return meta
 
 
-def stamp(meta: dict[str, str], command: str, loads: list[float]) -> str:
-    lo, hi = (min(loads), max(loads)) if loads else (0.0, 0.0)
+def stamp(meta: dict[str, str], command: str, loads: list[float] | None = None) -> str:
+    """The command, machine, versions and date lines under a table."""
+    load_text = ""
+    if loads:
+        load_text = f" (1-minute load average during the runs {min(loads):.1f}–{max(loads):.1f})"
+    gpu = f"; GPU {meta['gpu']} (CUDA {meta.get('cuda')})" if meta.get("gpu") else ""
     return (f"- command: `{command}`\n"
-            f"- machine: {meta['cpu']}, {meta['torch_threads']} torch threads of {meta['cores']} cores, shared "
-            f"(1-minute load average during the runs {lo:.1f}–{hi:.1f}); torch {meta['torch']}, transformers "
-            f"{meta['transformers']}, Python {meta['python']}\n- date: {meta['date']}\n")
-
-
-def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-
-
-def add_run_args(p: argparse.ArgumentParser, name: str) -> None:
-    """The options every benchmark script shares: threads, where runs and results go, smoke mode."""
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out-dir", type=Path, default=ROOT / "outputs" / f"bench-{name}")
-    p.add_argument("--results", type=Path, default=ROOT / "docs" / "results" / f"{name}.json")
-    p.add_argument("--docs", type=Path, default=DOCS)
-    p.add_argument("--no-write", action="store_true")
-    p.add_argument("--smoke", action="store_true", help="seconds-long check")
+            f"- machine: {meta['cpu']}, {meta['torch_threads']} torch threads of {meta['cores']} cores, shared"
+            f"{load_text}{gpu}; torch {meta['torch']}, transformers {meta['transformers']}, Python {meta['python']}\n"
+            f"- date: {meta['date']}\n")
 
 
 def write_section(path: Path, title: str, text: str) -> None:

@@ -1,5 +1,5 @@
-"""Convergence of tiny-GPT pre-training: BADM (fused, per-sub-batch S=4) vs AdamW, SGD+momentum and
-Schedule-Free AdamW, each with the same learning-rate sweep protocol, at a fixed token budget.
+"""Convergence of tiny-GPT pre-training: BADM (fused, per-sub-batch S=4, preconditioned) vs AdamW, Muon, SGD+momentum
+and Schedule-Free AdamW, each with the same learning-rate sweep protocol, at a fixed token budget.
 
 Protocol (identical for every optimizer): every point of a log-spaced learning-rate grid (>= 4 values,
 half-decade steps; BADM also over rho/sigma, i.e. its momentum beta = r/(r+1)) trains once with
@@ -9,8 +9,12 @@ best final eval loss per optimizer (mean over seeds), and the steps and training
 optimizer's best setting needs to reach AdamW's best final loss (the speed-up ratio). Every run goes
 into ``results.json`` next to the table (written after each run, so an interrupted sweep resumes).
 
-Every run is ``hf-badm train`` in-process (``hf_badm.cli.parse`` + ``hf_badm.run.run``) with the same
-recipe, data order and token budget; only the optimizer, learning rate and BADM's rho differ.
+Every run is ``hf-badm train`` in-process (``hf_badm.app.cli.parse`` + ``hf_badm.app.run.run``) with the
+same recipe, data order and token budget; only the optimizer, learning rate and BADM's rho differ.
+Muon is torch's ``torch.optim.Muon`` on the hidden matrices with AdamW on the rest (``hf_badm.peers``).
+Corpora (``--corpus``): ``builtin`` (generated stories) and ``stdlib_docs`` (real English prose gathered at
+run time from the docstrings of Python's standard library; ``scripts/bench_common.py``), each with a
+tokenizer trained on its own training text.
 Schedule-Free AdamW runs with a constant schedule (it has its own warm-up and averaging); all others
 with cosine decay and 20 warm-up steps. Lion (``lion_32bit``) needs bitsandbytes and is skipped
 when that is not installed.
@@ -29,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 from hf_badm.optim.defaults import RHO_OVER_SIGMA  # noqa: E402
+from hf_badm.peers import MUON_ADAMW_LR  # noqa: E402
 
 SECTION = "## Convergence: pre-training sweeps and speed-up vs AdamW"
 LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_torch": "AdamW", "sgd": "SGD+momentum 0.9",
@@ -36,7 +41,10 @@ LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_to
           "badm_sm": "BADM second_moment", "badm_norm": "BADM normalized",
           "badm_ns": "BADM newton_schulz (elementwise second_moment)",
           "badm_ns_norm": "BADM newton_schulz (elementwise normalized)",
-          "badm_ns_norm_s4": "BADM newton_schulz (elementwise normalized), per-sub-batch (S=4)"}
+          "badm_ns_norm_s4": "BADM newton_schulz (elementwise normalized), per-sub-batch (S=4)",
+          "badm_ns_norm_r3": "BADM newton_schulz (elementwise normalized), rho = 3 sigma",
+          "badm_ns_norm_r9": "BADM newton_schulz (elementwise normalized), rho = 9 sigma",
+          "muon": "Muon (torch, + AdamW elsewhere)"}
 # The BADM family (docs/preconditioners.md): recipe fields on top of optimizer=badm.
 S4 = {"mode": "per_sub_batch", "sub_batches_per_micro_batch": 4}
 NS_NORM = {"preconditioner": "newton_schulz", "elementwise_preconditioner": "normalized"}
@@ -44,13 +52,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "badm": {}, "badm_s4": S4, "badm_sm": {"preconditioner": "second_moment"},
     "badm_norm": {"preconditioner": "normalized"},
     "badm_ns": {"preconditioner": "newton_schulz", "elementwise_preconditioner": "second_moment"},
-    "badm_ns_norm": NS_NORM, "badm_ns_norm_s4": {**NS_NORM, **S4},
+    "badm_ns_norm": NS_NORM, "badm_ns_norm_s4": {**NS_NORM, **S4}, "badm_ns_norm_r3": NS_NORM, "badm_ns_norm_r9": NS_NORM,
 }
 # Preconditioned variants sweep lr at one rho/sigma (second_moment: rho = 6000 sigma, i.e. sigma 0.1 with rho 600 at
 # lr 10; normalized: beta 0.9; newton_schulz: rho = sigma as in its prototype); per-sub-batch variants take their
 # fused variant's best rho/sigma. newton_schulz with normalized elementwise tensors gives those the best
 # normalized learning rate of the same size (elementwise_sigma = 1/lr, elementwise_rho = 9 elementwise_sigma).
 FIXED_RATIO = {name: RHO_OVER_SIGMA[VARIANTS[name]["preconditioner"]] for name in ("badm_sm", "badm_norm", "badm_ns", "badm_ns_norm")}
+FIXED_RATIO.update(badm_ns_norm_r3=3.0, badm_ns_norm_r9=9.0)  # rho != sigma: the dual as QH momentum over NS directions
+# Optimizers whose other tensors (embeddings, head, norms, biases) have a learning rate of their own, and the
+# optimizer whose best lr it starts from: BADM newton_schulz's normalized tensors from BADM normalized, Muon's
+# AdamW tensors from AdamW.
+ELEMENTWISE_FROM = {**{o: "badm_norm" for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "normalized"},
+                    "muon": "adamw_torch"}
 PER_SUB_BATCH_OF = {"badm_s4": "badm", "badm_ns_norm_s4": "badm_ns_norm"}
 GRIDS: dict[str, list[float]] = {
     "badm": [1.0, 3.0, 10.0, 30.0],
@@ -64,6 +78,9 @@ GRIDS: dict[str, list[float]] = {
     "badm_ns": [0.01, 0.03, 0.1],
     "badm_ns_norm": [0.01, 0.03, 0.1],
     "badm_ns_norm_s4": [0.01, 0.03, 0.1],
+    "badm_ns_norm_r3": [0.01, 0.03, 0.1],
+    "badm_ns_norm_r9": [0.01, 0.03, 0.1],
+    "muon": [0.01, 0.03, 0.1],
 }
 RATIOS = [1.5, 4.0, 9.0, 19.0]  # BADM rho/sigma: beta = 0.6, 0.8, 0.9, 0.95
 
@@ -78,7 +95,8 @@ def nice_down(x: float) -> float:
 
 
 def available_optimizers() -> list[str]:
-    names = ["badm", "badm_s4", "adamw_torch", "sgd", "badm_sm", "badm_norm", "badm_ns", "badm_ns_norm", "badm_ns_norm_s4"]
+    names = ["badm", "badm_s4", "adamw_torch", "sgd", "badm_sm", "badm_norm", "badm_ns", "badm_ns_norm", "badm_ns_norm_s4",
+             "muon"]
     if importlib.util.find_spec("schedulefree"):
         names.append("schedule_free_adamw")
     if importlib.util.find_spec("bitsandbytes"):
@@ -86,13 +104,32 @@ def available_optimizers() -> list[str]:
     return names
 
 
+MUON_ADAMW_LR_FIELD = "muon_adamw_lr"
+
+
+def muon_adamw_lr_supported() -> bool:
+    """Whether ``hf-badm train`` has a recipe field for the AdamW lr of Muon's other tensors (else it is
+    ``hf_badm.peers.MUON_ADAMW_LR`` and Muon's sweep covers its matrix lr only)."""
+    from hf_badm.app import RecipeError
+    from hf_badm.app.cli import parse
+
+    try:
+        parse({"optimizer": "muon", MUON_ADAMW_LR_FIELD: 0.1, "output_dir": "/nonexistent/probe"}, [], "probe")
+    except (RecipeError, ValueError):
+        return False
+    return True
+
+
 def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpus: str, steps: int,
-           base: dict[str, Any], out: Path, tokenizer: str, elementwise_lr: float | None = None) -> tuple[str, dict[str, Any]]:
+           base: dict[str, Any], out: Path, dataset: str, tokenizer: str, elementwise_lr: float | None = None,
+           device: str = "cpu") -> tuple[str, dict[str, Any]]:
     key = f"{corpus}|{size}|{opt}|lr={lr:.4g}|r={ratio if ratio is not None else '-'}|seed={seed}"
     if elementwise_lr is not None:
         key += f"|elr={elementwise_lr:.4g}"
-    r = {**base, "model_size": size, "dataset": corpus, "max_steps": steps, "eval_steps": max(1, steps // 10),
-         "learning_rate": lr, "seed": seed, "tokenizer_name_or_path": tokenizer,
+    if device != "cpu":
+        key += f"|{device}"
+    r = {**base, "model_size": size, "dataset": dataset, "max_steps": steps, "eval_steps": max(1, steps // 10),
+         "learning_rate": lr, "seed": seed, "tokenizer_name_or_path": tokenizer, **bc.device_recipe(device),
          "output_dir": str(out / "runs" / key.replace("|", "_").replace("=", ""))}
     if opt in VARIANTS:
         r.update(optimizer="badm", rho=ratio / lr, **VARIANTS[opt])  # sigma = 1/lr (default), rho = ratio * sigma
@@ -100,6 +137,8 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
             r.update(elementwise_sigma=1.0 / elementwise_lr, elementwise_rho=9.0 / elementwise_lr)
     else:
         r["optimizer"] = opt
+    if opt == "muon" and elementwise_lr is not None:
+        r[MUON_ADAMW_LR_FIELD] = elementwise_lr
     if opt == "sgd":
         r["optim_args"] = "momentum=0.9"
     if opt == "schedule_free_adamw":
@@ -108,28 +147,43 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
 
 
 class Sweep:
-    def __init__(self, args: argparse.Namespace, results: bc.Results, base: dict[str, Any], tokenizer: str) -> None:
-        self.args, self.results, self.base, self.tokenizer = args, results, base, tokenizer
-        self.extended: set[tuple[str, str, str]] = set()
+    def __init__(self, args: argparse.Namespace, results: bc.Results, base: dict[str, Any],
+                 corpora: dict[str, tuple[str, str]]) -> None:
+        """``corpora``: name -> (dataset recipe value, tokenizer directory)."""
+        self.args, self.results, self.base, self.corpora = args, results, base, corpora
+        self.extended: set[tuple[str, str, str, str]] = set()
+        self.muon_elr = "muon" in args.optimizers and muon_adamw_lr_supported()
+
+    def elementwise_start(self, opt: str, size: str, corpus: str) -> float | None:
+        """The elementwise lr a variant starts from: ``--elementwise-lr``, else the best lr of the optimizer it
+        builds on (BADM normalized, or AdamW for Muon); None where the variant has no such lr."""
+        source = ELEMENTWISE_FROM.get(opt)
+        if source is None or (opt == "muon" and not self.muon_elr):
+            return None
+        if self.args.elementwise_lr is not None:
+            return self.args.elementwise_lr
+        best = self.best(source, size, corpus)
+        if best is None:
+            raise SystemExit(f"{opt} takes the best {source} learning rate: include {source} in --optimizers "
+                             "(or fix it with --elementwise-lr)")
+        return best["learning_rate"]
 
     def run(self, opt: str, lr: float, ratio: float | None, seed: int, size: str, corpus: str,
             elr: float | None = None, again: bool = False) -> dict[str, Any]:
-        """One run (cached by its key); ``elr``: the elementwise lr of a newton_schulz variant with normalized
-        elementwise tensors (default: the best normalized lr of the same size)."""
-        if elr is None and VARIANTS.get(opt, {}).get("elementwise_preconditioner") == "normalized":
-            norm = self.best("badm_norm", size, corpus)
-            if norm is None:
-                raise SystemExit(f"{opt} takes the best badm_norm learning rate: include badm_norm in --optimizers")
-            elr = norm["learning_rate"]
+        """One run (cached by its key); ``elr``: the lr of the tensors a newton_schulz variant or Muon does not
+        orthogonalise (default: :meth:`elementwise_start`)."""
+        if elr is None:
+            elr = self.elementwise_start(opt, size, corpus)
+        dataset, tokenizer = self.corpora[corpus]
         key, r = recipe(opt, lr, ratio, seed, size, corpus, self.args.steps[size], self.base, self.args.out_dir,
-                        self.tokenizer, elr)
+                        dataset, tokenizer, elr, self.args.device)
         done = self.results.get(key)
         if done is not None and not again:
             return done
         summary = bc.train(r)
         if done is not None and done["final_eval_loss"] != summary["final_eval_loss"]:
             print(f"{key}: re-run ended at {summary['final_eval_loss']} (recorded: {done['final_eval_loss']})")
-        entry = {"key": key, "corpus": corpus, "size": size, "optimizer": opt, "learning_rate": lr,
+        entry = {"key": key, "corpus": corpus, "device": self.args.device, "size": size, "optimizer": opt, "learning_rate": lr,
                  "rho_over_sigma": ratio, "elementwise_lr": elr, "seed": seed, "max_steps": self.args.steps[size],
                  "tokens": self.args.steps[size] * r["per_device_train_batch_size"] * r["block_size"], **summary}
         self.results.add(entry)
@@ -139,7 +193,8 @@ class Sweep:
 
     def points(self, opt: str, size: str, corpus: str, seed: int = 0) -> list[dict[str, Any]]:
         return [r for r in self.results.runs if (r["optimizer"], r["size"], r["corpus"], r["seed"]) == (opt, size, corpus, seed)
-                and r["final_eval_loss"] is not None and math.isfinite(r["final_eval_loss"])]
+                and r.get("device", "cpu") == self.args.device and r["final_eval_loss"] is not None
+                and math.isfinite(r["final_eval_loss"])]
 
     def best(self, opt: str, size: str, corpus: str) -> dict[str, Any] | None:
         pts = self.points(opt, size, corpus)
@@ -148,7 +203,7 @@ class Sweep:
     def sweep(self, size: str, corpus: str) -> None:
         opts = self.args.optimizers
         ratios = self.args.ratios
-        later = [o for o in opts if o in PER_SUB_BATCH_OF or "elementwise_preconditioner" in VARIANTS.get(o, {})]
+        later = [o for o in opts if o in PER_SUB_BATCH_OF or o in ELEMENTWISE_FROM]
         # Phase 1: every base grid point, round-robin across optimizers (so load drift hits all alike).
         # BADM: the full lr x rho/sigma grid, or (--badm-sweep coordinate) lr at --center-ratio, then the
         # other ratios at the best lr (cheaper; used where compute is short).
@@ -172,17 +227,20 @@ class Sweep:
             for r in ratios:
                 self.run("badm", lr_best, r, 0, size, corpus)
         # Phase 2: variants that build on an earlier sweep's best (per-sub-batch at the fused variant's best
-        # rho/sigma; newton_schulz with the best normalized lr on its elementwise tensors); edge extensions.
+        # rho/sigma and elementwise lr; newton_schulz with the best normalized lr on its elementwise tensors, Muon
+        # with the best AdamW lr on its AdamW tensors); edge extensions, also of the elementwise lr.
         for o in later:
             fused = PER_SUB_BATCH_OF.get(o)
             if fused is not None and fused not in opts:
                 raise SystemExit(f"{o} takes the best rho/sigma of {fused}: include {fused} in --optimizers")
-            self.widen(fused or "badm_norm", size, corpus, "learning_rate")
-            ratio = self.best(fused, size, corpus)["rho_over_sigma"] if fused else FIXED_RATIO[o]
+            source = fused or ELEMENTWISE_FROM.get(o)
+            if source in opts:
+                self.widen(source, size, corpus, "learning_rate")  # settle the best it starts from first
+            ratio = self.best(fused, size, corpus)["rho_over_sigma"] if fused else FIXED_RATIO.get(o)
             elr = self.best(fused, size, corpus).get("elementwise_lr") if fused else None
             for lr in self.args.grids[o]:
                 self.run(o, lr, ratio, 0, size, corpus, elr)
-            if not fused:  # newton_schulz with normalized elementwise tensors: their lr is swept too
+            if not fused and self.args.elementwise_lr is None and self.elementwise_start(o, size, corpus) is not None:
                 self.widen(o, size, corpus, "elementwise_lr")
         for spec in self.args.extra:  # extra single points, e.g. badm=10@19 (recorded like every other point)
             name, point = spec.split("=", 1)
@@ -236,17 +294,22 @@ class Sweep:
 
 def seeds_of(results: bc.Results, best: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in results.runs if all(r.get(k) == best.get(k) for k in ("corpus", "size", "optimizer", "learning_rate",
-                                                                              "rho_over_sigma", "elementwise_lr"))]
+                                                                              "rho_over_sigma", "elementwise_lr"))
+            and r.get("device", "cpu") == best.get("device", "cpu")]
 
 
-def speedup_table(sweep: Sweep, size: str, corpus: str) -> tuple[str, dict[str, Any]]:
-    res, opts = sweep.results, sweep.args.optimizers
-    adamw = sweep.best("adamw_torch", size, corpus)
-    target = statistics.mean(r["final_eval_loss"] for r in seeds_of(res, adamw))
-    steps = adamw["max_steps"]
-    ref_s = statistics.mean(r["train_s"] for r in seeds_of(res, adamw))
-    rows = [f"AdamW's best final eval loss (target): **{target:.4f}** (lr {adamw['learning_rate']:g}, mean of "
-            f"{len(seeds_of(res, adamw))} seeds) after {steps} steps = {adamw['tokens']:,} tokens.\n",
+REFERENCES = {"adamw_torch": "AdamW", "muon": "Muon"}
+
+
+def speedup_table(sweep: Sweep, size: str, corpus: str, ref: str = "adamw_torch") -> tuple[str, dict[str, Any]]:
+    """Every optimizer's best point against ``ref``'s best final loss (the target): steps and seconds to reach it."""
+    res, opts, name = sweep.results, sweep.args.optimizers, REFERENCES[ref]
+    ref_best = sweep.best(ref, size, corpus)
+    target = statistics.mean(r["final_eval_loss"] for r in seeds_of(res, ref_best))
+    steps = ref_best["max_steps"]
+    ref_s = statistics.mean(r["train_s"] for r in seeds_of(res, ref_best))
+    rows = [f"{name}'s best final eval loss (target): **{target:.4f}** (lr {ref_best['learning_rate']:g}, mean of "
+            f"{len(seeds_of(res, ref_best))} seeds) after {steps} steps = {ref_best['tokens']:,} tokens.\n",
             "| optimizer | best lr | rho/sigma | final eval loss, mean (min–max), seeds | steps to target | speed-up (steps) "
             "| ms/step (its best point's runs) | train s to target | speed-up (wall-clock) |",
             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
@@ -267,15 +330,15 @@ def speedup_table(sweep: Sweep, size: str, corpus: str) -> tuple[str, dict[str, 
         ss = statistics.mean(ok_s) if ok_s else None
         sp = steps / st if st else None
         spw = ref_s / ss if ss else None
-        if st is None:  # never reached AdamW's loss: compare at this optimizer's own final loss instead
+        if st is None:  # never reached the reference's loss: compare at this optimizer's own final loss instead
             own = statistics.mean(losses)
-            a_st = [bc.steps_to_reach(r["curve"], own) for r in seeds_of(res, adamw)]
-            a_ss = [bc.steps_to_reach(r["curve"], own, key="train_s") for r in seeds_of(res, adamw)]
+            a_st = [bc.steps_to_reach(r["curve"], own) for r in seeds_of(res, ref_best)]
+            a_ss = [bc.steps_to_reach(r["curve"], own, key="train_s") for r in seeds_of(res, ref_best)]
             if all(x is not None for x in a_st + a_ss):
                 sp = statistics.mean(a_st) / best["max_steps"]
                 spw = statistics.mean(a_ss) / statistics.mean(r["train_s"] for r in runs)
-                n_ok = f" (AdamW reaches its final loss at step {statistics.mean(a_st):.0f})"
-        if o == "adamw_torch":
+                n_ok = f" ({name} reaches its final loss at step {statistics.mean(a_st):.0f})"
+        if o == ref:
             st, ss, sp, spw, n_ok = float(steps), ref_s, 1.0, 1.0, " (by definition)"
         summary["optimizers"][o] = {"learning_rate": best["learning_rate"], "rho_over_sigma": best["rho_over_sigma"],
                                     "elementwise_lr": best.get("elementwise_lr"),
@@ -287,9 +350,9 @@ def speedup_table(sweep: Sweep, size: str, corpus: str) -> tuple[str, dict[str, 
                     f"| {statistics.mean(losses):.4f} ({min(losses):.4f}–{max(losses):.4f}), {len(runs)} "
                     f"| {bc.fmt(st, '.0f', 'not reached')}{n_ok} | {bc.fmt(sp, '.2f', '–')}x | {all_ms:.0f} "
                     f"| {bc.fmt(ss, '.1f', 'not reached')} | {bc.fmt(spw, '.2f', '–')}x |".replace("–x", "–"))
-    rows.append("\nSpeed-up = AdamW's steps (training seconds) to the target / the optimizer's. Where an optimizer "
-                "never reaches the target, the speed-up is taken at its own final loss instead: AdamW's steps "
-                "(seconds) to reach that loss / the optimizer's full budget; below 1x means slower than AdamW.")
+    rows.append(f"\nSpeed-up = {name}'s steps (training seconds) to the target / the optimizer's. Where an optimizer "
+                f"never reaches the target, the speed-up is taken at its own final loss instead: {name}'s steps "
+                f"(seconds) to reach that loss / the optimizer's full budget; below 1x means slower than {name}.")
     return "\n".join(rows), summary
 
 
@@ -364,8 +427,7 @@ def plot(sweep: Sweep, size: str, corpus: str, target: float, path: Path) -> Pat
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
     axes[2].set_xscale("log")
-    finals = [p["final_eval_loss"] for p in sweep.results.runs if p["size"] == size and p["corpus"] == corpus
-              and p["final_eval_loss"] is not None and math.isfinite(p["final_eval_loss"])]
+    finals = [p["final_eval_loss"] for o in sweep.args.optimizers for p in sweep.points(o, size, corpus)]
     if finals:
         axes[2].set_ylim(min(finals) - 0.1, min(max(finals), min(finals) + 3) + 0.1)
     axes[0].legend(fontsize=7)
@@ -378,48 +440,84 @@ def plot(sweep: Sweep, size: str, corpus: str, target: float, path: Path) -> Pat
     return path
 
 
-def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, results_rel: str) -> str:
+CORPUS_TEXT = {
+    "builtin": "the built-in generated corpus ({num_train} stories; held-out: {num_eval})",
+    "stdlib_docs": "stdlib_docs, real English prose gathered at run time from the docstrings of Python's standard "
+                   "library and pydoc's topics ({paragraphs:,} paragraphs, {characters:,} characters, Python {python}; "
+                   "every 20th paragraph held out; nothing copied into the repository)",
+}
+
+
+def describe_corpus(name: str, spec: str, a: argparse.Namespace) -> str:
+    if name in CORPUS_TEXT:
+        info = {"paragraphs": 0, "characters": 0, "python": "?", **bc.corpus_info(spec)}
+        return CORPUS_TEXT[name].format(num_train=a.num_train, num_eval=a.num_eval, **info)
+    return f"{name} ({spec})"
+
+
+def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, results_rel: str,
+           title: str = SECTION) -> tuple[str, dict[str, Any]]:
     res = sweep.results
     a = sweep.args
-    loads = [r["load_1min"] for r in res.runs]
-    text = [f"{SECTION}\n",
-            "GPT-2 models built from config (tiny: 2 layers x 64, small: 4 x 128), trained from scratch on the "
-            f"built-in generated corpus ({a.num_train} documents; held-out: {a.num_eval}), block 64, batch 16, "
+    loads = [r["load_1min"] for r in res.runs if r.get("device", "cpu") == a.device]
+    where = ("on a shared 2-core machine, so it is noisy; the best points of all optimizers were re-run together "
+             "(--retime) so that their wall-clock columns were timed under the same load" if a.device == "cpu" else
+             f"on {a.device}")
+    text = [f"{title}\n",
+            "GPT-2 models built from config (tiny: 2 layers x 64, small: 4 x 128), trained from scratch on "
+            + "; and on ".join(describe_corpus(c, sweep.corpora.get(c, ("builtin",))[0], a) for c in corpora)
+            + ", each corpus with a BPE tokenizer (vocab 1024) trained on its own training text; block 64, batch 16, "
             "cosine schedule with 20 warm-up steps (Schedule-Free AdamW: constant), global-norm clipping 1.0, no "
             "weight decay. Sweep protocol, the same for every optimizer: a log-spaced learning-rate grid (half "
-            "decades, >= 4 values; BADM fused also over rho/sigma = r, momentum beta = r/(r+1)), one run per point "
-            "with seed 0, the grid extended half a decade at a time while the best lies on its edge (at most 3 times), "
-            "then the best point "
-            f"re-run to {a.seeds} seeds. BADM per-sub-batch (S = 4 sub-batches of 4 sequences, each sub-batch's "
-            "gradient clipped on its own) sweeps lr at the fused sweep's best r. The preconditioned BADM variants "
-            "(docs/preconditioners.md) sweep lr at one r each: second_moment r = 6000, normalized r = 9, "
-            "newton_schulz r = 1 (its elementwise tensors: second_moment with sigma 0.1, rho 600, or normalized "
-            "with r = 9 and their own lr, swept like the lr from the best normalized lr of the same size at the "
-            "best matrix lr), its per-sub-batch form at the fused form's best r and elementwise lr. "
-            "'Steps to target' interpolates "
-            "linearly between the 10 evaluations of a run; wall-clock is training time with evaluation excluded, "
-            "on a shared 2-core machine, so it is noisy; the best points of all optimizers were re-run together "
-            "(--retime) so that their wall-clock columns were timed under the same load. Lion needs bitsandbytes, not installed here: not run.\n",
+            "decades; BADM fused also over rho/sigma = r, momentum beta = r/(r+1)), one run per point "
+            f"with seed 0, the grid extended half a decade at a time while the best lies on its edge (at most {a.extend} "
+            f"times), then the best point re-run to {a.seeds} seeds. BADM per-sub-batch (S = 4 sub-batches of 4 "
+            "sequences, each sub-batch's gradient clipped on its own) sweeps lr at the fused sweep's best r. The "
+            "preconditioned BADM variants (docs/preconditioners.md) sweep lr at one r each: second_moment r = 6000, "
+            "normalized r = 9, newton_schulz r = 1 (= Muon on the hidden matrices) and, where listed, r = 3 and 9 "
+            "(the dual as quasi-hyperbolic momentum over the orthogonalised directions); their elementwise tensors: "
+            "second_moment with sigma 0.1, rho 600, or normalized with r = 9 and their own lr, swept like the lr from "
+            "the best normalized lr of the same size at the best matrix lr; the per-sub-batch form at the fused "
+            "form's best r and elementwise lr. Muon is torch's `torch.optim.Muon` (Nesterov 0.95, 5 Newton-Schulz "
+            "steps in bfloat16, lr scaled by sqrt(max(1, rows/cols)) as BADM's) on the same hidden matrices, with "
+            "AdamW on the embeddings, head, norms and biases "
+            + ("(its lr swept like the elementwise lr, from AdamW's best lr). " if sweep.muon_elr else
+               f"at lr {MUON_ADAMW_LR:g} (`hf_badm.peers` default; this `hf-badm train` has no field to sweep it). ")
+            + (f"The elementwise lr was fixed at {a.elementwise_lr:g} (--elementwise-lr). " if a.elementwise_lr else "")
+            + "'Steps to target' interpolates linearly between the 10 evaluations of a run; wall-clock is training "
+            f"time with evaluation excluded, {where}. Lion needs bitsandbytes: run only where installed.\n",
             *([a.note + "\n"] if a.note else []),
             bc.stamp(res.meta, a.command, loads),
             f"- every run (all sweep points, all seeds, eval curves): [`{results_rel}`]({results_rel})\n"]
     summaries = {}
     for corpus in corpora:
         for size in sizes:
-            if sweep.best("adamw_torch", size, corpus) is None:
+            refs = [ref for ref in REFERENCES if sweep.best(ref, size, corpus) is not None]
+            if not refs:
                 continue
-            name = Path(corpus).stem
-            table, summary = speedup_table(sweep, size, corpus)
-            summaries[f"{name}|{size}"] = summary
-            fig = plot(sweep, size, corpus, summary["target"], docs_dir / "figures" / f"convergence-{name}-{size}.png")
-            text += [f"### {name} corpus, GPT-2 {size} ({a.steps[size]} steps)\n", table + "\n",
-                     f"![convergence {name} {size}](figures/{fig.name})\n", grid_tables(sweep, size, corpus)]
+            tables = []
+            for ref in refs:
+                table, summary = speedup_table(sweep, size, corpus, ref)
+                summaries[f"{corpus}|{size}|vs {ref}"] = summary
+                tables.append(table + "\n")
+            suffix = "" if a.device == "cpu" else f"-{a.device}"
+            try:
+                fig = plot(sweep, size, corpus, summaries[f"{corpus}|{size}|vs {refs[0]}"]["target"],
+                           docs_dir / "figures" / f"convergence-{corpus}-{size}{suffix}.png")
+                figure = f"![convergence {corpus} {size}](figures/{fig.name})\n"
+            except ImportError:  # matplotlib is an optional extra
+                figure = "(plot skipped: matplotlib is not installed)\n"
+            heading = "#" * (len(title) - len(title.lstrip("#")) + 1)  # one level below the section's
+            text += [f"{heading} {corpus} corpus, GPT-2 {size} ({a.steps[size]} steps)\n", *tables, figure,
+                     grid_tables(sweep, size, corpus)]
     return "\n".join(text), summaries
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--text", nargs="*", default=[], help="extra text files (pre-trained on in addition to the built-in corpus)")
+    p.add_argument("--corpus", action="append", default=None, metavar="NAME",
+                   help="builtin (default), stdlib_docs, or a text file; repeat for several")
+    p.add_argument("--text", nargs="*", default=[], help="extra text files (each one more corpus)")
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     p.add_argument("--steps", default="tiny=300,small=150", help="training steps per size (batch 16 x 64 tokens each)")
     p.add_argument("--optimizers", default=None, help="comma-separated subset of " + ",".join(LABELS))
@@ -430,52 +528,49 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--center-ratio", type=float, default=9.0)
     p.add_argument("--extra", action="append", default=[], metavar="OPT=LR[@RATIO]",
                    help="extra seed-0 points, e.g. badm=10@19 (they join the sweep and can win it)")
+    p.add_argument("--elementwise-lr", type=float, default=None, help="fix the lr of the tensors newton_schulz and "
+                   "Muon do not orthogonalise (default: swept, from the best BADM normalized / AdamW lr)")
     p.add_argument("--seeds", type=int, default=2, help="seeds of each optimizer's best point (default 2)")
     p.add_argument("--extend", type=int, default=3, help="at most this many grid extensions per optimizer and axis "
                    "while the best lies on the grid's edge (default 3)")
     p.add_argument("--num-train", type=int, default=3000)
     p.add_argument("--num-eval", type=int, default=100)
-    p.add_argument("--out-dir", type=Path, default=bc.ROOT / "outputs" / "bench-convergence")
-    p.add_argument("--results", type=Path, default=bc.ROOT / "docs" / "results" / "convergence",
-                   help="directory of result JSONs, one per corpus and size (all of them are read for the report)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: robust on a shared CPU)")
-    p.add_argument("--docs", type=Path, default=bc.DOCS, help="markdown file whose section is updated")
-    p.add_argument("--no-write", action="store_true", help="do not update the markdown file")
+    bc.add_run_args(p, "convergence", results=bc.RESULTS / "convergence")
+    p.add_argument("--section", default=SECTION, help="the docs section (heading line) to write")
+    p.add_argument("--shard", default=None, help="suffix of this process's result files, so that processes sweeping "
+                   "different optimizers of one corpus and size write different files (the report reads them all)")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from the results JSON")
     p.add_argument("--retime", action="store_true", help="after the sweep, re-run each optimizer's best point "
                    "(all seeds) together so that the wall-clock columns compare runs timed under the same load")
-    p.add_argument("--smoke", action="store_true", help="seconds-long check: tiny model, a few steps, one lr each")
     p.add_argument("--note", default=None, help="with --report-only: a sentence on how the runs narrowed the protocol")
     p.add_argument("--commands", default=None, help="with --report-only: the sweep commands to document")
     a = p.parse_args(argv)
     a.command = a.commands or bc.command_line()
     a.steps = {k: int(v) for k, v in (kv.split("=") for kv in a.steps.split(","))}
     a.optimizers = [o for o in (a.optimizers.split(",") if a.optimizers else available_optimizers())]
+    if unknown := [o for o in a.optimizers if o not in LABELS]:
+        p.error(f"unknown optimizer(s) {unknown}; choose from {','.join(LABELS)}")
     a.grids, a.ratios = {k: list(v) for k, v in GRIDS.items()}, list(RATIOS)
     for spec in a.grid:
         name, values = spec.split("=", 1)
         a.grids[name] = [float(v) for v in values.split(",")]
     if a.smoke:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="bench-convergence-smoke-"))
+        bc.smoke_paths(a, "convergence")
         a.sizes, a.steps, a.num_train, a.num_eval, a.extend = ["tiny"], {"tiny": 4}, 100, 20, 1
-        a.out_dir, a.results, a.docs, a.no_write = tmp, tmp / "results", tmp / "benchmarks.md", False
+        a.no_write = False
         a.grids = {k: v[1:3] for k, v in GRIDS.items()}
         a.ratios = [9.0]
-    bc.quiet()
-    import torch
-
-    torch.set_num_threads(a.threads)
-    results = bc.Results.merged([])  # replaced per corpus and size below
+    bc.setup(a)
     base = {**bc.BASE_RECIPE, "num_train_examples": a.num_train, "num_eval_examples": a.num_eval}
-    tok_dir = bc.benchmark_tokenizer(a.out_dir)
-    sweep = Sweep(a, results, base, tok_dir)
-    corpora = ["builtin", *[str(Path(t).resolve()) for t in a.text]]
+    names = [*(a.corpus or ["builtin"]), *a.text]
+    specs = [bc.corpus(n, a.out_dir) for n in names]
+    corpora = {bc.corpus_name(spec): (spec, bc.benchmark_tokenizer(a.out_dir, spec)) for spec in specs}
+    sweep = Sweep(a, bc.Results.merged([]), base, corpora)
+    suffix = ("" if a.device == "cpu" else f"-{a.device}") + (f"-{a.shard}" if a.shard else "")
     if not a.report_only:
         for corpus in corpora:
             for size in a.sizes:
-                sweep.results = bc.Results(a.results / f"{Path(corpus).stem}-{size}.json")
+                sweep.results = bc.Results(a.results / f"{corpus}-{size}{suffix}.json")
                 sweep.sweep(size, corpus)
                 if a.retime:
                     sweep.retime(size, corpus)
@@ -485,10 +580,12 @@ def main(argv: list[str] | None = None) -> None:
         rel = str(Path(a.results).resolve().relative_to(docs_dir.resolve())) + "/"
     except ValueError:
         rel = str(a.results)
-    text, summaries = report(sweep, corpora, a.sizes, docs_dir, rel)
+    text, summaries = report(sweep, list(corpora), a.sizes, docs_dir, rel, a.section)
     print(text)
+    if not a.report_only:
+        bc.write_json(a.results / "summary" / f"summary{suffix}.json", summaries)
     if not a.no_write:
-        bc.write_section(a.docs, SECTION, text)
+        bc.write_section(a.docs, a.section, text)
         print(f"\nupdated {a.docs}")
 
 

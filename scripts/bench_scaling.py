@@ -44,15 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     modes = a.modes.split(",")
     num_train, num_eval = 3000, 200
     if a.smoke:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="bench-scaling-smoke-"))
+        bc.smoke_paths(a, "scaling")
         subs, batches, a.tokens, num_train, num_eval = [1, 2], [4], 4 * 4 * 64, 100, 20
-        a.out_dir, a.results, a.docs = tmp, tmp / "scaling.json", tmp / "benchmarks.md"
-    bc.quiet()
-    import torch
-
-    torch.set_num_threads(a.threads)
+    bc.setup(a)
     results = bc.Results(a.results)
     tok_dir = bc.benchmark_tokenizer(a.out_dir)
     block = bc.BASE_RECIPE["block_size"]
@@ -70,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "num_eval_examples": num_eval, "optimizer": "badm", "learning_rate": a.lr,
                                      "rho": a.rho_over_sigma / a.lr, "mode": mode, "max_steps": steps,
                                      "eval_steps": max(1, steps // 10), "warmup_steps": max(1, steps // 15),
-                                     "tokenizer_name_or_path": tok_dir,
+                                     "tokenizer_name_or_path": tok_dir, **bc.device_recipe(a.device),
                                      "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", ""))}
                 if mode == "per_sub_batch":
                     r.update(per_device_train_batch_size=b, sub_batches_per_micro_batch=s)

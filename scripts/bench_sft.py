@@ -37,22 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     grids = dict(GRIDS)
     num_train, num_eval = 3000, 200
     if a.smoke:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="bench-sft-smoke-"))
+        bc.smoke_paths(a, "sft")
         a.pretrain_steps, a.steps, a.examples, a.seeds, num_train, num_eval = 4, 4, 4, 1, 100, 20
         grids = {k: v[1:2] for k, v in GRIDS.items()}
-        a.out_dir, a.results, a.docs = tmp, tmp / "sft.json", tmp / "benchmarks.md"
-    bc.quiet()
-    import torch
-
-    torch.set_num_threads(a.threads)
+    bc.setup(a)
     results = bc.Results(a.results)
     base_dir = a.out_dir / f"base-{a.size}-{a.pretrain_steps}"
     if not (base_dir / "metrics.json").exists():
         bc.train({**bc.BASE_RECIPE, "model_size": a.size, "optimizer": "adamw_torch", "learning_rate": 3e-3,
                   "num_train_examples": num_train, "num_eval_examples": num_eval, "max_steps": a.pretrain_steps,
-                  "eval_strategy": "no", "output_dir": str(base_dir)})
+                  "eval_strategy": "no", "output_dir": str(base_dir), **bc.device_recipe(a.device)})
 
     def sft(opt: str, lr: float, seed: int) -> dict[str, Any]:
         key = f"{a.size}|{opt}|lr={lr:g}|seed={seed}|steps={a.steps}"
@@ -66,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_steps": a.steps, "learning_rate": lr, "lr_scheduler_type": "cosine", "warmup_steps": 10,
             "max_grad_norm": 1.0, "logging_steps": 10, "eval_strategy": "no", "exact_match_examples": a.examples,
             "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "seed": seed, "optimizer": opt,
+            **bc.device_recipe(a.device),
             "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", ""))}
         if opt == "badm":
             r["rho"] = a.rho_over_sigma / lr

@@ -2,9 +2,9 @@
 
 Each run is ``hf-badm train`` (in a fresh process, so peak memory is its own) pre-training a GPT-2
 from config on the built-in corpus, without evaluation. Measured per run: training tokens/s, the
-time inside ``optimizer.step()`` (between the Trainer's pre- and post-optimizer-step callbacks; for
-per-sub-batch also the ``absorb_sub_batch()`` calls inside the training step) and its share of the
-training time, the optimizer state bytes, and the process's peak resident memory. Optimizers run
+time inside ``optimizer.step()`` (torch's global optimizer step hooks; per-sub-batch's
+``absorb_sub_batch()`` calls run inside the training step and are timed by scripts/bench_step.py)
+and its share of the training time, the optimizer state bytes, and the process's peak resident memory. Optimizers run
 round-robin for several rounds so that load drift on a shared CPU hits all of them alike; the tables
 report medians over rounds.
 """
@@ -17,7 +17,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,55 +28,23 @@ OPTIMIZERS = {"badm": ("BADM fused", {"optimizer": "badm"}),
               "badm_s4": ("BADM per-sub-batch (S=4)", {"optimizer": "badm", "mode": "per_sub_batch",
                                                        "sub_batches_per_micro_batch": 4}),
               "adamw_torch": ("AdamW (torch, foreach)", {"optimizer": "adamw_torch", "learning_rate": 3e-3}),
-              "sgd": ("SGD+momentum 0.9", {"optimizer": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.3})}
+              "sgd": ("SGD+momentum 0.9", {"optimizer": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.3}),
+              "muon": ("Muon (+ AdamW elsewhere)", {"optimizer": "muon", "learning_rate": 0.03})}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One training run in this process with the optimizer step timed by a callback."""
+    """One training run in this process with every optimizer step timed (torch's global step hooks)."""
     import torch
 
-    import hf_badm.app.run as hr
-    from hf_badm.optim.badm import BADM
-
     torch.set_num_threads(spec.pop("threads"))
-    timing = {"opt_s": [], "absorb_s": 0.0, "state_bytes": 0, "params": 0}
-
-    class Timed(hr._Clock):
-        def on_pre_optimizer_step(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            timing["opt_s"].append(time.perf_counter() - self.t0)
-
-        def on_train_end(self, args, state, control, optimizer=None, model=None, **kwargs):
-            opt = getattr(optimizer, "optimizer", optimizer)
-            total = 0
-            for st in opt.state.values():
-                for value in st.values():
-                    for t in value if isinstance(value, list) else [value]:
-                        if isinstance(t, torch.Tensor) and t.dim() > 0:
-                            total += t.numel() * t.element_size()
-            timing["state_bytes"] = total
-            timing["params"] = sum(p.numel() for p in model.parameters())
-
-    absorb = BADM.absorb_sub_batch
-
-    def timed_absorb(self, *a, **k):
-        t0 = time.perf_counter()
-        try:
-            return absorb(self, *a, **k)
-        finally:
-            timing["absorb_s"] += time.perf_counter() - t0
-
-    BADM.absorb_sub_batch = timed_absorb
-    hr._Clock = Timed
-    summary = bc.train(spec)
-    steps = spec["max_steps"]
-    opt_s = timing["opt_s"][2:] or timing["opt_s"]  # first steps allocate state
-    opt_ms = statistics.median(opt_s) * 1e3 + timing["absorb_s"] / steps * 1e3
+    with bc.StepTimer() as timer:
+        summary = bc.train(spec)
+    opt_s = timer.seconds[2:] or timer.seconds  # the first steps allocate state
+    opt_ms = statistics.median(opt_s) * 1e3
+    params = sum(p.numel() for g in timer.optimizer.param_groups for p in g["params"])
     return {"tokens_per_second": summary["tokens_per_second"], "s_per_step": summary["s_per_step"],
             "opt_ms_per_step": opt_ms, "opt_share": opt_ms / 1e3 / summary["s_per_step"],
-            "state_mib": timing["state_bytes"] / 2**20, "params": timing["params"],
+            "state_mib": bc.state_bytes(timer.optimizer) / 2**20, "params": params,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "load_1min": summary["load_1min"]}
 
 
@@ -98,39 +65,30 @@ def main(argv: list[str] | None = None) -> None:
     sizes, opts = a.sizes.split(","), a.optimizers.split(",")
     num_train = 3000
     if a.smoke:
-        import tempfile
-
-        tmp = Path(tempfile.mkdtemp(prefix="bench-throughput-smoke-"))
+        bc.smoke_paths(a, "throughput")
         sizes, opts, a.steps, a.rounds, num_train = ["tiny"], ["badm", "adamw_torch"], 4, 1, 100
-        a.out_dir, a.results, a.docs = tmp, tmp / "throughput.json", tmp / "benchmarks.md"
-    bc.quiet()
-    import torch
-
-    torch.set_num_threads(a.threads)
+    bc.setup(a)
     tok_dir = bc.benchmark_tokenizer(a.out_dir)
     results = bc.Results(a.results)
-    for rnd in range(a.rounds):
-        for size in sizes:
-            order = opts[rnd % len(opts):] + opts[:rnd % len(opts)]  # rotate so no optimizer always runs first
-            for o in order:
-                key = f"{size}|{o}|round={rnd}|steps={a.steps}"
-                if results.get(key):
-                    continue
-                spec = {**bc.BASE_RECIPE, "model_size": size, "num_train_examples": num_train, "num_eval_examples": 20,
-                        "eval_strategy": "no", "learning_rate": 3.0, "rho": 3.0, "max_steps": a.steps,
-                        "tokenizer_name_or_path": tok_dir, "threads": a.threads,
-                        "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", "")),
-                        **OPTIMIZERS[o][1]}
-                done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                                      text=True)
-                line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-                if done.returncode != 0 or not line:
-                    raise SystemExit(f"{key} failed:\n{done.stderr[-3000:]}")
-                entry = {"key": key, "size": size, "optimizer": o, "round": rnd, "steps": a.steps,
-                         **json.loads(line[0][7:])}
-                results.add(entry)
-                print(f"{key}: {entry['tokens_per_second']:,.0f} tok/s, optimizer {entry['opt_ms_per_step']:.1f} ms/step "
-                      f"({entry['opt_share']:.1%}), load {entry['load_1min']:.1f}", flush=True)
+    for rnd, (size, o) in bc.rotations([(size, o) for size in sizes for o in opts], a.rounds):
+        key = f"{size}|{o}|round={rnd}|steps={a.steps}|{a.device}"
+        if results.get(key):
+            continue
+        spec = {**bc.BASE_RECIPE, "model_size": size, "num_train_examples": num_train, "num_eval_examples": 20,
+                "eval_strategy": "no", "learning_rate": 3.0, "rho": 3.0, "max_steps": a.steps,
+                "tokenizer_name_or_path": tok_dir, "threads": a.threads, **bc.device_recipe(a.device),
+                "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", "")),
+                **OPTIMIZERS[o][1]}
+        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
+                              text=True)
+        line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if done.returncode != 0 or not line:
+            raise SystemExit(f"{key} failed:\n{done.stderr[-3000:]}")
+        entry = {"key": key, "size": size, "optimizer": o, "round": rnd, "steps": a.steps, "device": a.device,
+                 **json.loads(line[0][7:])}
+        results.add(entry)
+        print(f"{key}: {entry['tokens_per_second']:,.0f} tok/s, optimizer {entry['opt_ms_per_step']:.1f} ms/step "
+              f"({entry['opt_share']:.1%}), load {entry['load_1min']:.1f}", flush=True)
     text = report(results, sizes, opts, a, command)
     print(text)
     if not a.no_write:
@@ -141,9 +99,10 @@ def report(results: bc.Results, sizes: list[str], opts: list[str], a: argparse.N
     lines = [f"{SECTION}\n",
              f"`hf-badm train` pre-training GPT-2 from config (tiny 2x64, small 4x128) on the built-in corpus, batch 16 x 64 "
              f"tokens, {a.steps} steps, no evaluation, one fresh process per run, {a.rounds} interleaved rounds "
-             "(medians shown). Optimizer time is measured between the Trainer's pre- and post-optimizer-step "
-             "callbacks (median over steps, the first two excluded) plus, for per-sub-batch, its "
-             "absorb_sub_batch() calls; its share is of the whole training step. Peak memory is the process's peak "
+             "(medians shown). Optimizer time is the wall time of `optimizer.step()` (torch's global optimizer "
+             "step hooks; median over steps, the first two excluded); per-sub-batch's absorb_sub_batch() calls run "
+             "inside the training step (their cost: the optimizer-step section); its share is of the whole training "
+             "step. Peak memory is the process's peak "
              "resident set (CPU; dominated by the Python/torch runtime at these sizes), state is the optimizer's "
              "tensors exactly.\n",
              bc.stamp(results.meta, command, [r["load_1min"] for r in results.runs]),
@@ -153,7 +112,8 @@ def report(results: bc.Results, sizes: list[str], opts: list[str], a: argparse.N
     for size in sizes:
         med: dict[str, dict[str, float]] = {}
         for o in opts:
-            runs = [r for r in results.runs if r["size"] == size and r["optimizer"] == o and r["steps"] == a.steps]
+            runs = [r for r in results.runs if r["size"] == size and r["optimizer"] == o and r["steps"] == a.steps
+                    and r.get("device") == a.device]
             if runs:
                 med[o] = {k: statistics.median(r[k] for r in runs) for k in
                           ("tokens_per_second", "s_per_step", "opt_ms_per_step", "opt_share", "state_mib", "peak_rss_mb")}
