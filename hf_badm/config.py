@@ -61,7 +61,8 @@ class BADMConfig:
         default="none",
         metadata={"help": "Local-solve preconditioner: 'none' (the paper's BADM), 'second_moment' (SISA-like, "
                           "D = sigma + rho (sqrt(v) + eps)), 'newton_schulz' (NSISA-like: orthogonalised momentum on "
-                          "hidden weight matrices, elementwise_preconditioner elsewhere), 'normalized' (QHAdam-like: the "
+                          "hidden weight matrices, elementwise_preconditioner elsewhere; fused at rho = sigma, its "
+                          "default, it is Muon on the matrices), 'normalized' (QHAdam-like: the "
                           "gradient divided by its RMS sqrt(v) replaces it in the local solve; Adam-scale learning "
                           "rates).", "choices": list(PRECONDITIONERS)},
     )

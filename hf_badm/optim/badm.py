@@ -115,6 +115,31 @@ class BADM(Optimizer):
     the weights are steady (equal-sized sub-batches, uniform weights); with changing weights it is the
     natural approximation (slots of different layouts are not the same sub-batches).
 
+    **Newton-Schulz is Muon at rho = sigma.** With ``preconditioner="newton_schulz"`` the direction of
+    a weight matrix is Muon's: Nesterov momentum :math:`M \leftarrow \mu M + g` (:math:`\mu` =
+    ``ns_momentum`` = 0.95), :math:`d = \mathrm{NS}_5(g + \mu M)\sqrt{\max(1, \mathrm{rows}/\mathrm{cols})}`
+    with the quintic coefficients (3.4445, -4.7750, 2.0315). Fused mode then steps
+    ``w <- w (1 - weight_decay * lr_t) - d / rho_t + c m`` with :math:`c = 1/\rho_t - 1/\sigma_t`: at
+    :math:`\rho = \sigma` (the default) :math:`c = 0` at every step and this **is Muon** with ``lr`` =
+    :math:`1/\sigma` and decoupled weight decay on the hidden matrices (the buffer m is then neither
+    allocated nor touched, so the state is Muon's). :math:`\rho \ne \sigma` adds BADM's dual as
+    quasi-hyperbolic momentum over the orthogonalised directions (:math:`m \leftarrow \beta m + (1-\beta) d`,
+    :math:`\nu = 1 - \sigma/\rho`). Per-sub-batch mode orthogonalises each sub-batch's own momentum
+    :math:`M_s` and averages the local solutions through the duals (PISA's NSISA).
+
+    **Newton-Schulz seam.** All of a step's orthogonalisation goes through one call of
+    :attr:`orthogonalizer` ``(inputs: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]``
+    (one call per distinct ``(ns_steps, dtype)``, i.e. one in practice): fused :meth:`step` first computes
+    the inputs :math:`g + \mu M` of every Newton-Schulz matrix of every group (after updating M), then
+    calls it, then applies all updates; :meth:`absorb_sub_batch` does the same for its slot. Contract:
+    for each 2-D input X, in order, return :math:`\mathrm{NS}_{steps}(X)\sqrt{\max(1, \mathrm{rows}/
+    \mathrm{cols})}` computed in ``dtype`` and cast back to X's dtype, as
+    :func:`hf_badm.optim.preconditioned.orthogonalise` (the default: local, batched over matrices of one
+    shape) does; do not modify the inputs. ``dtype`` is ``ns_dtype`` resolved on the input's device. In
+    fused mode the inputs are identical on every data-parallel rank (they come from the reduced
+    gradient), so ranks may each orthogonalise a share and exchange the results; in per-sub-batch
+    mode each rank's inputs are its own slots'.
+
     **Learning rates and schedules.** ``lr`` is a spelling of :math:`1/\sigma`. A scheduler scales a
     group's ``lr`` by a factor :math:`f_t`; BADM reads it as :math:`\sigma_t = \sigma/f_t` and
     :math:`\rho_t = \rho/f_t` (so :math:`\sigma_t = 1/\mathrm{lr}_t`, :math:`\rho_t = \rho/(\sigma\,\mathrm{lr}_t)`
@@ -148,8 +173,12 @@ class BADM(Optimizer):
             from the reduced gradient (exact for second_moment and normalized; an approximation of
             per-slot Newton-Schulz). Extra state per parameter: second_moment and normalized 1 buffer
             (fused) or 1 per slot; newton_schulz 1 momentum buffer (fused) or 1 per slot on matrices.
+            Fused mode keeps m only where it acts: not with a scalar-gain solve that has state of its
+            own at rho = sigma (c = 0).
         beta2, eps: second-moment EMA rate and floor.  ns_momentum, ns_steps: Newton-Schulz momentum
             and iterations.
+        ns_dtype: the dtype Newton-Schulz runs in: ``"auto"`` (bfloat16 on CUDA, as torch.optim.Muon;
+            float32 elsewhere), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"``.
     """
 
     def __init__(
