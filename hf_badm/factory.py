@@ -10,6 +10,7 @@ from transformers import TrainingArguments, get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
 from hf_badm.config import BADMConfig
+from hf_badm.distributed import prepare_for_ranks
 from hf_badm.optim import BADM
 
 __all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups", "decay_parameter_names"]
@@ -111,6 +112,7 @@ def create_badm_optimizer(
     config, extra = _split_config(dict(badm_kwargs))
     optimizer = BADM(badm_param_groups(model, args.weight_decay, config=config),
                      **config.optimizer_kwargs(args.learning_rate), **extra)
+    prepare_for_ranks(optimizer, args.world_size)
     steps = num_training_steps if num_training_steps is not None else args.max_steps
     if steps is None or steps <= 0:
         return optimizer, None

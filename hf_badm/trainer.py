@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hf_badm.config import BADMConfig
-from hf_badm.distributed import all_reduce_aggregator
+from hf_badm.distributed import prepare_for_ranks
 from hf_badm.factory import badm_param_groups
 from hf_badm.optim import BADM
 from hf_badm.optim.badm import reslot_state_dict
@@ -136,10 +136,10 @@ class BADMTrainerMixin:
             if ds.get("zero_optimization", {}).get("stage", 0) and not ds.get("zero_allow_untested_optimizer"):
                 raise ValueError('DeepSpeed ZeRO takes BADM as its (client) optimizer only with '
                                  '"zero_allow_untested_optimizer": true in the DeepSpeed config')
-        if self.badm_config.preconditioner == "newton_schulz" and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if self.badm_config.preconditioner == "newton_schulz" and self.is_deepspeed_enabled:
             raise ValueError("the newton_schulz preconditioner orthogonalises whole weight matrices, but DeepSpeed ZeRO "
-                             "and FSDP hand the optimizer flat shards: use preconditioner='normalized' or 'second_moment' "
-                             "(elementwise) or 'none' there")
+                             "hands the optimizer flat partitions of many tensors: use it under DDP or FSDP2, or "
+                             "preconditioner='normalized' or 'second_moment' (elementwise) or 'none' with DeepSpeed")
         if self.badm_config.mode != "per_sub_batch":
             return
         if self.is_deepspeed_enabled:
@@ -192,16 +192,16 @@ class BADMTrainerMixin:
         opt.load_state_dict(reslot_state_dict(states, slots))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """BADM over the trainable parameters (the Trainer's decay rule); per-sub-batch mode on several ranks gets
-        its rank aggregation here, once, whichever way the optimizer came in."""
+        """BADM over the trainable parameters (the Trainer's decay rule); on several ranks it gets what it needs
+        there (``prepare_for_ranks``) here, once, whichever way the optimizer came in."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             groups = badm_param_groups(opt_model, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
                                        self.badm_config)
             self.optimizer = BADM(groups, **self.badm_config.optimizer_kwargs(self.args.learning_rate))
         opt = find_badm(self.optimizer)
-        if opt is not None and opt.mode == "per_sub_batch" and opt.aggregator is None and self.args.world_size > 1:
-            opt.aggregator = all_reduce_aggregator
+        if opt is not None:
+            prepare_for_ranks(opt, self.args.world_size)
         self._badm_metrics.optimizer = self.optimizer
         return self.optimizer
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_badm import BADM, BADMConfig, BADMTrainer, BADMTrainerMixin, create_badm_optimizer
 from hf_badm.factory import badm_optimizer_cls_and_kwargs
@@ -69,18 +69,25 @@ def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in params.items()}
 
 
-def fsdp2_run(steps: int, rank: int = 0, world: int = 1) -> tuple[dict[str, torch.Tensor], list[float]]:
+def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "none") -> tuple[dict[str, torch.Tensor], list[float]]:
     """Fused BADM (with weight decay) on a float64 tiny GPT-2, sharded with torch's FSDP2 ``fully_shard`` when
     world > 1 (Accelerate enables FSDP only on GPUs). Each step: 8 sequences split over the ranks; every rank
-    computes its mean loss and FSDP's reduce-scatter averages the gradients (equal token counts: the global mean)."""
+    computes its mean loss and FSDP's reduce-scatter averages the gradients (equal token counts: the global mean).
+    ``newton_schulz``: the groups of create_badm_optimizer, and each sharded matrix orthogonalised whole on one
+    rank (``SplitOrthogonalizer``)."""
     from torch.distributed.fsdp import fully_shard
+
+    from hf_badm.distributed import prepare_for_ranks
+    from hf_badm.factory import badm_param_groups
 
     model = tiny_model("gpt2").double()
     if world > 1:
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
-    opt = BADM(model.parameters(), sigma=3.0, rho=4.5, weight_decay=0.01)
+    config = BADMConfig(preconditioner=preconditioner, sigma=3.0, rho=4.5)
+    opt = BADM(badm_param_groups(model, 0.01, config=config), **config.optimizer_kwargs(0.3))
+    prepare_for_ranks(opt, world)
     ids = torch.tensor(chain_dataset()["input_ids"])
     per_rank = 8 // world
     trace = []
@@ -105,13 +112,32 @@ def reset_deepspeed_state() -> None:
     AcceleratorState._reset_state(True)
 
 
+class StepFlops(TrainerCallback):
+    """Matmul FLOPs of each optimizer step on this rank (torch's FLOP counter around ``optimizer.step``)."""
+
+    def __init__(self) -> None:
+        self.flops: list[int] = []
+        self._mode = None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self._mode.__exit__(None, None, None)
+        self.flops.append(self._mode.get_total_flops())
+
+
 def run_job(out: Path, job: dict) -> None:
     rank = int(os.environ.get("RANK", "0"))
+    extra: dict = {}
     (out / job["name"]).mkdir(parents=True, exist_ok=True)
     if job.get("fsdp2"):
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        params, trace = fsdp2_run(job["steps"], rank, dist.get_world_size())
+        params, trace = fsdp2_run(job["steps"], rank, dist.get_world_size(), job.get("preconditioner", "none"))
     else:
         try:
             trainer = trainer_job(out, job)
@@ -121,11 +147,14 @@ def run_job(out: Path, job: dict) -> None:
             (out / job["name"] / f"error{rank}.txt").write_text(str(err))
             reset_deepspeed_state()
             return
+        counter = StepFlops()
+        trainer.add_callback(counter)
         trainer.train(resume_from_checkpoint=job.get("resume"))
         params, trace = full_params(trainer), losses(trainer)
+        extra["step_flops"] = counter.flops
         if job.get("deepspeed"):
             reset_deepspeed_state()
-    torch.save({"params": params, "losses": trace}, out / job["name"] / f"rank{rank}.pt")
+    torch.save({"params": params, "losses": trace, **extra}, out / job["name"] / f"rank{rank}.pt")
 
 
 def main() -> None:

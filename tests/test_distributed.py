@@ -80,6 +80,8 @@ def ddp(tmp_path_factory, single_thread) -> Path:
         job("ddp", "fused", 2, save_steps=5),
         {"name": "fsdp2", "fsdp2": True, "steps": 10},
         *(job(f"ddp_{wiring}", "fused", 2, wiring=wiring) for wiring in WIRINGS),
+        *(job(f"ddp_ns_{mode}", mode, 2, preconditioner="newton_schulz") for mode in ("fused", "per_sub_batch")),
+        {"name": "fsdp2_ns", "fsdp2": True, "steps": 10, "preconditioner": "newton_schulz"},
     ], launcher="accelerate")
     return out
 
@@ -147,6 +149,31 @@ def test_every_documented_wiring_under_ddp_equals_one_rank(ddp, wiring):
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     run_job(ddp, job(f"one_{wiring}", "fused", 4, wiring=wiring))
     assert max_rel(ranks[0], result(ddp, f"one_{wiring}")["params"]) <= 1e-5
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_newton_schulz_under_ddp_splits_the_work_and_equals_one_rank(ddp, mode):
+    """Fused: each matrix orthogonalised on one rank, directions all-gathered; per-sub-batch: each rank
+    orthogonalises its own slots' momenta. Replicas identical, equal to 1 rank x accumulation 4 (float64), and each
+    rank's optimizer step does at most 0.6x the matmul FLOPs of the 1-rank step."""
+    ranks = [result(ddp, f"ddp_ns_{mode}", r) for r in (0, 1)]
+    assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
+    run_job(ddp, job(f"one_ns_{mode}", mode, 4, preconditioner="newton_schulz"))
+    one = result(ddp, f"one_ns_{mode}")
+    assert max_rel(ranks[0]["params"], one["params"]) <= 1e-5
+    single = sum(one["step_flops"]) / len(one["step_flops"])
+    assert single > 0
+    for r in ranks:
+        assert sum(r["step_flops"]) / len(r["step_flops"]) <= 0.6 * single, (r["step_flops"], one["step_flops"])
+
+
+@pytest.mark.timeout(600)
+def test_newton_schulz_under_fsdp2_equals_unsharded(ddp):
+    """FSDP2 shards: each matrix gathered, orthogonalised once (split over ranks), each rank keeps its shard."""
+    sharded = result(ddp, "fsdp2_ns")["params"]
+    single, _ = fsdp2_run(steps=10, preconditioner="newton_schulz")
+    assert max_rel(sharded, single) <= 1e-6
 
 
 @pytest.mark.timeout(600)
