@@ -112,22 +112,30 @@ def reset_deepspeed_state() -> None:
     AcceleratorState._reset_state(True)
 
 
-class StepFlops(TrainerCallback):
-    """Matmul FLOPs of each optimizer step on this rank (torch's FLOP counter around ``optimizer.step``)."""
+class NewtonSchulzFlops(TrainerCallback):
+    """Matmul FLOPs of this rank's Newton-Schulz work per optimizer step (torch's FLOP counter around every call of
+    ``BADM.orthogonalizer``: in the step in fused mode, in the absorbs in per-sub-batch mode)."""
 
-    def __init__(self) -> None:
-        self.flops: list[int] = []
-        self._mode = None
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, self.flops, self._running = trainer, [], 0
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        from torch.utils.flop_counter import FlopCounterMode
+    def on_train_begin(self, args, state, control, **kwargs):
+        opt = self.trainer.badm_optimizer
+        inner = opt.orthogonalizer
 
-        self._mode = FlopCounterMode(display=False)
-        self._mode.__enter__()
+        def counted(inputs, steps, dtype):
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as mode:
+                out = inner(inputs, steps, dtype)
+            self._running += mode.get_total_flops()
+            return out
+
+        opt.orthogonalizer = counted
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        self._mode.__exit__(None, None, None)
-        self.flops.append(self._mode.get_total_flops())
+        self.flops.append(self._running)
+        self._running = 0
 
 
 def run_job(out: Path, job: dict) -> None:
@@ -147,11 +155,13 @@ def run_job(out: Path, job: dict) -> None:
             (out / job["name"] / f"error{rank}.txt").write_text(str(err))
             reset_deepspeed_state()
             return
-        counter = StepFlops()
-        trainer.add_callback(counter)
+        counter = NewtonSchulzFlops(trainer) if job.get("preconditioner") == "newton_schulz" else None
+        if counter is not None:
+            trainer.add_callback(counter)
         trainer.train(resume_from_checkpoint=job.get("resume"))
         params, trace = full_params(trainer), losses(trainer)
-        extra["step_flops"] = counter.flops
+        if counter is not None:
+            extra["ns_flops"] = counter.flops
         if job.get("deepspeed"):
             reset_deepspeed_state()
     torch.save({"params": params, "losses": trace, **extra}, out / job["name"] / f"rank{rank}.pt")
