@@ -343,7 +343,7 @@ def test_metrics_report_penalties_and_dual_norm():
     torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5)
     run_steps(net, opt, 2)
     m = opt.metrics()
-    assert m["badm_sigma"] == pytest.approx(4.0) and m["badm_rho"] == pytest.approx(6.0)
+    assert m["badm_step_size"] == pytest.approx(0.25) and m["badm_beta"] == pytest.approx(0.6)
     norm = math.sqrt(sum(float(opt.state[p]["momentum"].norm()) ** 2 for p in net.parameters()))
     assert m["badm_dual_norm"] == pytest.approx(norm) and m["badm_sub_batches"] == 1.0
 

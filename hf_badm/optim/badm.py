@@ -13,8 +13,10 @@ from torch.optim import Optimizer
 
 from hf_badm.optim import solves  # noqa: F401  (registers the built-in local solves)
 from hf_badm.optim.defaults import default_rho
-from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, local_solve_for
+from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, keeps_dual, local_solve_for
 from hf_badm.optim.preconditioned import NS_DTYPES, orthogonalise, resolve_ns_dtype
+from hf_badm.optim.state_dict import checked_state_dict
+from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
 
 __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
@@ -27,41 +29,6 @@ Orthogonalizer = Callable[[list[Tensor], int, torch.dtype], list[Tensor]]
 
 class NonFiniteGradientError(FloatingPointError, ValueError):
     """Raised by ``nonfinite="raise"`` when a gradient holds NaN or Inf."""
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """One reduction per device and a single host sync. Off CPU: max|x| (a fused multi-tensor inf-norm)
-    is NaN/Inf iff some element is. On CPU that inf-norm is a scalar loop (about 8x a vectorised pass,
-    more than the whole update), so there min and max of each tensor, one vectorised pass: NaN propagates
-    into both and +-Inf shows in one of them. Empty tensors have no elements to check."""
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for t in tensors:
-        if t.numel():
-            by_device.setdefault(t.device, []).append(t)
-    for device, ts in by_device.items():
-        if device.type == "cpu":
-            extremes = [x for t in ts for x in torch.aminmax(t)]
-        else:
-            extremes = torch._foreach_norm(ts, math.inf)
-        if not bool(torch.stack(extremes).isfinite().all()):
-            return False
-    return True
 
 
 def _grads_or_zeros(params: list[Tensor]) -> list[Tensor]:
@@ -208,11 +175,11 @@ class BADM(Optimizer):
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be one of {tuple(NS_DTYPES)}, got {ns_dtype!r}")
         sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=1.0)
-        defaults = dict(lr=lr, sigma=sigma, weight_decay=_non_negative("weight_decay", weight_decay),
+        defaults = dict(lr=lr, sigma=sigma, weight_decay=non_negative("weight_decay", weight_decay),
                         foreach=foreach, preconditioner=preconditioner, beta2=beta2, eps=eps, ns_momentum=ns_momentum,
                         ns_steps=ns_steps)
-        _check_preconditioner(defaults)
-        defaults["rho"] = default_rho(preconditioner, sigma) if rho is None else _positive("rho", rho)
+        check_hyper_parameters(defaults)
+        defaults["rho"] = default_rho(preconditioner, sigma) if rho is None else positive("rho", rho)
         self.mode = mode
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -233,7 +200,7 @@ class BADM(Optimizer):
         group = dict(param_group)
         if "sigma" in group or "lr" in group:
             if "sigma" in group and "lr" in group:
-                sigma, lr = _positive("sigma", group["sigma"]), _positive("lr", group["lr"])
+                sigma, lr = positive("sigma", group["sigma"]), positive("lr", group["lr"])
                 if not math.isclose(lr * sigma, 1.0, rel_tol=1e-9):
                     raise ValueError(f"param group gives sigma={sigma} and lr={lr}; lr means 1/sigma: give one")
             else:
@@ -241,10 +208,10 @@ class BADM(Optimizer):
             # a group that overrides sigma but not rho keeps the optimizer's beta = rho / (rho + sigma)
             group.setdefault("rho", group["sigma"] * self.defaults["rho"] / self.defaults["sigma"])
         if "rho" in group:
-            group["rho"] = _positive("rho", group["rho"])
+            group["rho"] = positive("rho", group["rho"])
         if "weight_decay" in group:
-            group["weight_decay"] = _non_negative("weight_decay", group["weight_decay"])
-        _check_preconditioner(group)
+            group["weight_decay"] = non_negative("weight_decay", group["weight_decay"])
+        check_hyper_parameters(group)
         if not (group.get("foreach") is None or isinstance(group["foreach"], bool)):
             raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
         params = group["params"]
@@ -292,7 +259,7 @@ class BADM(Optimizer):
         return out
 
     def _check_finite(self, grads: list[Tensor], what: str) -> bool:
-        if _all_finite(grads):
+        if all_finite(grads):
             return True
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(f"BADM: {what} holds NaN or Inf")
@@ -330,7 +297,7 @@ class BADM(Optimizer):
             group, ps = part.group, part.params
             lr, beta, inv_rho = self._coefficients(group)
             decay = 1.0 - group["weight_decay"] * lr
-            bufs = [self._dual_buffer(p) for p in ps] if _keeps_dual(group, part.solve) else None
+            bufs = [self._dual_buffer(p) for p in ps] if keeps_dual(group, part.solve) else None
             if part.gains is not None:
                 kernel = _fused_gain_foreach if part.foreach else _fused_gain_single
                 kernel(ps, part.directions, bufs, part.gains, lr=lr, decay=decay)
@@ -353,19 +320,29 @@ class BADM(Optimizer):
 
     def _orthogonalise(self, parts: list[_Part]) -> None:
         """Replace the Newton-Schulz inputs of ``parts`` by their directions: one orthogonalizer call per
-        (ns_steps, dtype) of the step (one in practice)."""
-        calls: dict[tuple[int, torch.dtype], list[tuple[_Part, int]]] = {}
+        (ns_steps, dtype) of the step (one in practice). A parameter with a ``badm_matrix_layout`` is a flat
+        partition of several matrices (DeepSpeed ZeRO): its input is gathered into those whole matrices, and their
+        directions are scattered back into its partition (``hf_badm.distributed.ZeroMatrixLayout``)."""
+        calls: dict[tuple[int, torch.dtype], list[tuple[_Part, int, int]]] = {}
+        inputs: dict[tuple[int, torch.dtype], list[Tensor]] = {}
         for part in parts:
             if part.solve.orthogonalises:
-                for i, x in enumerate(part.directions):
+                for i, (p, x) in enumerate(zip(part.params, part.directions)):
                     key = (part.group["ns_steps"], resolve_ns_dtype(self.ns_dtype, x.device))
-                    calls.setdefault(key, []).append((part, i))
-        for (steps, dtype), where in calls.items():
-            outputs = self.orthogonalizer([part.directions[i] for part, i in where], steps, dtype)
-            if len(outputs) != len(where):
-                raise RuntimeError(f"BADM.orthogonalizer returned {len(outputs)} directions for {len(where)} inputs")
-            for (part, i), d in zip(where, outputs):
-                part.directions[i] = d
+                    layout = getattr(p, "badm_matrix_layout", None)
+                    matrices = [x] if layout is None else layout.gather(x)
+                    calls.setdefault(key, []).append((part, i, len(matrices)))
+                    inputs.setdefault(key, []).extend(matrices)
+        for key, where in calls.items():
+            outputs = self.orthogonalizer(inputs[key], *key)
+            if len(outputs) != len(inputs[key]):
+                raise RuntimeError(f"BADM.orthogonalizer returned {len(outputs)} directions for {len(inputs[key])} inputs")
+            start = 0
+            for part, i, n in where:
+                layout = getattr(part.params[i], "badm_matrix_layout", None)
+                mine = outputs[start:start + n]
+                part.directions[i] = mine[0] if layout is None else layout.scatter(mine, part.directions[i])
+                start += n
 
     # ------------------------------------------------------------------ per-sub-batch mode
     @torch.no_grad()
@@ -377,7 +354,7 @@ class BADM(Optimizer):
         if self.mode != "per_sub_batch":
             raise RuntimeError('absorb_sub_batch() needs mode="per_sub_batch"; fused mode consumes p.grad in step()')
         weight = float(weight.item() if isinstance(weight, Tensor) else weight)
-        _non_negative("weight", weight)
+        non_negative("weight", weight)
         slot = len(self._step_weights)
         work = [(g, self._params_to_update(g)) for g in self.param_groups]
         grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
@@ -486,14 +463,12 @@ class BADM(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict` (this release's or an earlier one's keys, see
-        :func:`_upgrade_legacy_state`)."""
-        state_dict = dict(state_dict)
+        """Load a state saved by :meth:`state_dict` (this release's or an earlier one's keys). Everything is
+        checked first (mode, the groups' settings, every state tensor's shape, dtype and finiteness, the
+        per-slot structure and the ``badm`` entry): a state that does not fit raises ValueError naming what,
+        and leaves the optimizer unchanged."""
+        state_dict = checked_state_dict(state_dict, self.mode, self.param_groups)
         extra = state_dict.pop("badm", None)
-        if extra is not None and extra["mode"] != self.mode:
-            raise ValueError(f"state was saved in mode={extra['mode']!r} but this optimizer has mode={self.mode!r}")
-        state_dict["state"] = _upgrade_legacy_state(state_dict, self.mode,
-                                                    [p for g in self.param_groups for p in g["params"]])
         super().load_state_dict(state_dict)
         if extra is not None:
             self._step_weights, self.slot_weights = list(extra["step_weights"]), list(extra["slot_weights"])
@@ -557,40 +532,6 @@ def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any
     return {"state": out, "param_groups": states[0]["param_groups"], "badm": extra}
 
 
-# State keys of the release before the local solves had their own files, and their names now.
-_LEGACY_KEYS = {"fused": {"ns_momentum": "momentum_buffer"},
-                "per_sub_batch": {"slot_sq": "exp_avg_sq", "slot_steps": "steps", "slot_ns": "momentum_buffer"}}
-
-
-def _upgrade_legacy_state(state_dict: dict[str, Any], mode: str, params: list[Tensor]) -> dict[Any, dict[str, Any]]:
-    """The saved per-parameter state with earlier releases' keys renamed (``_LEGACY_KEYS``) and fused mode's
-    ``momentum`` dropped where this release does not keep it (rho = sigma, see ``_keeps_dual``). A new dict;
-    the input is not modified. ``params``: this optimizer's parameters, in the saved indices' order."""
-    renames = _LEGACY_KEYS[mode]
-    state = {key: {renames.get(k, k): v for k, v in entry.items()} for key, entry in state_dict["state"].items()}
-    if mode == "fused":
-        indices = [i for g in state_dict["param_groups"] for i in g["params"]]
-        groups = [g for g in state_dict["param_groups"] for _ in g["params"]]
-        for index, group, p in zip(indices, groups, params):
-            if index in state and not _keeps_dual(group, local_solve_for(group, p)):
-                state[index].pop("momentum", None)
-    return state
-
-
-def _check_preconditioner(group: dict[str, Any]) -> None:
-    if "preconditioner" in group and group["preconditioner"] not in LOCAL_SOLVES:
-        raise ValueError(f"preconditioner must be one of {tuple(LOCAL_SOLVES)}, got {group['preconditioner']!r}")
-    for name in ("beta2", "ns_momentum"):
-        value = group.get(name, 0.5)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    if "eps" in group:
-        _positive("eps", group["eps"])
-    steps = group.get("ns_steps", 1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
-
-
 def _by_solve(group: dict[str, Any], params: list[Tensor]) -> list[tuple[LocalSolve, list[Tensor]]]:
     """``params`` split by their local solve (the group's, or its fallback), in order of first appearance."""
     out: dict[str, tuple[LocalSolve, list[Tensor]]] = {}
@@ -598,14 +539,6 @@ def _by_solve(group: dict[str, Any], params: list[Tensor]) -> list[tuple[LocalSo
         solve = local_solve_for(group, p)
         out.setdefault(solve.name, (solve, []))[1].append(p)
     return list(out.values())
-
-
-def _keeps_dual(group: dict[str, Any], solve: LocalSolve) -> bool:
-    """Whether fused mode needs BADM's buffer m = -pi_bar for ``solve`` in ``group``. With a scalar gain it
-    enters the update only through c = 1/rho_t - 1/sigma_t = (sigma/rho - 1)/sigma_t, which is 0 at every
-    step when rho = sigma; a solve with state of its own (which marks the parameter's history) then does
-    without m. The elementwise-gain form always needs it."""
-    return solve.gains or group["sigma"] != group["rho"] or not solve.state_keys
 
 
 class _Part(NamedTuple):
@@ -630,15 +563,15 @@ def _resolve_sigma_lr(sigma: float | None, lr: float | None, default_sigma: floa
     if sigma is not None and lr is not None:
         raise ValueError(f"give sigma or lr (lr means 1/sigma), not both: sigma={sigma!r}, lr={lr!r}")
     if lr is not None:
-        lr = _positive("lr", lr)
+        lr = positive("lr", lr)
         return 1.0 / lr, lr
-    sigma = default_sigma if sigma is None else _positive("sigma", sigma)
+    sigma = default_sigma if sigma is None else positive("sigma", sigma)
     return sigma, 1.0 / sigma
 
 
 # ---------------------------------------------------------------------- kernels
 def _fused_single(params, directions, bufs, *, beta, inv_rho, c, decay) -> None:
-    """m <- beta m + (1 - beta) d;  w <- w - d / rho_t + c m  (m is None where c = 0: see _keeps_dual)."""
+    """m <- beta m + (1 - beta) d;  w <- w - d / rho_t + c m  (m is None where c = 0: see keeps_dual)."""
     for i, (p, d) in enumerate(zip(params, directions)):
         if decay != 1.0:
             p.mul_(decay)

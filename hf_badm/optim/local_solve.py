@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-__all__ = ["LocalSolve", "LOCAL_SOLVES", "register_local_solve", "local_solve_for"]
+__all__ = ["LocalSolve", "LOCAL_SOLVES", "register_local_solve", "local_solve_for", "keeps_dual"]
 
 
 class LocalSolve:
@@ -71,3 +71,11 @@ def local_solve_for(group: dict[str, Any], p: Tensor) -> LocalSolve:
     while not solve.applies(p) and solve.fallback is not None:
         solve = LOCAL_SOLVES[solve.fallback]
     return solve
+
+
+def keeps_dual(group: dict[str, Any], solve: LocalSolve) -> bool:
+    """Whether fused mode needs BADM's buffer m = -pi_bar for ``solve`` in ``group``. With a scalar gain it
+    enters the update only through c = 1/rho_t - 1/sigma_t = (sigma/rho - 1)/sigma_t, which is 0 at every
+    step when rho = sigma; a solve with state of its own (which marks the parameter's history) then does
+    without m. The elementwise-gain form always needs it."""
+    return solve.gains or group["sigma"] != group["rho"] or not solve.state_keys

@@ -1,0 +1,64 @@
+"""The checks BADM applies to its arguments, its param groups and the states it loads."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hf_badm.optim.local_solve import LOCAL_SOLVES
+
+__all__ = ["positive", "non_negative", "check_hyper_parameters", "all_finite"]
+
+
+def positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_hyper_parameters(group: dict[str, Any]) -> None:
+    """The local solves' settings present in ``group``: preconditioner, beta2, eps, ns_momentum, ns_steps, foreach."""
+    if "preconditioner" in group and group["preconditioner"] not in LOCAL_SOLVES:
+        raise ValueError(f"preconditioner must be one of {tuple(LOCAL_SOLVES)}, got {group['preconditioner']!r}")
+    for name in ("beta2", "ns_momentum"):
+        value = group.get(name, 0.5)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if "eps" in group:
+        positive("eps", group["eps"])
+    steps = group.get("ns_steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
+    if not (group.get("foreach") is None or isinstance(group["foreach"], bool)):
+        raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
+
+
+def all_finite(tensors: list[Tensor]) -> bool:
+    """One reduction per device and a single host sync. Off CPU: max|x| (a fused multi-tensor inf-norm)
+    is NaN/Inf iff some element is. On CPU that inf-norm is a scalar loop (about 8x a vectorised pass,
+    more than the whole update), so there min and max of each tensor, one vectorised pass: NaN propagates
+    into both and +-Inf shows in one of them. Empty tensors have no elements to check."""
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            by_device.setdefault(t.device, []).append(t)
+    for device, ts in by_device.items():
+        if device.type == "cpu":
+            extremes = [x for t in ts for x in torch.aminmax(t)]
+        else:
+            extremes = torch._foreach_norm(ts, math.inf)
+        if not bool(torch.stack(extremes).isfinite().all()):
+            return False
+    return True
+
+
+
