@@ -456,7 +456,8 @@ def describe_corpus(name: str, spec: str, a: argparse.Namespace) -> str:
 
 
 def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, results_rel: str,
-           title: str = SECTION) -> tuple[str, dict[str, Any]]:
+           title: str = SECTION, figures: bool = True) -> tuple[str, dict[str, Any]]:
+    """The section's markdown and a summary per corpus and size; ``figures``: also draw the plots under docs_dir."""
     res = sweep.results
     a = sweep.args
     loads = [r["load_1min"] for r in res.runs if r.get("device", "cpu") == a.device]
@@ -501,12 +502,14 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
                 summaries[f"{corpus}|{size}|vs {ref}"] = summary
                 tables.append(table + "\n")
             suffix = "" if a.device == "cpu" else f"-{a.device}"
-            try:
-                fig = plot(sweep, size, corpus, summaries[f"{corpus}|{size}|vs {refs[0]}"]["target"],
-                           docs_dir / "figures" / f"convergence-{corpus}-{size}{suffix}.png")
-                figure = f"![convergence {corpus} {size}](figures/{fig.name})\n"
-            except ImportError:  # matplotlib is an optional extra
-                figure = "(plot skipped: matplotlib is not installed)\n"
+            figure = ""
+            if figures:
+                try:
+                    fig = plot(sweep, size, corpus, summaries[f"{corpus}|{size}|vs {refs[0]}"]["target"],
+                               docs_dir / "figures" / f"convergence-{corpus}-{size}{suffix}.png")
+                    figure = f"![convergence {corpus} {size}](figures/{fig.name})\n"
+                except ImportError:  # matplotlib is an optional extra
+                    figure = "(plot skipped: matplotlib is not installed)\n"
             heading = "#" * (len(title) - len(title.lstrip("#")) + 1)  # one level below the section's
             text += [f"{heading} {corpus} corpus, GPT-2 {size} ({a.steps[size]} steps)\n", *tables, figure,
                      grid_tables(sweep, size, corpus)]
@@ -580,7 +583,7 @@ def main(argv: list[str] | None = None) -> None:
         rel = str(Path(a.results).resolve().relative_to(docs_dir.resolve())) + "/"
     except ValueError:
         rel = str(a.results)
-    text, summaries = report(sweep, list(corpora), a.sizes, docs_dir, rel, a.section)
+    text, summaries = report(sweep, list(corpora), a.sizes, docs_dir, rel, a.section, figures=not a.no_write)
     print(text)
     if not a.report_only:
         bc.write_json(a.results / "summary" / f"summary{suffix}.json", summaries)

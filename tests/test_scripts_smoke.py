@@ -61,3 +61,32 @@ def test_stdlib_docs_corpus_is_real_prose_and_deterministic(tmp_path):
     assert len(test) == -(-len(paras) // 20) and len(train) + len(test) == len(paras) and not set(train) & set(test)
     assert bc.corpus_name(spec) == "stdlib_docs" and bc.corpus_info(spec)["paragraphs"] == len(paras)
     assert bc.stdlib_docs_paragraphs() == paras
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """The prepared GPU check runs end to end on the CPU (tiny sizes) and records every part."""
+    import json
+    import os
+
+    run = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert {k: v["status"] for k, v in result["parts"].items()} == {
+        "correctness": "ok", "step_time": "ok", "ns_dtype": "ok", "convergence": "ok"}
+    kernels = result["parts"]["correctness"]["kernels"]
+    assert {(r["preconditioner"], r["mode"]) for r in kernels} == {
+        (p, m) for p in ("none", "second_moment", "normalized", "newton_schulz") for m in ("fused", "per_sub_batch")}
+    assert {r["optimizer"] for r in result["parts"]["step_time"]["rows"]} >= {"adamw", "muon", "badm", "badm_norm", "badm_ns"}
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.startswith("## GPU check") and "CPU dry run" in md and "Muon's best final eval loss" in md
+    assert list((tmp_path / "convergence-gpu").glob("builtin-tiny-*.json"))
+
+
+def test_gpu_check_names_what_is_missing(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec " + sys.executable + " -S \"$@\"\n")  # -S: no site-packages, so no torch
+    fake.chmod(0o755)
+    run = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**__import__("os").environ, "PYTHON": str(fake)})
+    assert run.returncode == 3 and "lacks torch" in run.stderr
