@@ -3,14 +3,18 @@ and the Newton-Schulz work split of fused mode (each matrix orthogonalised on on
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from hf_badm.optim.badm import BADM, Orthogonalizer
 from hf_badm.optim.preconditioned import orthogonalise
+from hf_badm.optim.solves.newton_schulz import register_matrix_layout
 
-__all__ = ["all_reduce_aggregator", "world_size", "assign_owners", "SplitOrthogonalizer", "prepare_for_ranks"]
+__all__ = ["all_reduce_aggregator", "world_size", "assign_owners", "SplitOrthogonalizer", "prepare_for_ranks",
+           "ZeroMatrixLayout", "attach_zero_layouts"]
 
 
 def world_size() -> int:
@@ -142,3 +146,74 @@ def prepare_for_ranks(optimizer: BADM, world: int) -> None:
     elif any(g["preconditioner"] == "newton_schulz" for g in optimizer.param_groups) and \
             not isinstance(optimizer.orthogonalizer, SplitOrthogonalizer):
         optimizer.orthogonalizer = SplitOrthogonalizer()
+
+
+class ZeroMatrixLayout:
+    """Where the matrices of one DeepSpeed ZeRO flat fp32 partition live, so that Newton-Schulz can act on whole
+    matrices although BADM steps flat partitions (registered for it with ``register_matrix_layout``).
+
+    ``gather(x)`` all-gathers a partition-shaped tensor (the Newton-Schulz input ``g + mu M`` of this rank's
+    partition) and returns the whole matrices it is part of; ``scatter(matrices)`` returns this rank's partition of
+    their directions (zeros in the padding). ZeRO-1/2 (``stage=2``): the ranks' partitions are consecutive slices of
+    one flat buffer holding the matrices at ``offsets``. ZeRO-3 (``stage=3``): each matrix is partitioned on its own
+    (``pieces[j]`` elements per rank, padded), and a rank's partition is its pieces of every matrix, concatenated."""
+
+    def __init__(self, shapes: list[torch.Size], group: dist.ProcessGroup | None, *, stage: int,
+                 offsets: list[int] | None = None, pieces: list[int] | None = None) -> None:
+        self.shapes, self.group, self.stage = [torch.Size(s) for s in shapes], group, stage
+        self.offsets, self.pieces = offsets, pieces
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def gather(self, x: Tensor) -> list[Tensor]:
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        if self.stage == 3:
+            out, start = [], 0
+            for shape, piece in zip(self.shapes, self.pieces):
+                whole = torch.cat([p[start:start + piece] for p in parts])
+                out.append(whole[:shape.numel()].view(shape))
+                start += piece
+            return out
+        flat = torch.cat(parts)
+        return [flat[o:o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
+
+    def scatter(self, matrices: list[Tensor], like: Tensor) -> Tensor:
+        if self.stage == 3:
+            out = []
+            for m, piece in zip(matrices, self.pieces):
+                flat = torch.zeros(piece * self.world, dtype=like.dtype, device=like.device)
+                flat[:m.numel()] = m.reshape(-1)
+                out.append(flat[self.rank * piece:(self.rank + 1) * piece])
+            return torch.cat(out)
+        size = like.numel()
+        flat = torch.zeros(size * self.world, dtype=like.dtype, device=like.device)
+        for m, o in zip(matrices, self.offsets):
+            flat[o:o + m.numel()] = m.reshape(-1)
+        return flat[self.rank * size:(self.rank + 1) * size].clone()
+
+
+def attach_zero_layouts(zero_optimizer: Any) -> int:
+    """Register the flat fp32 partitions of a DeepSpeed ZeRO optimizer whose BADM group orthogonalises (newton_schulz)
+    with their :class:`ZeroMatrixLayout`; returns how many were registered. The BADM param groups of a newton_schulz
+    optimizer made by ``badm_param_groups`` hold hidden weight matrices only, so every tensor of such a flat
+    partition is a matrix."""
+    badm = zero_optimizer.optimizer
+    tagged = 0
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: one flat partition per sub-group
+        for sub, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+            group = badm.param_groups[zero_optimizer.sub_group_to_group_id[sub]]
+            if group["preconditioner"] == "newton_schulz":
+                params = zero_optimizer.fp16_groups[sub]
+                register_matrix_layout(flat, ZeroMatrixLayout(
+                    [p.ds_shape for p in params], zero_optimizer.sub_group_process_groups[sub], stage=3,
+                    pieces=[p.partition_numel() for p in params]))
+                tagged += 1
+        return tagged
+    for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):  # ZeRO-1/2
+        if badm.param_groups[i]["preconditioner"] == "newton_schulz":
+            register_matrix_layout(flat, ZeroMatrixLayout(
+                [m.shape for m in zero_optimizer.round_robin_bit16_meta[i]], zero_optimizer.real_dp_process_group[i],
+                stage=2, offsets=list(zero_optimizer.round_robin_bit16_offsets[i])))
+            tagged += 1
+    return tagged

@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hf_badm.config import BADMConfig
-from hf_badm.distributed import prepare_for_ranks
+from hf_badm.distributed import attach_zero_layouts, prepare_for_ranks
 from hf_badm.factory import badm_param_groups
 from hf_badm.optim import BADM
 from hf_badm.optim.badm import reslot_state_dict
@@ -136,10 +136,6 @@ class BADMTrainerMixin:
             if ds.get("zero_optimization", {}).get("stage", 0) and not ds.get("zero_allow_untested_optimizer"):
                 raise ValueError('DeepSpeed ZeRO takes BADM as its (client) optimizer only with '
                                  '"zero_allow_untested_optimizer": true in the DeepSpeed config')
-        if self.badm_config.preconditioner == "newton_schulz" and self.is_deepspeed_enabled:
-            raise ValueError("the newton_schulz preconditioner orthogonalises whole weight matrices, but DeepSpeed ZeRO "
-                             "hands the optimizer flat partitions of many tensors: use it under DDP or FSDP2, or "
-                             "preconditioner='normalized' or 'second_moment' (elementwise) or 'none' with DeepSpeed")
         if self.badm_config.mode != "per_sub_batch":
             return
         if self.is_deepspeed_enabled:
@@ -204,6 +200,17 @@ class BADMTrainerMixin:
             prepare_for_ranks(opt, self.args.world_size)
         self._badm_metrics.optimizer = self.optimizer
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """The Trainer's scheduler; under DeepSpeed this is the first hook after ZeRO has partitioned BADM's
+        groups, so the flat partitions of newton_schulz groups learn here which whole matrices they hold."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        zero = self.optimizer
+        while zero is not None and not isinstance(getattr(zero, "optimizer", None), BADM):
+            zero = getattr(zero, "optimizer", None)
+        if self.is_deepspeed_enabled and zero is not None and self.badm_config.preconditioner == "newton_schulz":
+            attach_zero_layouts(zero)
+        return scheduler
 
     @property
     def badm_optimizer(self) -> BADM | None:

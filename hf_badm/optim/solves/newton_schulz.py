@@ -14,15 +14,34 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
 
-__all__ = ["NewtonSchulz", "ns_applies"]
+__all__ = ["NewtonSchulz", "ns_applies", "register_matrix_layout", "matrix_layout"]
+
+
+# Flat tensors that hold (partitions of) several whole matrices, e.g. DeepSpeed ZeRO's fp32 partitions, each with the
+# object that gathers its matrices and scatters their directions back (hf_badm.distributed.ZeroMatrixLayout). Kept
+# beside the tensors, weakly, rather than on them: a tensor's attributes would travel into its checkpoints.
+_MATRIX_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def register_matrix_layout(p: Tensor, layout: Any) -> None:
+    """Declare ``p`` a flat partition of whole matrices; ``layout.gather(x) -> matrices`` and
+    ``layout.scatter(directions, like=x) -> partition`` (collectives: every rank calls them in the same order)."""
+    _MATRIX_LAYOUTS[p] = layout
+
+
+def matrix_layout(p: Tensor) -> Any:
+    """The layout registered for ``p``, or None."""
+    return _MATRIX_LAYOUTS.get(p)
 
 
 def ns_applies(p: Tensor) -> bool:
-    """Newton-Schulz acts on whole 2-D weight matrices only (the one place this rule lives)."""
-    return p.dim() == 2
+    """Newton-Schulz acts on whole 2-D weight matrices only (the one place this rule lives), or on a flat partition
+    registered with the whole matrices it belongs to (:func:`register_matrix_layout`)."""
+    return p.dim() == 2 or p in _MATRIX_LAYOUTS
 
 
 @register_local_solve
