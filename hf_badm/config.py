@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS
 from hf_badm.optim.local_solve import LOCAL_SOLVES
+from hf_badm.optim.preconditioned import NS_DTYPES
 from hf_badm.optim.defaults import ADAM_SCALE_MAX_LR, ELEMENTWISE_SIGMA, SGD_SCALE_MIN_LR, default_rho
 
 WEIGHTINGS = ("items", "uniform")
@@ -83,6 +84,11 @@ class BADMConfig:
         metadata={"help": "newton_schulz: rho of those parameters. Default: 9 * elementwise_sigma (beta 0.9) for normalized, "
                           "600 for second_moment (sigma << rho sqrt(v) works)."},
     )
+    ns_dtype: str = field(
+        default="auto",
+        metadata={"help": "newton_schulz: the dtype of the Newton-Schulz iterations. 'auto': bfloat16 on CUDA (as "
+                          "torch.optim.Muon), float32 elsewhere.", "choices": list(NS_DTYPES)},
+    )
 
     def __post_init__(self) -> None:
         for name in ("sigma", "rho", "elementwise_sigma", "elementwise_rho"):
@@ -91,7 +97,8 @@ class BADMConfig:
                                       or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"BADMConfig.{name} must be a finite number > 0 (or None), got {value!r}")
         for name, allowed in (("mode", MODES), ("sub_batch_weights", WEIGHTINGS), ("nonfinite", NONFINITE),
-                              ("preconditioner", tuple(LOCAL_SOLVES)), ("elementwise_preconditioner", ELEMENTWISE)):
+                              ("preconditioner", tuple(LOCAL_SOLVES)), ("elementwise_preconditioner", ELEMENTWISE),
+                              ("ns_dtype", tuple(NS_DTYPES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"BADMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         k = self.sub_batches_per_micro_batch
@@ -121,7 +128,7 @@ class BADMConfig:
                 )
         rho = self.rho if self.rho is not None else default_rho(self.preconditioner, sigma)
         return {"sigma": float(sigma), "rho": float(rho), "mode": self.mode, "nonfinite": self.nonfinite,
-                "preconditioner": self.preconditioner}
+                "preconditioner": self.preconditioner, "ns_dtype": self.ns_dtype}
 
     def group_overrides(self) -> dict[str, Any]:
         """Param-group settings of the tensors Newton-Schulz does not orthogonalise."""

@@ -15,6 +15,7 @@ from hf_badm.optim import solves  # noqa: F401  (registers the built-in local so
 from hf_badm.optim.defaults import default_rho
 from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, keeps_dual, local_solve_for
 from hf_badm.optim.preconditioned import NS_DTYPES, orthogonalise, resolve_ns_dtype
+from hf_badm.optim.solves.newton_schulz import matrix_layout
 from hf_badm.optim.state_dict import checked_state_dict
 from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
 
@@ -170,8 +171,6 @@ class BADM(Optimizer):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        if foreach is not None and not isinstance(foreach, bool):
-            raise ValueError(f"foreach must be True, False or None, got {foreach!r}")
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be one of {tuple(NS_DTYPES)}, got {ns_dtype!r}")
         sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=1.0)
@@ -212,8 +211,6 @@ class BADM(Optimizer):
         if "weight_decay" in group:
             group["weight_decay"] = non_negative("weight_decay", group["weight_decay"])
         check_hyper_parameters(group)
-        if not (group.get("foreach") is None or isinstance(group["foreach"], bool)):
-            raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
@@ -290,6 +287,7 @@ class BADM(Optimizer):
             return
         parts = []
         for group, params in work:
+            self._coefficients(group)  # validates lr before any state moves
             for solve, ps in _by_solve(group, params):
                 parts.append(_Part.of(group, solve, ps, [self._solve_state(solve, p) for p in ps], self._foreach(group, ps)))
         self._orthogonalise(parts)
@@ -320,7 +318,7 @@ class BADM(Optimizer):
 
     def _orthogonalise(self, parts: list[_Part]) -> None:
         """Replace the Newton-Schulz inputs of ``parts`` by their directions: one orthogonalizer call per
-        (ns_steps, dtype) of the step (one in practice). A parameter with a ``badm_matrix_layout`` is a flat
+        (ns_steps, dtype) of the step (one in practice). A parameter with a registered matrix layout is a flat
         partition of several matrices (DeepSpeed ZeRO): its input is gathered into those whole matrices, and their
         directions are scattered back into its partition (``hf_badm.distributed.ZeroMatrixLayout``)."""
         calls: dict[tuple[int, torch.dtype], list[tuple[_Part, int, int]]] = {}
@@ -329,7 +327,7 @@ class BADM(Optimizer):
             if part.solve.orthogonalises:
                 for i, (p, x) in enumerate(zip(part.params, part.directions)):
                     key = (part.group["ns_steps"], resolve_ns_dtype(self.ns_dtype, x.device))
-                    layout = getattr(p, "badm_matrix_layout", None)
+                    layout = matrix_layout(p)
                     matrices = [x] if layout is None else layout.gather(x)
                     calls.setdefault(key, []).append((part, i, len(matrices)))
                     inputs.setdefault(key, []).extend(matrices)
@@ -339,7 +337,7 @@ class BADM(Optimizer):
                 raise RuntimeError(f"BADM.orthogonalizer returned {len(outputs)} directions for {len(inputs[key])} inputs")
             start = 0
             for part, i, n in where:
-                layout = getattr(part.params[i], "badm_matrix_layout", None)
+                layout = matrix_layout(part.params[i])
                 mine = outputs[start:start + n]
                 part.directions[i] = mine[0] if layout is None else layout.scatter(mine, part.directions[i])
                 start += n
