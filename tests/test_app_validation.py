@@ -44,6 +44,7 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
     ("learning_rate: 1.0e-300\n", "learning_rate"),  # BADM sigma = 1e300
     ("weight_decay: -1\n", "weight_decay"),
     ("max_grad_norm: .nan\n", "max_grad_norm"),
+    ("optimizer: muon\nmuon_adamw_lr: -0.1\n", "muon_adamw_lr"),
     ("sigma: 1.0e+308\n", "sigma"),
     ("sigma: 1.0e-300\n", "sigma"),
     ("rho: 1.0e+308\n", "rho"),
@@ -58,6 +59,12 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
 def test_bad_values(capsys, tmp_path, recipe, needle):
     path = write(tmp_path, "bad.yaml", recipe)
     assert needle in refused(capsys, tmp_path, ["train", str(path), *SMALL])
+
+
+@pytest.mark.parametrize("field, value", [("block_size", "1"), ("num_train_examples", "1"),
+                                          ("num_eval_examples", "0")])
+def test_sizes_too_small_for_a_split_or_a_block(capsys, tmp_path, field, value):
+    assert field in refused(capsys, tmp_path, ["train", *SMALL, f"--{field}", value])
 
 
 @pytest.mark.parametrize("recipe, needle", [
@@ -139,6 +146,13 @@ def test_missing_datasets_are_named_fast(capsys, tmp_path, spec, needle):
 def test_missing_model_and_tokenizer_paths(capsys, tmp_path, field, value, task):
     err = refused(capsys, tmp_path, ["train", "--task", task, f"--{field}", value, *SMALL])
     assert f"{field}: directory not found: {value}" in err
+
+
+def test_a_directory_without_a_model(capsys, tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    err = refused(capsys, tmp_path, ["train", "--task", "finetune", "--model_name_or_path", str(tmp_path / "not-a-model"),
+                                     *SMALL])
+    assert f"model_name_or_path: cannot load {tmp_path / 'not-a-model'}" in err
 
 
 def test_finetune_needs_a_model(capsys, tmp_path):

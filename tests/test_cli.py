@@ -43,6 +43,9 @@ def test_help_is_complete():
                   "--model_name_or_path", "--task", "--dataset", "--optimizer", "--learning_rate", "--max_steps",
                   "--deepspeed"):
         assert field in train.stdout, field
+    words = " ".join(train.stdout.split())
+    assert "file names become split names" in words and "--overwrite_output_dir" in words
+    assert cli("train", "recipes/pretrain/tiny-gpt.yaml", "--help").stdout == train.stdout
     for command in ("compare", "demo"):
         done = cli(command, "--help")
         assert done.returncode == 0 and "--optimizers" in done.stdout and "--output_dir" in done.stdout

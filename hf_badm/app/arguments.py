@@ -52,7 +52,11 @@ class TaskArguments:
         "help": "Built-in instruction tasks, comma-separated (add,sub,mul,copy,reverse,lookup,sort); default all."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
     optimizer: str = field(default="badm", metadata={
-        "help": "'badm', or any Trainer optim name for comparison (adamw_torch, sgd, adafactor, lion_32bit, ...)."})
+        "help": "'badm', 'muon' (torch's Muon + AdamW, hf_badm.peers), or any Trainer optim name for comparison "
+                "(adamw_torch, sgd, adafactor, lion_32bit, ...)."})
+    muon_adamw_lr: Optional[float] = field(default=None, metadata={
+        "help": "optimizer muon: learning rate of AdamW on the tensors Muon does not orthogonalise (embeddings, LM "
+                "head, norms, biases). Default: hf_badm.peers.MUON_ADAMW_LR (0.1)."})
     exact_match_examples: int = field(default=64, metadata={"help": "Held-out prompts scored by exact match (sft tasks)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Replace a finished run in output_dir (its model, metrics and checkpoints). Without it, a run into an "

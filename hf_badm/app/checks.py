@@ -34,9 +34,12 @@ def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: Any
         raise RecipeError(f"weight_decay must be a finite number >= 0, got {wd}")
     if clip is not None and not (math.isfinite(clip) and clip >= 0):
         raise RecipeError(f"max_grad_norm must be a finite number >= 0 (0 turns clipping off), got {clip}")
-    for name in ("num_train_examples", "num_eval_examples", "block_size"):
-        if getattr(task_args, name) < 2 and not (name == "num_eval_examples" and getattr(task_args, name) == 1):
-            raise RecipeError(f"{name} must be at least 2, got {getattr(task_args, name)}")
+    muon_lr = task_args.muon_adamw_lr
+    if muon_lr is not None and not (math.isfinite(muon_lr) and muon_lr > 0):
+        raise RecipeError(f"muon_adamw_lr must be a finite number > 0, got {muon_lr}")
+    for name, least in (("num_train_examples", 2), ("num_eval_examples", 1), ("block_size", 2)):
+        if getattr(task_args, name) < least:
+            raise RecipeError(f"{name} must be at least {least}, got {getattr(task_args, name)}")
     if task_args.optimizer == "badm":
         _check_badm(badm, args)
 

@@ -58,9 +58,10 @@ DEMO_RECIPE: dict[str, Any] = {
 
 
 def train(argv: list[str]) -> dict[str, Any] | None:
+    """One recipe in this process (each rank of a distributed launch runs this)."""
     from hf_badm.app.run import run
 
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv or {"-h", "--help"} & set(argv):
         recipe_parser().print_help()
         print(TRAIN_EPILOG)
         return None

@@ -46,7 +46,11 @@ def load_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedTokenizerBase,
 
 def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
     if model_args.model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        try:
+            return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+        except (OSError, ValueError) as err:  # a directory without a model, a hub id without access
+            raise RecipeError(f"model_name_or_path: cannot load {model_args.model_name_or_path}: "
+                              f"{_first_line(err)}") from None
     s = SIZES[model_args.model_size]
     common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
@@ -88,49 +92,17 @@ def _trainer_class(task: str, optimizer: str) -> type[Trainer]:
 def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> dict[str, Any]:
     """Train one recipe; write ``metrics.json``, ``loss.png`` and the model into ``args.output_dir``.
 
-    Everything that can be checked is checked before the first write: values, sources, the data
-    itself (loaded and tokenized in memory), the output_dir and the Trainer's own start-up checks."""
-    check_values(model_args, task_args, badm, args)
-    check_sources(model_args, task_args)
-    resume = check_output_dir(args, task_args)
-    if args.deepspeed:
-        announce_deepspeed_build()  # before the process group: DeepSpeed builds its extension there
-    _ = args.device  # set up the process group before the model: ZeRO-3 builds it partitioned (zero.Init)
-    warn_single_process(args.world_size)
-    if args.deepspeed and torch.distributed.is_initialized():
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    if task_args.optimizer not in ("badm", "muon"):
-        args.optim = task_args.optimizer
-    raw = _load_data(task_args, args.seed)
-    tokenizer, trained_here = load_tokenizer(model_args)
-    # The model is the first thing drawn from the RNG: seeded here, one recipe and seed give one set of
-    # initial weights (and every optimizer of `hf-badm compare` starts from them).
-    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-    model = build_model(model_args, tokenizer)
-    kwargs: dict[str, Any] = {}
-    if task_args.task in SFT_TASKS:
-        ds = raw.select_columns(["prompt", "completion"])
-        if task_args.task == "lora-sft":
-            from peft import LoraConfig, get_peft_model
-
-            targets = _lora_targets(model_args.lora_target_modules)
-            model = get_peft_model(model, LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
-                                                     target_modules=targets, task_type="CAUSAL_LM"))
-    else:
-        try:
-            ds = data.tokenize_for_causal_lm(raw, tokenizer, task_args.block_size, text_column="text")
-        except ValueError as err:
-            raise RecipeError(f"dataset {task_args.dataset}: {_first_line(err)}") from None
-        kwargs.update(data_collator=default_data_collator)
+    Everything that can be checked is checked before the first write: values, sources, the output_dir,
+    the data itself (loaded and tokenized in memory) and the Trainer's own start-up checks."""
+    resume = _start(model_args, task_args, badm, args)
+    model, tokenizer, trained_here, ds, kwargs = _model_and_data(model_args, task_args, args)
     fingerprint = weights_fingerprint(model)
     if task_args.optimizer == "badm":
         kwargs["badm_config"] = badm
     elif task_args.optimizer == "muon":
         from hf_badm.peers import create_muon_optimizer
 
-        kwargs["optimizers"] = _start_up(create_muon_optimizer, model, args)
+        kwargs["optimizers"] = _start_up(create_muon_optimizer, model, args, adamw_lr=task_args.muon_adamw_lr)
     trainer = _start_up(_trainer_class(task_args.task, task_args.optimizer), model=model, args=args,
                         train_dataset=ds["train"], eval_dataset=ds["test"], processing_class=tokenizer,
                         callbacks=[_Clock()], **kwargs)
@@ -163,6 +135,52 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
         if plot_runs({task_args.optimizer: metrics}, out / "loss.png") is None:
             print(PLOT_SKIPPED)
     return metrics
+
+
+def _start(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> str | None:
+    """The checks that need no data, then the process group (with its launch notes); returns the checkpoint to
+    resume from."""
+    check_values(model_args, task_args, badm, args)
+    check_sources(model_args, task_args)
+    resume = check_output_dir(args, task_args)
+    if args.deepspeed:
+        announce_deepspeed_build()  # before the process group: DeepSpeed builds its extension there
+    _ = args.device  # set up the process group before the model: ZeRO-3 builds it partitioned (zero.Init)
+    warn_single_process(args.world_size)
+    if args.deepspeed and torch.distributed.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    if task_args.optimizer not in ("badm", "muon"):
+        args.optim = task_args.optimizer
+    return resume
+
+
+def _model_and_data(model_args: ModelArguments, task_args: TaskArguments, args: TrainingArguments):
+    """(model, tokenizer, tokenizer trained here, {"train", "test"} dataset, Trainer kwargs), all in memory.
+
+    The model is the first thing drawn from the seeded RNG: one recipe and seed give one set of initial
+    weights, and every optimizer of `hf-badm compare` starts from them."""
+    raw = _load_data(task_args, args.seed)
+    tokenizer, trained_here = load_tokenizer(model_args)
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+    model = build_model(model_args, tokenizer)
+    kwargs: dict[str, Any] = {}
+    if task_args.task in SFT_TASKS:
+        ds = raw.select_columns(["prompt", "completion"])
+        if task_args.task == "lora-sft":
+            from peft import LoraConfig, get_peft_model
+
+            targets = _lora_targets(model_args.lora_target_modules)
+            model = get_peft_model(model, LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                                                     target_modules=targets, task_type="CAUSAL_LM"))
+    else:
+        try:
+            ds = data.tokenize_for_causal_lm(raw, tokenizer, task_args.block_size, text_column="text")
+        except ValueError as err:
+            raise RecipeError(f"dataset {task_args.dataset}: {_first_line(err)}") from None
+        kwargs.update(data_collator=default_data_collator)
+    return model, tokenizer, trained_here, ds, kwargs
 
 
 def _load_data(task_args: TaskArguments, seed: int):
