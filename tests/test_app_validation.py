@@ -55,6 +55,7 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
     ("max_steps: three\n", "max_steps"),
     ("warmup_ratio_typo: 0.1\n", "warmup_ratio_typo"),
     ("model_family: gpt5\n", "model_family"),
+    ("optimizer: adamw_typo\n", "adamw_typo"),
 ])
 def test_bad_values(capsys, tmp_path, recipe, needle):
     path = write(tmp_path, "bad.yaml", recipe)
@@ -176,6 +177,17 @@ def test_missing_recipe_and_unknown_command(capsys, tmp_path):
 def test_resume_without_a_checkpoint(capsys, tmp_path):
     err = refused(capsys, tmp_path, ["train", "--resume_from_checkpoint", *SMALL])
     assert "resume_from_checkpoint" in err and "no complete checkpoint" in err
+
+
+@pytest.mark.parametrize("recipe, data", [("learning_rate: -1\n", None), ("max_steps: 2\n", b"")])
+def test_the_console_script_refuses_in_one_line(tmp_path, recipe, data):
+    """The whole stderr of a fresh process (warnings and progress bars included): one line, exit code 2."""
+    extra = ["--dataset", str(write(tmp_path, "empty.jsonl", data))] if data is not None else []
+    done = subprocess.run([sys.executable, "-m", "hf_badm", "train", str(write(tmp_path, "r.yaml", recipe)), *extra,
+                           "--output_dir", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert ("learning_rate" if data is None else "empty.jsonl") in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_per_sub_batch_under_deepspeed_is_refused_before_anything_starts(tmp_path):

@@ -40,8 +40,17 @@ def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: Any
     for name, least in (("num_train_examples", 2), ("num_eval_examples", 1), ("block_size", 2)):
         if getattr(task_args, name) < least:
             raise RecipeError(f"{name} must be at least {least}, got {getattr(task_args, name)}")
+    _check_optimizer(task_args.optimizer)
     if task_args.optimizer == "badm":
         _check_badm(badm, args)
+
+
+def _check_optimizer(name: str) -> None:
+    from transformers.training_args import OptimizerNames
+
+    if name not in ("badm", "muon") and name not in {o.value for o in OptimizerNames}:
+        raise RecipeError(f"optimizer {name!r} is not badm, muon or a Trainer optim name (adamw_torch, sgd, "
+                          "adafactor, lion_32bit, ...)")
 
 
 def _check_badm(badm: Any, args: Any) -> None:
