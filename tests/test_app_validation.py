@@ -170,8 +170,9 @@ def test_shipped_finetune_recipe_before_pretraining_says_what_to_run(capsys, tmp
 def test_missing_recipe_and_unknown_command(capsys, tmp_path):
     assert "nope.yaml" in refused(capsys, tmp_path, ["train", str(tmp_path / "nope.yaml")])
     assert "frobnicate" in refused(capsys, tmp_path, ["frobnicate"])
-    assert "--learning_rates" in refused(capsys, tmp_path, ["compare", str(ROOT / "recipes/pretrain/tiny-gpt.yaml"),
-                                                            "--learning_rates", "adamw"])
+    recipe = str(ROOT / "recipes/pretrain/tiny-gpt.yaml")
+    assert "--learning_rates" in refused(capsys, tmp_path, ["compare", recipe, "--learning_rates", "adamw"])
+    assert "--optimizers" in refused(capsys, tmp_path, ["compare", recipe, "--optimizers", ","])
 
 
 def test_resume_without_a_checkpoint(capsys, tmp_path):

@@ -121,8 +121,11 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
     name = Path(recipe_path).stem if recipe_path else "demo"
     out = Path(opts.output_dir or recipe.get("output_dir") or Path("outputs") / f"compare-{name}")
     lrs = _learning_rates(opts.learning_rates)
+    optimizers = [ALIASES.get(o.strip(), o.strip()) for o in opts.optimizers.split(",") if o.strip()]
+    if not optimizers:
+        raise RecipeError("--optimizers names no optimizer (e.g. --optimizers badm,adamw)")
     plan: dict[str, dict[str, Any]] = {}
-    for optimizer in [ALIASES.get(o.strip(), o.strip()) for o in opts.optimizers.split(",") if o.strip()]:
+    for optimizer in optimizers:
         run_recipe = {**recipe, "optimizer": optimizer, "output_dir": str(out / optimizer)}
         if optimizer.startswith("badm-"):  # preconditioned BADM
             run_recipe.update(optimizer="badm", preconditioner=optimizer.removeprefix("badm-"))
