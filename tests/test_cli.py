@@ -102,6 +102,7 @@ def test_recipe_under_torchrun_with_deepspeed_zero3(tmp_path):
     assert unbuilt_deepspeed_op() is None  # built now: the next run says nothing
     metrics = assert_run_written(tmp_path / "z3")
     assert (tmp_path / "z3" / "model.safetensors").exists() and metrics["train_loss"] > 0
+    assert metrics["init_fingerprint"] is None  # zero.Init partitions the weights as they are built
 
 
 def test_compare_writes_table_and_plot(tmp_path):

@@ -153,7 +153,7 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
     plot = plot_runs(runs, out / "comparison.png", title=f"{name}: {', '.join(runs)}")
     print("\n" + table + "\n\n" + (f"plot: {plot.resolve()}" if plot else PLOT_SKIPPED)
           + f"\ntable: {(out / 'comparison.md').resolve()}")
-    if len({m.get("init_fingerprint") for m in runs.values()}) > 1:
+    if len({m.get("init_fingerprint") for m in runs.values()} - {None}) > 1:
         print("hf-badm: warning: the runs did not start from the same weights (init_fingerprint differs)",
               file=sys.stderr)
     return table

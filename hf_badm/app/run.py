@@ -219,15 +219,17 @@ def final_evaluation(trainer: Trainer) -> dict[str, Any]:
     return trainer.evaluate()
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
+def weights_fingerprint(model: torch.nn.Module) -> str | None:
     """A short hash of the trainable weights (up to 4096 evenly spaced values of each tensor): equal for runs
-    that start from the same weights, different otherwise; cheap for any model size."""
-    digest = hashlib.sha256()
+    that start from the same weights, different otherwise; cheap for any model size. None where this process
+    holds no weights (ZeRO-3 partitions them at construction)."""
+    digest, hashed = hashlib.sha256(), False
     for name, p in model.named_parameters():
         if p.requires_grad and p.numel():
             flat = p.detach().reshape(-1)
             digest.update(name.encode() + flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+            hashed = True
+    return digest.hexdigest()[:16] if hashed else None
 
 
 def _first_line(err: BaseException) -> str:
