@@ -9,13 +9,18 @@ import codecs
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import yaml
 
 from hf_badm.app import RecipeError
 from hf_badm.app.arguments import ModelArguments, TaskArguments
 from hf_badm.app.data import FILE_BUILDERS
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
+
+    from hf_badm.config import BADMConfig
 
 # BADM's penalties outside this range overflow or stall in float32 (sigma 1e-300 overflows at step 1;
 # rho 1e308 never moves the weights); the tuned values lie between 1e-2 and 1e4.
@@ -25,7 +30,8 @@ MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mod
 _TRUE = ("1", "true", "yes", "on")
 
 
-def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: Any, args: Any) -> None:
+def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig,
+                 args: TrainingArguments) -> None:
     """Numbers and combinations that would fail mid-run or train silently wrong."""
     lr, wd, clip = args.learning_rate, args.weight_decay, args.max_grad_norm
     if not (math.isfinite(lr) and lr > 0):
@@ -53,7 +59,7 @@ def _check_optimizer(name: str) -> None:
                           "adafactor, lion_32bit, ...)")
 
 
-def _check_badm(badm: Any, args: Any) -> None:
+def _check_badm(badm: BADMConfig, args: TrainingArguments) -> None:
     low, high = PENALTY_RANGE
     for name in ("sigma", "rho", "elementwise_sigma", "elementwise_rho"):
         value = getattr(badm, name)
@@ -192,7 +198,7 @@ def _producing_recipe(path: str) -> str | None:
     return None
 
 
-def check_output_dir(args: Any, task_args: TaskArguments) -> str | None:
+def check_output_dir(args: TrainingArguments, task_args: TaskArguments) -> str | None:
     """Refuse to replace a finished run; returns the checkpoint to resume from (latest complete one for `true`)."""
     out, resume = Path(args.output_dir), args.resume_from_checkpoint
     if resume is not None and str(resume).lower() in _TRUE + ("latest",):
