@@ -45,7 +45,10 @@ def test_bench_throughput_smoke():
 
 def test_bench_sft_smoke():
     out = _smoke("bench_sft.py").stdout
-    assert "| optimizer | best lr | held-out loss, mean over seeds | exact match, mean (per seed) |" in out
+    assert ("| optimizer | best lr | held-out loss, mean over seeds | exact match, mean (per seed) | steps to AdamW's "
+            "final held-out loss |") in out
+    assert all(f"| {name} |" in out for name in ("AdamW", "Muon (+ AdamW elsewhere)", "BADM fused", "BADM normalized",
+                                                  "BADM newton_schulz"))
 
 
 def test_stdlib_docs_corpus_is_real_prose_and_deterministic(tmp_path):
