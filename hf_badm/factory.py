@@ -11,7 +11,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from hf_badm.config import BADMConfig
 from hf_badm.distributed import prepare_for_ranks
-from hf_badm.optim import BADM
+from hf_badm.optim import BADM, ns_applies
 
 __all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups", "decay_parameter_names"]
 
@@ -42,9 +42,9 @@ def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[s
     ]
     if config is not None and config.preconditioner == "newton_schulz":
         embeddings = _embedding_ids(model)
-        hidden = [{**g, "params": [p for p in g["params"] if p.dim() == 2 and id(p) not in embeddings]} for g in groups]
+        hidden = [{**g, "params": [p for p in g["params"] if ns_applies(p) and id(p) not in embeddings]} for g in groups]
         rest = [{**g, **config.group_overrides(),
-                 "params": [p for p in g["params"] if p.dim() != 2 or id(p) in embeddings]} for g in groups]
+                 "params": [p for p in g["params"] if not ns_applies(p) or id(p) in embeddings]} for g in groups]
         groups = hidden + rest
     return [g for g in groups if g["params"]]
 

@@ -28,6 +28,13 @@ from hf_badm.factory import badm_optimizer_cls_and_kwargs
 from tiny import chain_dataset, losses, tiny_args, tiny_model
 
 
+# sigma, rho of each local solve in these runs: SGD-scale steps for the paper's BADM and Newton-Schulz, an
+# AdamW-scale step (lr 0.01) for normalized, whose RMS-normalised direction would make lr 1/3 chaotic: rounding
+# differences between engines would then grow instead of staying at rounding level.
+PENALTIES = {"none": {"sigma": 3.0, "rho": 4.5}, "newton_schulz": {"sigma": 3.0, "rho": 4.5},
+             "second_moment": {"sigma": 3.0, "rho": 4.5}, "normalized": {"sigma": 100.0, "rho": 900.0}}
+
+
 def trainer_job(out: Path, job: dict) -> Trainer:
     save, wiring = job.get("save_steps", 0), job.get("wiring", "badm_trainer")
     args_cls: type = TrainingArguments
@@ -39,7 +46,8 @@ def trainer_job(out: Path, job: dict) -> Trainer:
     model = tiny_model("gpt2")
     model = model.double() if job.get("double") else model
     data = chain_dataset(pad_to_random_length=job.get("pad", False))
-    config = BADMConfig(mode=job["mode"], sigma=3.0, rho=4.5, preconditioner=job.get("preconditioner", "none"))
+    config = BADMConfig(mode=job["mode"], preconditioner=job.get("preconditioner", "none"),
+                        **PENALTIES[job.get("preconditioner", "none")])
     if wiring == "optimizers":
         return Trainer(model=model, args=args, train_dataset=data,
                        optimizers=create_badm_optimizer(model, args, badm_config=config))
@@ -85,7 +93,7 @@ def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "
         for block in model.transformer.h:
             fully_shard(block)
         fully_shard(model)
-    config = BADMConfig(preconditioner=preconditioner, sigma=3.0, rho=4.5)
+    config = BADMConfig(preconditioner=preconditioner, **PENALTIES[preconditioner])
     opt = BADM(badm_param_groups(model, 0.01, config=config), **config.optimizer_kwargs(0.3))
     prepare_for_ranks(opt, world)
     ids = torch.tensor(chain_dataset()["input_ids"])

@@ -81,7 +81,8 @@ def ddp(tmp_path_factory, single_thread) -> Path:
         {"name": "fsdp2", "fsdp2": True, "steps": 10},
         *(job(f"ddp_{wiring}", "fused", 2, wiring=wiring) for wiring in WIRINGS),
         *(job(f"ddp_ns_{mode}", mode, 2, preconditioner="newton_schulz") for mode in ("fused", "per_sub_batch")),
-        {"name": "fsdp2_ns", "fsdp2": True, "steps": 10, "preconditioner": "newton_schulz"},
+        *({"name": f"fsdp2_{pre}", "fsdp2": True, "steps": 10, "preconditioner": pre}
+          for pre in ("newton_schulz", "normalized", "second_moment")),
     ], launcher="accelerate")
     return out
 
@@ -171,8 +172,16 @@ def test_newton_schulz_under_ddp_splits_the_work_and_equals_one_rank(ddp, mode):
 @pytest.mark.timeout(600)
 def test_newton_schulz_under_fsdp2_equals_unsharded(ddp):
     """FSDP2 shards: each matrix gathered, orthogonalised once (split over ranks), each rank keeps its shard."""
-    sharded = result(ddp, "fsdp2_ns")["params"]
+    sharded = result(ddp, "fsdp2_newton_schulz")["params"]
     single, _ = fsdp2_run(steps=10, preconditioner="newton_schulz")
+    assert max_rel(sharded, single) <= 1e-6
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("preconditioner", ["normalized", "second_moment"])
+def test_elementwise_local_solves_under_fsdp2_equal_unsharded(ddp, preconditioner):
+    sharded = result(ddp, f"fsdp2_{preconditioner}")["params"]
+    single, _ = fsdp2_run(steps=10, preconditioner=preconditioner)
     assert max_rel(sharded, single) <= 1e-6
 
 
@@ -187,6 +196,7 @@ def test_fused_under_fsdp2_sharding_equals_one_rank(ddp):
 # ---------------------------------------------------------------------------------------------- DeepSpeed
 # optimizers= is refused under DeepSpeed (the Trainer would replace the optimizer); the other wirings must train right.
 ZERO_WIRINGS = ("cls_kwargs", "mixin")
+ELEMENTWISE = ("normalized", "second_moment")
 
 
 def zero_config(stage: int) -> dict:
@@ -213,6 +223,9 @@ def zero(tmp_path_factory) -> Path:
         jobs.append({"name": name, "mode": mode, "ga": 1, "steps": 1, "deepspeed": config, "expect_error": True})
     jobs.append({"name": "err_optimizers_argument", "wiring": "optimizers", "mode": "fused", "ga": 1, "steps": 1,
                  "deepspeed": zero_config(2), "expect_error": True})
+    for stage in (1, 2, 3):  # the elementwise local solves step ZeRO's flat partitions directly
+        jobs += [{"name": f"zero{stage}_{pre}", "mode": "fused", "ga": 2, "steps": 10, "deepspeed": zero_config(stage),
+                  "preconditioner": pre} for pre in ELEMENTWISE]
     for stage in (1, 2, 3):  # Newton-Schulz on whole matrices gathered from ZeRO's flat partitions
         ns = {"mode": "fused", "ga": 2, "steps": 10, "deepspeed": zero_config(stage), "preconditioner": "newton_schulz"}
         jobs += [{"name": f"zero{stage}_ns", "save_steps": 5, **ns},
@@ -248,6 +261,19 @@ def test_every_documented_wiring_under_zero_equals_one_rank(zero, stage, wiring,
         run_job(zero, {"name": f"one_rank_{wiring}", "wiring": wiring, "mode": "fused", "ga": 4, "steps": 20})
     assert norm_rel(two["params"], torch.load(reference, weights_only=True)["params"]) <= 1e-4
     assert sum(two["losses"][-5:]) < 0.95 * sum(two["losses"][:5])
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("preconditioner", ELEMENTWISE)
+def test_elementwise_local_solves_under_zero_equal_one_rank(zero, stage, preconditioner, single_thread):
+    ranks = [result(zero, f"zero{stage}_{preconditioner}", r)["params"] for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    reference = zero / f"one_rank_{preconditioner}" / "rank0.pt"
+    if not reference.exists():
+        run_job(zero, {"name": f"one_rank_{preconditioner}", "mode": "fused", "ga": 4, "steps": 10,
+                       "preconditioner": preconditioner})
+    assert norm_rel(ranks[0], torch.load(reference, weights_only=True)["params"]) <= 1e-4
 
 
 @pytest.mark.timeout(600)
