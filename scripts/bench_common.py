@@ -212,7 +212,11 @@ def corpus(name: str, out_dir: Path) -> str:
 
 def corpus_name(spec: str) -> str:
     """Short name of a corpus for keys and file names (``stdlib_docs-py3.11`` -> ``stdlib_docs``)."""
-    return "builtin" if spec == "builtin" else Path(spec).name.split("-py")[0].removesuffix(Path(spec).suffix)
+    if spec == "builtin":
+        return spec
+    name = Path(spec).name
+    gathered = re.sub(r"-py\d+\.\d+$", "", name)  # a corpus gathered here, per Python version
+    return gathered if gathered != name else Path(spec).stem
 
 
 def info_path(dataset_dir: Path) -> Path:

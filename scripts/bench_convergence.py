@@ -467,7 +467,8 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
     text = [f"{title}\n",
             "GPT-2 models built from config (tiny: 2 layers x 64, small: 4 x 128), trained from scratch on "
             + "; and on ".join(describe_corpus(c, sweep.corpora.get(c, ("builtin",))[0], a) for c in corpora)
-            + ", each corpus with a BPE tokenizer (vocab 1024) trained on its own training text; block 64, batch 16, "
+            + ", each corpus with its own BPE tokenizer (vocab 1024; built-in: the library's, trained on the generated "
+            "stories and tasks; others: trained on their training text); block 64, batch 16, "
             "cosine schedule with 20 warm-up steps (Schedule-Free AdamW: constant), global-norm clipping 1.0, no "
             "weight decay. Sweep protocol, the same for every optimizer: a log-spaced learning-rate grid (half "
             "decades; BADM fused also over rho/sigma = r, momentum beta = r/(r+1)), one run per point "
