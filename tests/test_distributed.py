@@ -346,3 +346,16 @@ def test_every_trainable_parameter_joins_the_rank_reduction():
     opt.step()
     assert seen == [2]
     assert torch.equal(unused.detach(), torch.ones(3))  # a zero gradient with zero duals does not move it
+
+
+@pytest.mark.timeout(600)
+def test_ns_ranks_bench_runs_and_splits_the_work(tmp_path):
+    """scripts/bench_ns_ranks.py (1 vs 2 ranks, one fused newton_schulz step) at a tiny size: each of the 2 ranks
+    counts about half the 1-rank matmul FLOPs."""
+    code, log = run_process_group([sys.executable, str(ROOT / "scripts" / "bench_ns_ranks.py"), "--params-millions",
+                                   "0.3", "--reps", "1", "--warmup", "1", "--out", str(tmp_path)], 300, cwd=ROOT)
+    assert code == 0, log[-3000:]
+    rows = json.loads((tmp_path / "ns_ranks.json").read_text())["rows"]
+    one = next(r for r in rows if r["world"] == 1 and r["threads"] == 1)["flops"]
+    two = [r["flops"] for r in rows if r["world"] == 2]
+    assert len(two) == 2 and all(f <= 0.6 * one for f in two) and sum(two) == pytest.approx(one, rel=0.05)
