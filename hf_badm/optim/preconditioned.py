@@ -69,6 +69,10 @@ def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype) -> list[
         X <- X / (||X||_F + 1e-7);  5 times: A = X X^T;  X <- a X + (b A + c A A) X
 
     (on the wide orientation, ``X^T`` for tall matrices). The default ``BADM.orthogonalizer``."""
+    if any(type(x).__name__ == "DTensor" for x in inputs):
+        raise ValueError("Newton-Schulz needs whole matrices, and these are sharded DTensors (FSDP2): set "
+                         "optimizer.orthogonalizer = hf_badm.distributed.SplitOrthogonalizer() (BADMTrainer and "
+                         "create_badm_optimizer do it on several ranks)")
     a, b, c = NS_COEFFICIENTS
     out: list[Tensor | None] = [None] * len(inputs)
     by_shape: dict[tuple[torch.Size, torch.device], list[int]] = {}
