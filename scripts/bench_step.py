@@ -12,6 +12,7 @@ reports medians, IQRs and ratios vs AdamW; state bytes also against Muon + AdamW
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import statistics
 import sys
@@ -95,6 +96,11 @@ OPTIMIZERS: dict[str, tuple[str, Callable[[list[nn.Parameter]], torch.optim.Opti
     "sgd": ("SGD(momentum=0.9, foreach)", lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True)),
 }
 CPU_DEFAULT = "badm,badm_s4,badm_norm,badm_ns,muon,adamw,sgd"
+if "ns_dtype" in inspect.signature(BADM.__init__).parameters:  # Newton-Schulz in a chosen dtype (default: auto)
+    for _dtype in ("bfloat16", "float32"):
+        OPTIMIZERS[f"badm_ns_{_dtype}"] = (f"BADM newton_schulz, ns_dtype {_dtype} (+ normalized elsewhere)",
+                                           lambda ps, d=_dtype: newton_schulz_badm(ps, ns_dtype=d))
+    CPU_DEFAULT += ",badm_ns_bfloat16"
 
 
 class Case:
@@ -188,6 +194,16 @@ def table(rs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def versus_muon(rs: list[dict[str, Any]]) -> str:
+    """One sentence: the newton_schulz rows' median step time against Muon's (the same update at rho = sigma)."""
+    by = {r["optimizer"]: r for r in rs if r["state_bytes"] is not None}
+    if "muon" not in by:
+        return ""
+    parts = [f"{by[k]['label']} {by[k]['median_ms'] / by['muon']['median_ms']:.2f}x"
+             for k in ("badm_ns", "badm_ns_bfloat16", "badm_ns_float32") if k in by]
+    return ("Step time against torch's Muon (+AdamW), medians: " + "; ".join(parts) + ".\n") if parts else ""
+
+
 def section(command: str, meta: dict[str, str], n_params: int, n_tensors: int, repeats: int, device: str,
             result: str, title: str = SECTION) -> str:
     return (
@@ -198,7 +214,8 @@ def section(command: str, meta: dict[str, str], n_params: int, n_tensors: int, r
         f"repetitions after warm-up{' (CUDA-synchronised)' if device.startswith('cuda') else ''}. BADM's step "
         f"includes its NaN/Inf check of the gradients. Muon is torch's `torch.optim.Muon` (bfloat16 Newton-Schulz) "
         f"on the hidden matrices with AdamW on the embeddings, norms and biases (`hf_badm.peers`); BADM "
-        f"newton_schulz orthogonalises the same matrices (float32) with `normalized` on the rest. `per_sub_batch` "
+        f"newton_schulz orthogonalises the same matrices (`ns_dtype` auto: float32 on CPU, bfloat16 on CUDA; rows naming "
+        f"an ns_dtype set it) with `normalized` on the rest. `per_sub_batch` "
         f"is timed as {SUB_BATCHES} `absorb_sub_batch()` calls (each row: one call) followed by `step()`; its "
         f"state is {SUB_BATCHES} duals plus one aggregate per parameter. Ratios are of medians; other load only "
         f"adds time, so a wide IQR marks a noisy run and the minimum approximates the uncontended cost.\n\n"
@@ -229,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{n_params / 1e6:.2f}M params in {len(shapes)} tensors on {device}, {torch.get_num_threads()} threads, "
           f"{a.warmup} warm-up + {a.repeats} interleaved rounds", flush=True)
     rs = rows(measure(shapes, keys, device, a.repeats, a.warmup))
-    result = table(rs)
+    result = table(rs) + "\n\n" + versus_muon(rs)
     print(result)
     command = bc.command_line() if argv is None else "python scripts/bench_step.py " + " ".join(argv)
     meta = bc.machine()

@@ -7,7 +7,7 @@ try/except, ``gpu.json`` rewritten after every part so that a failure or a timeo
     a plain Trainer) with finite, falling loss;
 (b) ``optimizer.step()`` time at GPT-2 small's 124M parameters (random gradients, CUDA-synchronised,
     warm-up, interleaved rounds: ``scripts/bench_step.py``): AdamW(fused), AdamW(foreach), torch's Muon
-    (+AdamW elsewhere, ``hf_badm.peers``), BADM none / normalized / newton_schulz (ns_dtype auto and float32);
+    (+AdamW elsewhere, ``hf_badm.peers``), BADM none / normalized / newton_schulz (ns_dtype auto = bfloat16 on CUDA, and float32);
 (c) Newton-Schulz in bfloat16 vs float32: the difference of the direction (torch's Muon iteration, and one
     BADM step with each ``ns_dtype`` when BADM has that option), its time, and its effect on a short
     training run's loss;
@@ -225,11 +225,8 @@ def correctness(check: Check, out: Path) -> dict[str, Any]:
 def step_time(check: Check) -> dict[str, Any]:
     import bench_step as bs
 
-    if "ns_dtype" in inspect.signature(_badm().__init__).parameters:
-        bs.OPTIMIZERS["badm_ns_fp32"] = ("BADM newton_schulz, ns_dtype float32 (+ normalized elsewhere)",
-                                         lambda ps: bs.newton_schulz_badm(ps, ns_dtype="float32"))
     keys = ["adamw_fused" if check.device == "cuda" else "adamw", "adamw", "muon", "badm", "badm_norm", "badm_ns"]
-    keys = list(dict.fromkeys(keys + (["badm_ns_fp32"] if "badm_ns_fp32" in bs.OPTIMIZERS else [])))
+    keys = list(dict.fromkeys(keys + (["badm_ns_float32"] if "badm_ns_float32" in bs.OPTIMIZERS else [])))
     shapes = bs.gpt2_like_shapes(0.2) if check.dry else bs.gpt2_small_shapes()
     repeats, warmup = (3, 1) if check.dry else (20, 3)
     rows = bs.rows(bs.measure(shapes, keys, check.device, repeats, warmup))
