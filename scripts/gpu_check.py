@@ -7,7 +7,8 @@ try/except, ``gpu.json`` rewritten after every part so that a failure or a timeo
     a plain Trainer) with finite, falling loss;
 (b) ``optimizer.step()`` time at GPT-2 small's 124M parameters (random gradients, CUDA-synchronised,
     warm-up, interleaved rounds: ``scripts/bench_step.py``): AdamW(fused), AdamW(foreach), torch's Muon
-    (+AdamW elsewhere, ``hf_badm.peers``), BADM none / normalized / newton_schulz (ns_dtype auto = bfloat16 on CUDA, and float32);
+    (+AdamW elsewhere, ``hf_badm.peers``), BADM none / normalized / newton_schulz (ns_dtype auto, which is
+    bfloat16 on CUDA, and float32);
 (c) Newton-Schulz in bfloat16 vs float32: the difference of the direction (torch's Muon iteration, and one
     BADM step with each ``ns_dtype`` when BADM has that option), its time, and its effect on a short
     training run's loss;
@@ -18,7 +19,7 @@ try/except, ``gpu.json`` rewritten after every part so that a failure or a timeo
 
 Writes ``gpu.json``, ``gpu_check.md`` (the section for docs/benchmarks.md), ``convergence-gpu/`` and
 ``figures/`` under ``--out`` (default ``$OUT``, else docs/results; the section then goes straight into
-docs/benchmarks.md). ``--dry-run``: tiny sizes on the CPU, seconds (the suite runs it). ``--collect DIR``
+docs/benchmarks.md). ``--dry-run``: tiny sizes on the CPU, about a minute (the suite runs it). ``--collect DIR``
 copies a GPU run's files from DIR into docs/ and writes the section.
 """
 
