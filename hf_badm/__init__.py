@@ -8,7 +8,8 @@ from typing import Any
 from hf_badm.optim import BADM
 
 __version__ = "0.1.0"
-__all__ = ["BADM", "BADMConfig", "BADMTrainer", "BADMTrainerMixin", "create_badm_optimizer", "badm_optimizer_cls_and_kwargs"]
+__all__ = ["BADM", "BADMConfig", "BADMTrainer", "BADMTrainerMixin", "BADMMetricsCallback", "create_badm_optimizer",
+           "badm_optimizer_cls_and_kwargs"]
 
 # The Trainer glue imports transformers; load it on first use so `import hf_badm` stays light.
 _LAZY = {
@@ -17,6 +18,7 @@ _LAZY = {
     "badm_optimizer_cls_and_kwargs": "hf_badm.factory",
     "BADMTrainer": "hf_badm.trainer",
     "BADMTrainerMixin": "hf_badm.trainer",
+    "BADMMetricsCallback": "hf_badm.trainer",
 }
 
 

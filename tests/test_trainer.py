@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import Trainer
 
-from hf_badm import BADM, BADMConfig, BADMTrainer, create_badm_optimizer
+from hf_badm import BADM, BADMConfig, BADMMetricsCallback, BADMTrainer, create_badm_optimizer
 from hf_badm.factory import badm_optimizer_cls_and_kwargs, decay_parameter_names
 from hf_badm.optim.defaults import RHO_OVER_SIGMA
-from hf_badm.trainer import BADMMetricsCallback, count_loss_items
+from hf_badm.trainer import count_loss_items
 from reference import LiteralBADM
 from tiny import assert_loss_falls, chain_dataset, max_rel_diff, tiny_args, tiny_model
 
