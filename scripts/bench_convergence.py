@@ -584,10 +584,8 @@ def main(argv: list[str] | None = None) -> None:
         rel = str(Path(a.results).resolve().relative_to(docs_dir.resolve())) + "/"
     except ValueError:
         rel = str(a.results)
-    text, summaries = report(sweep, list(corpora), a.sizes, docs_dir, rel, a.section, figures=not a.no_write)
+    text, _ = report(sweep, list(corpora), a.sizes, docs_dir, rel, a.section, figures=not a.no_write)
     print(text)
-    if not a.report_only:
-        bc.write_json(a.results / "summary" / f"summary{suffix}.json", summaries)
     if not a.no_write:
         bc.write_section(a.docs, a.section, text)
         print(f"\nupdated {a.docs}")
