@@ -148,6 +148,8 @@ def stdlib_docs_paragraphs() -> list[str]:
     public standard-library modules (``sys.stdlib_module_names``, sorted) and of the classes, functions
     and methods they define, then pydoc's topic texts (the language reference). Deterministic for a
     given Python version; exact duplicates dropped."""
+    if not hasattr(sys, "stdlib_module_names"):
+        raise RuntimeError("the stdlib_docs corpus needs Python >= 3.10 (sys.stdlib_module_names)")
     seen: set[str] = set()
     out: list[str] = []
 
