@@ -150,20 +150,22 @@ def test_newton_schulz_keeps_the_dual_where_it_acts():
     assert all(sorted(opt.state[p]) == ["momentum", "momentum_buffer"] for p in net.parameters())
 
 
-def test_batched_newton_schulz_equals_the_per_matrix_iteration_in_float32():
-    """Matrices of one shape are stacked and iterated with batched products: within 1e-6 of the literal
-    2-D iteration, matrix by matrix, in float32 (wide, tall, square; several per shape; float64 inputs too)."""
+@pytest.mark.parametrize("batched", [True, False])
+def test_batched_newton_schulz_equals_the_per_matrix_iteration_in_float32(batched):
+    """Both forms of ``orthogonalise`` (matrices of one shape stacked and iterated with batched products, as on
+    accelerators; matrix by matrix with fused addmm, as on the CPU) within 3e-6 of the literal 2-D iteration in
+    float32 (wide, tall, square; several per shape; float64 inputs too): float32 rounding over 15 matmuls."""
     from hf_badm.optim.preconditioned import orthogonalise
     from reference import newton_schulz5
 
     gen = torch.Generator().manual_seed(0)
     shapes = [(16, 6), (6, 16), (16, 16), (16, 6), (33, 7), (16, 16), (16, 6)]
     inputs = [torch.randn(s, generator=gen, dtype=torch.float64 if i == 1 else torch.float32) for i, s in enumerate(shapes)]
-    outputs = orthogonalise(inputs, 5, torch.float32)
+    outputs = orthogonalise(inputs, 5, torch.float32, batched=batched)
     for x, out in zip(inputs, outputs):
         expected = newton_schulz5(x.float()) * max(1.0, x.shape[0] / x.shape[1]) ** 0.5
         assert out.dtype == x.dtype and out.shape == x.shape
-        assert float((out.float() - expected).norm() / expected.norm()) <= 1e-6
+        assert float((out.float() - expected).norm() / expected.norm()) <= 3e-6
 
 
 class Recorder:

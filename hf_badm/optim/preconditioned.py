@@ -61,14 +61,26 @@ def orthogonalised(x: Tensor, steps: int = 5, dtype: torch.dtype = torch.float32
     return orthogonalise([x], steps, dtype)[0]
 
 
+def _newton_schulz_2d(x: Tensor, steps: int) -> Tensor:
+    """The quintic iteration on one wide matrix, in its dtype (``orthogonalise``'s CPU form)."""
+    a, b, c = NS_COEFFICIENTS
+    y = x / (torch.linalg.vector_norm(x) + 1e-7)
+    for _ in range(steps):
+        gram = y @ y.T
+        y = torch.addmm(y, torch.addmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
+    return y
+
+
 @torch.no_grad()
-def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]:
-    """:func:`orthogonalised` of each 2-D input, in its dtype; matrices of one shape (and device) are
-    stacked and iterated together with batched matrix products (one ``bmm`` chain per shape)::
+def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype, batched: bool | None = None) -> list[Tensor]:
+    """:func:`orthogonalised` of each 2-D input, in ``dtype``::
 
         X <- X / (||X||_F + 1e-7);  5 times: A = X X^T;  X <- a X + (b A + c A A) X
 
-    (on the wide orientation, ``X^T`` for tall matrices). The default ``BADM.orthogonalizer``."""
+    on the wide orientation (``X^T`` for tall matrices). On accelerators the matrices of one shape are stacked
+    and iterated together (one batched-matmul chain per shape: fewer launches); on the CPU, where a batched
+    matmul ran slower than the same matmuls one by one (bfloat16 and float32, this machine), matrix by matrix.
+    ``batched`` forces one form (tests). The default ``BADM.orthogonalizer``."""
     if any(type(x).__name__ == "DTensor" for x in inputs):
         raise ValueError("Newton-Schulz needs whole matrices, and these are sharded DTensors (FSDP2): set "
                          "optimizer.orthogonalizer = hf_badm.distributed.SplitOrthogonalizer() (BADMTrainer and "
@@ -78,18 +90,19 @@ def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype) -> list[
     by_shape: dict[tuple[torch.Size, torch.device], list[int]] = {}
     for i, x in enumerate(inputs):
         by_shape.setdefault((x.shape, x.device), []).append(i)
-    for (shape, _), idx in by_shape.items():
-        y = torch.stack([inputs[i].to(dtype) for i in idx])
+    for (shape, device), idx in by_shape.items():
         tall = shape[0] > shape[1]
-        if tall:
-            y = y.mT
-        y = y / (torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True) + 1e-7)
-        for _ in range(steps):
-            gram = y @ y.mT
-            y = a * y + (b * gram + c * gram @ gram) @ y
-        if tall:
-            y = y.mT
+        wide = [(inputs[i].mT if tall else inputs[i]).to(dtype) for i in idx]  # iterate on the wide orientation
+        if not (device.type != "cpu" if batched is None else batched):  # CPU: matrix by matrix, fused as addmm
+            done = [_newton_schulz_2d(x, steps) for x in wide]
+        else:  # on accelerators one batched chain per shape saves the launches
+            y = torch.stack(wide)
+            y /= torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).add_(1e-7)
+            for _ in range(steps):  # y <- a y + (b A + c A A) y, A = y y^T
+                gram = y @ y.mT
+                y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
+            done = list(y.unbind(0))
         scale = math.sqrt(max(1.0, shape[0] / shape[1]))
-        for j, i in enumerate(idx):
-            out[i] = y[j].to(inputs[i].dtype).mul_(scale)
+        for i, d in zip(idx, done):
+            out[i] = (d.mT if tall else d).to(inputs[i].dtype).mul_(scale)
     return out  # type: ignore[return-value]
