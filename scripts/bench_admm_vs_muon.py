@@ -84,7 +84,7 @@ def run_one(key: str, recipe: dict[str, Any], work: Path) -> dict[str, Any]:
     return {"key": key, **json.loads(spec.with_suffix(".out.json").read_text())}
 
 
-def report(rows: list[dict[str, Any]], a: argparse.Namespace, machine: dict[str, str]) -> str:
+def report(rows: list[dict[str, Any]], a: argparse.Namespace, machine: dict[str, str], command: str) -> str:
     by: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
     for r in rows:
         if "error" not in r:
@@ -134,7 +134,7 @@ def report(rows: list[dict[str, Any]], a: argparse.Namespace, machine: dict[str,
             "stayed above Muon's. All runs of a call ran at "
             "once on the one device, so s/step is measured under that contention.\n")
     tail = f"\n\n{len(errors)} run(s) failed: " + "; ".join(e["key"] for e in errors) if errors else ""
-    return head + "\n".join(lines) + tail + "\n\n" + bc.stamp(machine, bc.command_line())
+    return head + "\n".join(lines) + tail + "\n\n" + bc.stamp(machine, command)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     results = a.results if a.results.suffix == ".json" else a.results / "admm_vs_muon.json"
     if a.report_only:
         saved = json.loads(results.read_text())
-        text = report(saved["rows"], a, saved["machine"])
+        text = report(saved["rows"], a, saved["machine"], saved.get("command", "(not recorded)"))
         print(text)
         if not a.no_write:
             bc.write_section(a.docs, SECTION, text)
@@ -175,9 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(a.jobs) as pool:  # results saved as runs finish: a cut-short call keeps what ran
         for done in as_completed([pool.submit(run_one, key, r, work) for key, r in runs]):
             rows.append(done.result())
-            bc.write_json(results, {"machine": bc.machine(), "rows": rows})
+            bc.write_json(results, {"machine": bc.machine(), "command": bc.command_line(), "rows": rows})
             print(f"{len(rows)}/{len(runs)} {rows[-1]['key']}", flush=True)
-    text = report(rows, a, bc.machine())
+    text = report(rows, a, bc.machine(), bc.command_line())
     print(text)
     if not a.no_write:
         bc.write_section(a.docs, SECTION, text)

@@ -131,7 +131,7 @@ def test_demo_runs_and_prints_the_table(tmp_path):
                "--output_dir", str(tmp_path / "demo"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| badm | 3 |" in done.stdout and "| adamw_torch | 0.01 |" in done.stdout
-    assert "| badm-newton_schulz | 0.03 |" in done.stdout
+    assert "| badm-newton_schulz | 0.03 |" in done.stdout and "| muon | 0.03 |" in done.stdout
     assert (tmp_path / "demo" / "comparison.png").exists()
 
 

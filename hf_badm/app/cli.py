@@ -27,7 +27,7 @@ commands:
   train RECIPE.yaml [--field value ...]   train one recipe (every recipe field can be overridden)
   compare RECIPE.yaml --optimizers badm,adamw [--learning_rates adamw=1e-3] [--field value ...]
                                           the same recipe per optimizer: table + loss plots
-  demo [--output_dir DIR] [--max_steps N] BADM (plain and newton_schulz) vs AdamW on the built-in corpus
+  demo [--output_dir DIR] [--max_steps N] BADM (plain and newton_schulz) vs Muon and AdamW on the built-in corpus
                                           (about a minute on 2 CPU cores)
 
 `hf-badm COMMAND --help` lists every field."""
@@ -47,7 +47,7 @@ Output: a run refuses an output_dir that holds a finished run (a model or metric
 checkpoints unless it resumes. --resume_from_checkpoint with no value (or true) resumes from the latest
 complete checkpoint in output_dir. --save_steps N alone saves every N steps."""
 DEMO_LEARNING_RATES = ",".join(f"{k}={v:g}" for k, v in DEMO_DEFAULTS.items())
-DEMO_OPTIMIZERS = "badm,badm-newton_schulz,adamw"
+DEMO_OPTIMIZERS = "badm,badm-newton_schulz,muon,adamw"
 ALIASES = {"adamw": "adamw_torch", "lion": "lion_32bit"}
 DEMO_RECIPE: dict[str, Any] = {
     "task": "pretrain", "model_family": "gpt2", "model_size": "tiny", "block_size": 64, "num_train_examples": 3000,
@@ -175,7 +175,7 @@ def comparison_table(runs: dict[str, dict[str, Any]]) -> str:
 
 
 def demo(argv: list[str]) -> str:
-    """BADM (the paper's, and preconditioned with Newton-Schulz) vs AdamW pre-training a tiny GPT on the
+    """BADM (the paper's, and preconditioned with Newton-Schulz) vs Muon and AdamW pre-training a tiny GPT on the
     built-in corpus: the README's first command."""
     if not any(a.startswith("--learning_rates") for a in argv):
         argv = ["--learning_rates", DEMO_LEARNING_RATES, *argv]
