@@ -49,7 +49,7 @@ BASE_RECIPE: dict[str, Any] = {
     "num_eval_examples": 200, "block_size": 64, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64,
     "lr_scheduler_type": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0, "weight_decay": 0.0,
     "eval_strategy": "steps", "logging_steps": 10, "report_to": "none", "include_num_input_tokens_seen": True,
-    "save_strategy": "no", "disable_tqdm": True, "seed": 0,
+    "save_strategy": "no", "disable_tqdm": True, "seed": 0, "overwrite_output_dir": True,  # a re-run replaces its point
 }
 
 

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_length": 64, "bf16": False, "gradient_checkpointing": False, "max_steps": steps, "learning_rate": lr,
             "lr_scheduler_type": "cosine", "warmup_steps": min(10, steps), "max_grad_norm": 1.0, "logging_steps": 10,
             "eval_strategy": "steps", "eval_steps": max(1, steps // 10), "exact_match_examples": a.examples,
-            "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "seed": seed,
+            "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "seed": seed, "overwrite_output_dir": True,
             "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", "")), **OPTIMIZERS[opt][1],
             **bc.device_recipe(a.device)}
         if opt == "badm":
