@@ -179,6 +179,9 @@ def main() -> None:
     out, jobs = Path(sys.argv[1]), json.loads(sys.argv[2])
     for job in jobs:
         run_job(out, job)
+    if dist.is_initialized():  # no rank drops its communicator while another still talks to it (gloo aborts)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
