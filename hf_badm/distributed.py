@@ -103,11 +103,12 @@ class SplitOrthogonalizer:
             rank = dist.get_rank(self.group)
             mine = [i for i, owner in enumerate(owners) if owner == rank]
             done = dict(zip(mine, self.local([full[i] for i in mine], steps, dtype))) if mine else {}
-            outputs = self._exchange(full, owners, done, world)
+            outputs = self._exchange(full, owners, done, world, rank)
         return [distribute_tensor(out, x.device_mesh, x.placements, src_data_rank=None) if isinstance(x, DTensor)
                 else out for out, x in zip(outputs, inputs)]
 
-    def _exchange(self, full: list[Tensor], owners: list[int], done: dict[int, Tensor], world: int) -> list[Tensor]:
+    def _exchange(self, full: list[Tensor], owners: list[int], done: dict[int, Tensor], world: int,
+                  rank: int) -> list[Tensor]:
         """Every rank's directions to every rank: per (device, dtype), each rank packs its own into one flat
         buffer padded to the largest rank's size, and one all_gather moves them all."""
         outputs: list[Tensor | None] = [None] * len(full)
@@ -120,7 +121,6 @@ class SplitOrthogonalizer:
             width = max(sizes)
             if width == 0:
                 continue
-            rank = dist.get_rank(self.group)
             local = torch.zeros(width, device=device, dtype=dtype)
             if per_rank[rank]:
                 torch.cat([done[i].reshape(-1) for i in per_rank[rank]], out=local[:sizes[rank]])
@@ -179,18 +179,21 @@ class ZeroMatrixLayout:
         return [flat[o:o + s.numel()].view(s) for o, s in zip(self.offsets, self.shapes)]
 
     def scatter(self, matrices: list[Tensor], like: Tensor) -> Tensor:
+        """This rank's partition of ``matrices`` (only its own elements are copied; zeros in the padding)."""
+        out = torch.zeros_like(like)
         if self.stage == 3:
-            out = []
+            start = 0
             for m, piece in zip(matrices, self.pieces):
-                flat = torch.zeros(piece * self.world, dtype=like.dtype, device=like.device)
-                flat[:m.numel()] = m.reshape(-1)
-                out.append(flat[self.rank * piece:(self.rank + 1) * piece])
-            return torch.cat(out)
-        size = like.numel()
-        flat = torch.zeros(size * self.world, dtype=like.dtype, device=like.device)
+                mine = m.reshape(-1)[self.rank * piece:(self.rank + 1) * piece]
+                out[start:start + mine.numel()] = mine
+                start += piece
+            return out
+        first = self.rank * like.numel()
         for m, o in zip(matrices, self.offsets):
-            flat[o:o + m.numel()] = m.reshape(-1)
-        return flat[self.rank * size:(self.rank + 1) * size].clone()
+            lo, hi = max(o, first), min(o + m.numel(), first + like.numel())
+            if lo < hi:
+                out[lo - first:hi - first] = m.reshape(-1)[lo - o:hi - o]
+        return out
 
 
 def attach_zero_layouts(zero_optimizer: Any) -> int:

@@ -83,15 +83,24 @@ class BADMMetricsCallback(TrainerCallback):
 
     def __init__(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.optimizer = optimizer  # None: the Trainer's optimizer (the one passed through optimizers=)
-        self.latest: dict[str, float] = {}
+        self._badm: BADM | None = None
+        self._step_size: float | None = None  # group 0's lr of the step just taken
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        opt = find_badm(self.optimizer if self.optimizer is not None else optimizer)
-        if opt is not None:
-            self.latest = opt.metrics()
+        # only the step's lr here (the scheduler moves it next); the norms are computed when a log needs them
+        self._badm = find_badm(self.optimizer if self.optimizer is not None else optimizer)
+        if self._badm is not None:
+            self._step_size = self._badm.param_groups[0]["lr"]
+
+    @property
+    def latest(self) -> dict[str, float]:
+        """The metrics of the step just taken (empty before the first one)."""
+        if self._badm is None or self._step_size is None:
+            return {}
+        return {**self._badm.metrics(), "badm_step_size": self._step_size}
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if logs is None or "loss" not in logs:
+        if logs is None or "loss" not in logs or "badm_step_size" in logs:  # BADMTrainer.log added them already
             return
         missing = {k: v for k, v in self.latest.items() if k not in logs}
         logs.update(missing)
