@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, so that two test runs at once do not collide on a launcher's default."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_process_group(cmd: list[str], timeout: int, **popen_kwargs) -> tuple[int, str]:

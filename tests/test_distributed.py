@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dist_worker import fsdp2_run, run_job
-from procs import run_process_group
+from procs import free_port, run_process_group
 from hf_badm import BADM
 from hf_badm.optim.badm import reslot_state_dict
 
@@ -30,7 +30,8 @@ LAUNCH = ROOT / "recipes" / "launch"
 def launch(out: Path, jobs: list[dict], launcher: str = "torchrun", timeout: int = 420) -> None:
     """Run the jobs on 2 CPU processes; the whole process group is killed if anything goes wrong."""
     if launcher == "accelerate":
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "ddp-cpu.yaml")]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH / "ddp-cpu.yaml"),
+               "--main_process_port", str(free_port())]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
