@@ -169,15 +169,17 @@ def test_a_finished_run_is_not_replaced_unless_told(tmp_path, capsys):
 
 
 def test_save_steps_alone_saves_and_a_bare_resume_continues_from_the_latest_complete_checkpoint(tmp_path):
-    """4 steps saved every 2, then resumed to 6: the same weights as 6 steps in one go (a Llama: no dropout,
-    whose random masks the Trainer does not replay bit for bit across a resume)."""
+    """4 steps saved every 2, then resumed to 6 (replacing the finished 4-step run, so only when told): the same
+    weights as 6 steps in one go (a Llama: no dropout, whose random masks the Trainer does not replay bit for bit
+    across a resume)."""
     llama = ["--model_family", "llama"]
     assert train_here(tmp_path / "straight", "--max_steps", "6", *llama) == 0
     out = tmp_path / "resumed"
     assert train_here(out, "--max_steps", "4", "--save_steps", "2", *llama) == 0
     assert sorted(d.name for d in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     (out / "checkpoint-5").mkdir()  # a half-written checkpoint (no trainer_state.json) must be passed over
-    assert train_here(out, "--max_steps", "6", "--resume_from_checkpoint", *llama) == 0
+    assert train_here(out, "--max_steps", "6", "--resume_from_checkpoint", *llama) == 2  # would replace the model
+    assert train_here(out, "--max_steps", "6", "--resume_from_checkpoint", "--overwrite_output_dir", "true", *llama) == 0
     assert (out / "model.safetensors").read_bytes() == (tmp_path / "straight" / "model.safetensors").read_bytes()
 
 

@@ -58,6 +58,13 @@ class TaskArguments:
         "help": "optimizer muon: learning rate of AdamW on the tensors Muon does not orthogonalise (embeddings, LM "
                 "head, norms, biases). Default: hf_badm.peers.MUON_ADAMW_LR (0.1)."})
     exact_match_examples: int = field(default=64, metadata={"help": "Held-out prompts scored by exact match (sft tasks)."})
+    allow_partial_resume: bool = field(default=False, metadata={
+        "help": "Resume from a checkpoint that lacks some files (scheduler.pt, rng_state*.pth, optimizer or slot "
+                "files), saying which: the run then differs from the one it continues. Without it such a resume is "
+                "refused."})
+    max_skipped_steps: int = field(default=10, metadata={
+        "help": "Stop the run (exit 1, no model written) after this many consecutive optimizer steps skipped for "
+                "non-finite gradients (BADM's nonfinite: skip)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Replace a finished run in output_dir (its model, metrics and checkpoints). Without it, a run into an "
                 "output_dir that holds a model or metrics.json is refused, and one that holds only checkpoints must "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import math
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,14 +26,17 @@ if TYPE_CHECKING:
 # BADM's penalties outside this range overflow or stall in float32 (sigma 1e-300 overflows at step 1;
 # rho 1e308 never moves the weights); the tuned values lie between 1e-2 and 1e4.
 PENALTY_RANGE = (1e-12, 1e12)
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",
-               "metrics.json")
+COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+          "eval_accumulation_steps", "save_total_limit")
+INTERVALS = ("logging_steps", "save_steps", "eval_steps")
 _TRUE = ("1", "true", "yes", "on")
 
 
 def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig,
                  args: TrainingArguments) -> None:
     """Numbers and combinations that would fail mid-run or train silently wrong."""
+    _check_finite(model_args, task_args, badm, args)
+    _check_counts(model_args, task_args, args)
     lr, wd, clip = args.learning_rate, args.weight_decay, args.max_grad_norm
     if not (math.isfinite(lr) and lr > 0):
         raise RecipeError(f"learning_rate must be a finite number > 0, got {lr}")
@@ -49,6 +53,68 @@ def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: BAD
     _check_optimizer(task_args.optimizer)
     if task_args.optimizer == "badm":
         _check_badm(badm, args)
+    _check_decay(task_args, badm, args)
+
+
+def _check_finite(*settings: object) -> None:
+    """No NaN or infinity in any numeric field: a step count, interval or seed of inf/nan means nothing."""
+    for obj in settings:
+        for f in fields(obj):  # type: ignore[arg-type]
+            value = getattr(obj, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise RecipeError(f"{f.name} must be a finite number, got {value}")
+
+
+def _check_counts(model_args: ModelArguments, task_args: TaskArguments, args: TrainingArguments) -> None:
+    """Counts, intervals and seeds within the ranges that mean something."""
+    at_least_one = [(name, getattr(args, name)) for name in COUNTS if getattr(args, name, None) is not None]
+    at_least_one += [("lora_r", model_args.lora_r), ("max_skipped_steps", task_args.max_skipped_steps)]
+    if (max_length := getattr(args, "max_length", None)) is not None:  # TRL's SFTConfig
+        at_least_one.append(("max_length", max_length))
+    for name, value in at_least_one:
+        if value < 1:
+            raise RecipeError(f"{name} must be at least 1, got {value}")
+    if args.max_steps < 1 and args.max_steps != -1:
+        raise RecipeError(f"max_steps must be at least 1 (or -1: train num_train_epochs), got {args.max_steps}")
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        raise RecipeError(f"num_train_epochs must be > 0 when max_steps is -1, got {args.num_train_epochs}")
+    for name in INTERVALS:
+        if (value := getattr(args, name)) is not None and not value > 0:
+            raise RecipeError(f"{name} must be > 0 (a number of steps, or a fraction of the run below 1), got {value}")
+    for name, value in (("warmup_steps", args.warmup_steps), ("dataloader_num_workers", args.dataloader_num_workers),
+                        ("exact_match_examples", task_args.exact_match_examples)):
+        if value < 0:
+            raise RecipeError(f"{name} must be >= 0, got {value}")
+    for name in ("seed", "data_seed"):
+        if (value := getattr(args, name)) is not None and not 0 <= value < 2**32:
+            raise RecipeError(f"{name} must be in 0..2**32-1 (numpy's seed range), got {value}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            raise RecipeError(f"{name} must be in [0, 1), got {getattr(args, name)}")
+    if model_args.vocab_size < 260:
+        raise RecipeError(f"vocab_size must be at least 260 (256 bytes and 4 special tokens), got {model_args.vocab_size}")
+    if not model_args.lora_alpha > 0:
+        raise RecipeError(f"lora_alpha must be > 0, got {model_args.lora_alpha}")
+
+
+def _check_decay(task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> None:
+    """Decoupled weight decay multiplies the weights by 1 - weight_decay * step size: at 1 or more it zeroes or
+    flips them every step (1e308 drives them to infinity)."""
+    wd = args.weight_decay
+    if wd == 0:
+        return
+    steps = {"learning_rate": args.learning_rate}
+    if task_args.optimizer == "badm":
+        steps = {"1/sigma": 1 / badm.sigma} if badm.sigma is not None else steps
+        if badm.preconditioner == "newton_schulz":
+            steps["1/elementwise_sigma"] = 1 / badm.group_overrides()["sigma"]
+    if task_args.optimizer == "muon" and task_args.muon_adamw_lr is not None:
+        steps["muon_adamw_lr"] = task_args.muon_adamw_lr
+    for name, step in steps.items():
+        if wd * step >= 1:
+            raise RecipeError(f"weight_decay={wd:g} times {name}={step:g} is {wd * step:g}: decoupled decay scales the "
+                              "weights by 1 - weight_decay * step size, which must stay above 0; use a smaller "
+                              "weight_decay")
 
 
 def _check_optimizer(name: str) -> None:
@@ -110,15 +176,34 @@ def _check_dataset(spec: str) -> None:
     if path.is_file():
         check_data_file(path)
     elif path.is_dir():
-        return
+        check_data_dir(path)
     elif _looks_local(spec) or path.suffix.lower() in FILE_BUILDERS:
         raise RecipeError(f"dataset: file or directory not found: {spec}")
     else:
         _check_hub("dataset", spec, "dataset")
 
 
-def check_data_file(path: Path) -> None:
-    """A data file of a known type with at least two rows (a train and a held-out one), not binary or blank."""
+def check_data_dir(path: Path) -> None:
+    """A directory of data files: each one text with a row, all of one type (datasets would load only the files
+    of its most common type, silently dropping the others). A directory saved by datasets is left to it."""
+    if any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+        return
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in FILE_BUILDERS
+                   and not any(part.startswith((".", "_")) for part in f.relative_to(path).parts))
+    if not files:
+        raise RecipeError(f"dataset: {path} holds no data file ({', '.join(FILE_BUILDERS)})")
+    kinds = {FILE_BUILDERS[f.suffix.lower()]: f for f in files}
+    if len(kinds) > 1:
+        named = ", ".join(f"{f.name} ({kind})" for kind, f in kinds.items())
+        raise RecipeError(f"dataset: {path} mixes data file types ({named}): datasets would load one type and drop "
+                          "the others; use one type")
+    for f in files:
+        check_data_file(f, least_rows=1)
+
+
+def check_data_file(path: Path, least_rows: int = 2) -> None:
+    """A data file of a known type with ``least_rows`` rows (a train and a held-out one when it is all the data),
+    not binary or blank."""
     suffix = path.suffix.lower()
     if suffix not in FILE_BUILDERS:
         raise RecipeError(f"dataset: {path} has unsupported type {suffix or '(none)'!r}; use one of "
@@ -137,11 +222,11 @@ def check_data_file(path: Path) -> None:
             if "\0" in text:
                 raise RecipeError(f"dataset: {path} is not text (it holds NUL bytes)")
             rows += bool(text.strip())
-            if rows > 2:  # enough for a train and a test row, even under a csv header
+            if rows > least_rows:  # enough rows, even under a csv header
                 return
     if rows == 0:
         raise RecipeError(f"dataset: {path} has only blank lines")
-    if suffix in (".txt", ".text", ".jsonl", ".csv"):
+    if least_rows > 1 and suffix in (".txt", ".text", ".jsonl", ".csv"):
         raise RecipeError(f"dataset: {path} has {rows} line(s): too few to hold out an evaluation split")
 
 
@@ -196,36 +281,3 @@ def _producing_recipe(path: str) -> str | None:
             if out and Path(out).expanduser().resolve() == target:
                 return str(recipe)
     return None
-
-
-def check_output_dir(args: TrainingArguments, task_args: TaskArguments) -> str | None:
-    """Refuse to replace a finished run; returns the checkpoint to resume from (latest complete one for `true`)."""
-    out, resume = Path(args.output_dir), args.resume_from_checkpoint
-    if resume is not None and str(resume).lower() in _TRUE + ("latest",):
-        found = latest_checkpoint(out)
-        if found is None:
-            raise RecipeError(f"resume_from_checkpoint: no complete checkpoint in {out} (a checkpoint-N folder with "
-                              "trainer_state.json)")
-        return found
-    if resume is not None and str(resume).lower() in ("false", "no", "none", ""):
-        resume = None
-    if resume is not None:
-        if not (Path(resume) / "trainer_state.json").is_file():
-            raise RecipeError(f"resume_from_checkpoint: {resume} is not a complete checkpoint (no trainer_state.json)")
-        return str(resume)
-    if task_args.overwrite_output_dir or not out.is_dir():
-        return None
-    if finished := [f for f in MODEL_FILES if (out / f).exists()]:
-        raise RecipeError(f"output_dir {out} holds a finished run ({finished[0]}): choose another output_dir, or "
-                          "--overwrite_output_dir true to replace it")
-    if any(out.glob("checkpoint-*")):
-        raise RecipeError(f"output_dir {out} holds checkpoints of an unfinished run: --resume_from_checkpoint to "
-                          "continue it, or --overwrite_output_dir true to start over")
-    return None
-
-
-def latest_checkpoint(out: Path) -> str | None:
-    """The highest ``checkpoint-N`` whose trainer_state.json (the Trainer writes it last) exists."""
-    complete = [d for d in out.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()
-                and (d / "trainer_state.json").is_file()]
-    return str(max(complete, key=lambda d: int(d.name.split("-")[-1]))) if complete else None

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from hf_badm.app import RecipeError
+from hf_badm.app import RecipeError, RunEnded
 from hf_badm.app.recipe import parse, read_recipe, recipe_parser
 from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
 from hf_badm.optim.defaults import DEMO_LEARNING_RATES as DEMO_DEFAULTS
@@ -59,6 +59,9 @@ DEMO_RECIPE: dict[str, Any] = {
 
 def train(argv: list[str]) -> dict[str, Any] | None:
     """One recipe in this process (each rank of a distributed launch runs this)."""
+    from hf_badm.app.launch import quiet_environment
+
+    quiet_environment()  # before DeepSpeed loads (the Trainer imports it)
     from hf_badm.app.run import run
 
     if not argv or {"-h", "--help"} & set(argv):
@@ -108,7 +111,8 @@ def _learning_rates(spec: str) -> dict[str, float]:
 def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, Any] | None = None) -> str:
     """Each optimizer trains in its own process (clean peak-memory numbers) from the same initial weights
     (the recipe's seed), then one table and plot. Every run is checked before the first one starts."""
-    from hf_badm.app.checks import check_output_dir, check_sources
+    from hf_badm.app.checks import check_sources
+    from hf_badm.app.output import check_output_dir
     from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
 
     parser = _compare_parser(prog)
@@ -127,8 +131,8 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
     plan: dict[str, dict[str, Any]] = {}
     for optimizer in optimizers:
         run_recipe = {**recipe, "optimizer": optimizer, "output_dir": str(out / optimizer)}
-        if optimizer.startswith("badm-"):  # preconditioned BADM
-            run_recipe.update(optimizer="badm", preconditioner=optimizer.removeprefix("badm-"))
+        if optimizer == "badm" or optimizer.startswith("badm-"):  # the paper's BADM unless a preconditioner is named
+            run_recipe.update(optimizer="badm", preconditioner=optimizer.removeprefix("badm").removeprefix("-") or "none")
         lr = lrs.get(optimizer, DEFAULT_LEARNING_RATES.get(optimizer))
         if lr is not None:
             run_recipe["learning_rate"] = lr
@@ -202,4 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"hf-badm: error: {err}", file=sys.stderr)
         return 2
+    except RunEnded as err:
+        print(f"hf-badm: {'' if err.code == 0 else 'error: '}{err}", file=sys.stderr)
+        return err.code
     return 0

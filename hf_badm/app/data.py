@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from collections import namedtuple
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from contextlib import contextmanager
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -422,7 +423,8 @@ def tokenize_for_causal_lm(dataset: Dataset | DatasetDict, tokenizer: PreTrained
 
     Rows are full blocks: ``input_ids``, ``attention_mask`` of ones and ``labels`` = ``input_ids``
     (the model shifts them), ready for ``default_data_collator``. Each map batch of 1000 texts drops
-    its final partial block.
+    its final partial block. A long text is tokenized piece by piece (cut at whitespace), so memory stays
+    bounded by the piece, not the text: a 20 MB single-line file takes well under 1 GB (docs/data.md).
     """
     if isinstance(dataset, DatasetDict):
         return DatasetDict({k: tokenize_for_causal_lm(v, tokenizer, block_size, text_column)
@@ -433,12 +435,55 @@ def tokenize_for_causal_lm(dataset: Dataset | DatasetDict, tokenizer: PreTrained
         raise ValueError(f"dataset lacks column {text_column!r}; it has {dataset.column_names}")
 
     def group(batch: dict[str, list]) -> dict[str, list]:
-        texts = [t for t in batch[text_column] if t and t.strip()]
-        ids = list(chain.from_iterable(x + [tokenizer.eos_token_id] for x in tokenizer(texts)["input_ids"]))
+        ids = list(chain.from_iterable(_token_ids(t, tokenizer) + [tokenizer.eos_token_id]
+                                       for t in batch[text_column] if t and t.strip()))
         blocks = [ids[i:i + block_size] for i in range(0, len(ids) - block_size + 1, block_size)]
         return {"input_ids": blocks, "attention_mask": [[1] * block_size] * len(blocks), "labels": blocks}
 
-    out = dataset.map(group, batched=True, batch_size=1000, remove_columns=dataset.column_names)
+    with _progress_bars(len(dataset) >= LARGE_DATASET_ROWS):
+        out = dataset.map(group, batched=True, batch_size=1000, remove_columns=dataset.column_names)
     if len(out) == 0:
         raise ValueError(f"no full block of {block_size} tokens could be made; use more text or a smaller block_size")
     return out
+
+
+LARGE_DATASET_ROWS = 100_000  # below this a map takes seconds: no progress bar
+TOKENIZE_PIECE_CHARS = 1 << 16
+
+
+def _token_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The text's token ids (special tokens as the tokenizer adds them to one text), tokenized in pieces of about
+    ``TOKENIZE_PIECE_CHARS`` cut before a whitespace, so a huge single-line file never holds all its encodings
+    (offsets, masks) at once. Only the first piece takes the special tokens."""
+    if len(text) <= TOKENIZE_PIECE_CHARS:
+        return tokenizer(text)["input_ids"]
+    ids: list[int] = []
+    for start, end in _pieces(text, TOKENIZE_PIECE_CHARS):
+        ids += tokenizer(text[start:end], add_special_tokens=start == 0)["input_ids"]
+    return ids
+
+
+def _pieces(text: str, size: int) -> Iterable[tuple[int, int]]:
+    """(start, end) spans of about ``size`` characters; each cut sits before a whitespace character (where the
+    pre-tokenizer splits anyway), or at ``size`` when the text has none there."""
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            cut = max(text.rfind(c, start + 1, end) for c in " \n\t")
+            end = cut if cut > start else end
+        yield start, end
+        start = end
+
+
+@contextmanager
+def _progress_bars(show: bool):
+    """datasets' progress bars only where a map takes long enough to watch."""
+    hide = not show and not datasets.are_progress_bars_disabled()
+    if hide:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            datasets.enable_progress_bars()

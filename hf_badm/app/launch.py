@@ -1,12 +1,18 @@
 """Run-time notes about how a run was launched: a multi-process launch that trains alone, and DeepSpeed's
-first build of its CPU communication extension (minutes, otherwise silent)."""
+first build of its CPU communication extension (minutes, otherwise silent); and the notices of the libraries
+that a user of the command line cannot act on, silenced."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 _TRUE = ("1", "true", "yes", "on")
 
@@ -59,3 +65,32 @@ def announce_deepspeed_build() -> None:
     if os.environ.get("RANK", "0") == "0" and (name := unbuilt_deepspeed_op()):
         print(f"hf-badm: DeepSpeed builds its {name} extension on its first run on this machine (a few minutes, "
               "once; later runs reuse it)", file=sys.stderr, flush=True)
+
+
+class _Unactionable(logging.Filter):
+    """transformers' "`loss_type=None` was set in the config but it is unrecognized" on every GPT-2 run: the
+    default it falls back to is the right loss, and the config is the model's, not the user's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "loss_type=None" not in record.getMessage()
+
+
+def quiet_environment() -> None:
+    """On a machine without an accelerator, name the CPU for DeepSpeed (before it loads), so it does not announce
+    on every run that it guessed it."""
+    if "DS_ACCELERATOR" not in os.environ and not _has_accelerator():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def quiet_run(args: TrainingArguments) -> None:
+    """No pin_memory warning where there is no accelerator to pin for; no loss_type notice."""
+    if args.dataloader_pin_memory and not _has_accelerator():
+        args.dataloader_pin_memory = False
+    logging.getLogger("transformers.modeling_utils").addFilter(_Unactionable())
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()

@@ -6,25 +6,30 @@ and every field can be overridden on the command line; ``hf_badm.app.recipe`` do
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import pickle
 import resource
 import shutil
-import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Trainer,
-                          TrainerCallback, TrainingArguments, default_data_collator)
+                          TrainingArguments, default_data_collator)
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from hf_badm.app import RecipeError, data
+from hf_badm.app import RecipeError, RunEnded, data
 from hf_badm.app.arguments import SFT_TASKS, SIZES, ModelArguments, TaskArguments
-from hf_badm.app.checks import check_output_dir, check_sources, check_values
-from hf_badm.app.launch import announce_deepspeed_build, warn_single_process
+from hf_badm.app.callbacks import Clock, StopOnSignal, StopWhenStuck
+from hf_badm.app.checkpoint import verify_checkpoint
+from hf_badm.app.checks import check_sources, check_values
+from hf_badm.app.launch import announce_deepspeed_build, quiet_run, warn_single_process
+from hf_badm.app.output import OutputDirLock, check_output_dir, latest_checkpoint
 from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
 from hf_badm.config import BADMConfig
 from hf_badm.trainer import BADMTrainer, BADMTrainerMixin
@@ -70,17 +75,6 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) 
     return AutoModelForCausalLM.from_config(config)
 
 
-class _Clock(TrainerCallback):
-    """Wall-clock seconds since training began, stamped on every log entry (for loss-vs-time plots)."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and state.log_history:
-            state.log_history[-1]["wall_time"] = time.perf_counter() - self.start
-
-
 def _trainer_class(task: str, optimizer: str) -> type[Trainer]:
     if task in SFT_TASKS:
         from trl import SFTTrainer
@@ -93,7 +87,8 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     """Train one recipe; write ``metrics.json``, ``loss.png`` and the model into ``args.output_dir``.
 
     Everything that can be checked is checked before the first write: values, sources, the output_dir,
-    the data itself (loaded and tokenized in memory) and the Trainer's own start-up checks."""
+    the checkpoint to resume from, the data itself (loaded and tokenized in memory) and the Trainer's own
+    start-up checks. The first write takes the output_dir's lock (rank 0)."""
     resume = _start(model_args, task_args, badm, args)
     model, tokenizer, trained_here, ds, kwargs = _model_and_data(model_args, task_args, args)
     fingerprint = weights_fingerprint(model)
@@ -103,21 +98,48 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
         from hf_badm.peers import create_muon_optimizer
 
         kwargs["optimizers"] = _start_up(create_muon_optimizer, model, args, adamw_lr=task_args.muon_adamw_lr)
-    trainer = _start_up(_trainer_class(task_args.task, task_args.optimizer), model=model, args=args,
-                        train_dataset=ds["train"], eval_dataset=ds["test"], processing_class=tokenizer,
-                        callbacks=[_Clock()], **kwargs)
     out = Path(args.output_dir)
-    if task_args.overwrite_output_dir and trainer.is_world_process_zero():
-        for stale in out.glob("checkpoint-*"):  # the replaced run's: a later resume must not continue it
-            shutil.rmtree(stale)
-    if trained_here and trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out / "tokenizer"))
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics: dict[str, Any] = {"optimizer": task_args.optimizer, "task": task_args.task,
-                               "train_loss": result.training_loss, **final_evaluation(trainer),
-                               "init_fingerprint": fingerprint}
+    lock = OutputDirLock(out) if args.process_index == 0 else nullcontext()
+    stop, stuck = StopOnSignal(), StopWhenStuck(task_args.max_skipped_steps)
+    with lock, stop:
+        if args.process_index == 0:
+            resume = check_output_dir(args, task_args)  # again under the lock: another run may have finished here
+        trainer = _start_up(_trainer_class(task_args.task, task_args.optimizer), model=model, args=args,
+                            train_dataset=ds["train"], eval_dataset=ds["test"], processing_class=tokenizer,
+                            callbacks=[Clock(), stop, stuck], **kwargs)
+        if resume is not None:
+            refuse_unfit_checkpoint(trainer, resume)
+        elif task_args.overwrite_output_dir and trainer.is_world_process_zero():
+            for stale in out.glob("checkpoint-*"):  # the replaced run's: a later resume must not continue it
+                shutil.rmtree(stale)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        result = _train(trainer, resume)
+        if ended := stuck.ended() or stop.ended(str(out), trainer.state.global_step):
+            raise ended
+        metrics = _metrics(trainer, result, model_args, task_args, badm, args, ds, tokenizer)
+        metrics["init_fingerprint"] = fingerprint
+        _save(lambda: trainer.save_model(str(out)), out)  # on every rank: under ZeRO-3 it gathers the weights
+        if trainer.is_world_process_zero():
+            if trained_here:
+                _save(lambda: tokenizer.save_pretrained(str(out / "tokenizer")), out)
+            _save(lambda: (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str)), out)
+            if plot_runs({metrics["optimizer"]: metrics}, out / "loss.png") is None:
+                print(PLOT_SKIPPED)
+    return metrics
+
+
+def run_label(task_args: TaskArguments, badm: BADMConfig) -> str:
+    """What ran, as `hf-badm compare` names it: badm (the paper's), badm-<preconditioner>, or the optimizer."""
+    if task_args.optimizer == "badm" and badm.preconditioner != "none":
+        return f"badm-{badm.preconditioner}"
+    return task_args.optimizer
+
+
+def _metrics(trainer: Trainer, result: Any, model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig,
+             args: TrainingArguments, ds: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"optimizer": run_label(task_args, badm), "task": task_args.task,
+                               "train_loss": result.training_loss, **final_evaluation(trainer)}
     metrics["train_runtime"] = result.metrics["train_runtime"]
     tokens = trainer.state.num_input_tokens_seen
     metrics["tokens_per_second"] = tokens / result.metrics["train_runtime"] if tokens else None
@@ -129,20 +151,64 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     metrics["log_history"] = trainer.state.log_history
     metrics["recipe"] = {"model": asdict(model_args), "task": asdict(task_args), "badm": asdict(badm),
                          "learning_rate": args.learning_rate, "max_steps": args.max_steps}
-    trainer.save_model(str(out))  # on every rank: under ZeRO-3 it gathers the partitioned weights
-    if trainer.is_world_process_zero():
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        if plot_runs({task_args.optimizer: metrics}, out / "loss.png") is None:
-            print(PLOT_SKIPPED)
     return metrics
+
+
+def _train(trainer: Trainer, resume: str | None) -> Any:
+    """``trainer.train``, with a full disk while saving a checkpoint said in one line."""
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except (OSError, RuntimeError) as err:
+        raise _disk_full(err, Path(trainer.args.output_dir)) or err
+
+
+def _save(write: Callable[[], Any], out: Path) -> None:
+    try:
+        write()
+    except (OSError, RuntimeError) as err:
+        raise _disk_full(err, out) or err
+
+
+def _disk_full(err: BaseException, out: Path) -> RunEnded | None:
+    """One line for a write that failed on a full disk (torch's zip writer says only "unexpected pos"), naming
+    the file being written (the newest one under ``out``); None for any other error."""
+    text = str(err)
+    if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not any(
+            m in text for m in ("No space left", "unexpected pos", "PytorchStreamWriter failed")):
+        return None
+    files = [p for p in out.rglob("*") if p.is_file()] if out.is_dir() else []
+    newest = max(files, key=lambda p: p.stat().st_mtime, default=out)
+    found = latest_checkpoint(out) if out.is_dir() else None
+    return RunEnded(f"no space left on device while writing {newest}; free some space, then continue with "
+                    f"--resume_from_checkpoint ({f'last complete checkpoint: {found}' if found else 'no complete checkpoint yet'})", 1)
+
+
+def refuse_unfit_checkpoint(trainer: Trainer, checkpoint: str) -> None:
+    """A checkpoint from another model size, preconditioner or mode fails inside the Trainer's loaders with a
+    clear reason under a long traceback: keep the reason, as the run's one-line refusal (nothing is written
+    before the loads)."""
+    for name in ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state"):
+        load = getattr(trainer, name, None)
+        if load is None:
+            continue
+
+        def guarded(*a: Any, _load: Callable[..., Any] = load, **k: Any) -> Any:
+            try:
+                return _load(*a, **k)
+            except (ValueError, RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
+                raise RecipeError(f"resume_from_checkpoint: {checkpoint} does not fit this run: {_reason(err)}") from None
+
+        setattr(trainer, name, guarded)
 
 
 def _start(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> str | None:
     """The checks that need no data, then the process group (with its launch notes); returns the checkpoint to
     resume from."""
     check_values(model_args, task_args, badm, args)
-    check_sources(model_args, task_args)
     resume = check_output_dir(args, task_args)
+    check_sources(model_args, task_args)
+    if resume is not None:
+        verify_checkpoint(resume, args, task_args.allow_partial_resume)
     if args.deepspeed:
         announce_deepspeed_build()  # before the process group: DeepSpeed builds its extension there
     _ = args.device  # set up the process group before the model: ZeRO-3 builds it partitioned (zero.Init)
@@ -153,6 +219,7 @@ def _start(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfi
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     if task_args.optimizer not in ("badm", "muon"):
         args.optim = task_args.optimizer
+    quiet_run(args)
     return resume
 
 
@@ -234,6 +301,14 @@ def weights_fingerprint(model: torch.nn.Module) -> str | None:
 
 def _first_line(err: BaseException) -> str:
     return next((line for line in str(err).splitlines() if line.strip()), "")
+
+
+def _reason(err: BaseException) -> str:
+    """The first line, with the next one when the first only introduces it ("Error(s) in loading state_dict:")."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else type(err).__name__
 
 
 def _lora_targets(spec: str) -> str | list[str]:
