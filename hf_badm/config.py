@@ -10,6 +10,7 @@ from typing import Any, Optional
 from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS
 from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.optim.preconditioned import NS_DTYPES
+from hf_badm.parallel.orthogonalize import COMM_DTYPES, DEFAULT_BUCKET_NUMEL
 from hf_badm.optim.defaults import ADAM_SCALE_MAX_LR, ELEMENTWISE_SIGMA, SGD_SCALE_MIN_LR, default_rho
 
 WEIGHTINGS = ("items", "uniform")
@@ -89,6 +90,16 @@ class BADMConfig:
         metadata={"help": "newton_schulz: the dtype of the Newton-Schulz iterations. 'auto': bfloat16 on CUDA (as "
                           "torch.optim.Muon), float32 elsewhere.", "choices": list(NS_DTYPES)},
     )
+    ns_bucket_numel: int = field(
+        default=DEFAULT_BUCKET_NUMEL,
+        metadata={"help": "newton_schulz on sharded engines (ZeRO, FSDP2): the most matrix elements one exchange of "
+                          "matrix pieces holds at once (default as DeepSpeed's reduce bucket, 5e8)."},
+    )
+    ns_comm_dtype: str = field(
+        default="float32",
+        metadata={"help": "newton_schulz on several ranks: the dtype matrix pieces travel in on sharded engines. "
+                          "'float32' is exact; 'bfloat16' halves the bytes.", "choices": list(COMM_DTYPES)},
+    )
 
     def __post_init__(self) -> None:
         for name in ("sigma", "rho", "elementwise_sigma", "elementwise_rho"):
@@ -101,6 +112,10 @@ class BADMConfig:
                               ("ns_dtype", tuple(NS_DTYPES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"BADMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.ns_comm_dtype not in COMM_DTYPES:
+            raise ValueError(f"BADMConfig.ns_comm_dtype must be one of {tuple(COMM_DTYPES)}, got {self.ns_comm_dtype!r}")
+        if isinstance(self.ns_bucket_numel, bool) or not isinstance(self.ns_bucket_numel, int) or self.ns_bucket_numel < 1:
+            raise ValueError(f"BADMConfig.ns_bucket_numel must be an integer >= 1, got {self.ns_bucket_numel!r}")
         k = self.sub_batches_per_micro_batch
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"BADMConfig.sub_batches_per_micro_batch must be an integer >= 1, got {k!r}")
@@ -129,6 +144,10 @@ class BADMConfig:
         rho = self.rho if self.rho is not None else default_rho(self.preconditioner, sigma)
         return {"sigma": float(sigma), "rho": float(rho), "mode": self.mode, "nonfinite": self.nonfinite,
                 "preconditioner": self.preconditioner, "ns_dtype": self.ns_dtype}
+
+    def parallel_kwargs(self) -> dict[str, Any]:
+        """Settings of the Newton-Schulz orthogonaliser on several ranks (``hf_badm.parallel.prepare_for_ranks``)."""
+        return {"bucket_numel": self.ns_bucket_numel, "comm_dtype": self.ns_comm_dtype}
 
     def group_overrides(self) -> dict[str, Any]:
         """Param-group settings of the tensors Newton-Schulz does not orthogonalise."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,10 +12,11 @@ from transformers import TrainingArguments, get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
 
 from hf_badm.config import BADMConfig
-from hf_badm.distributed import prepare_for_ranks
-from hf_badm.optim import BADM, ns_applies
+from hf_badm.optim import BADM, LOCAL_SOLVES
+from hf_badm.parallel import full_shape, prepare_for_ranks
 
-__all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups", "decay_parameter_names"]
+__all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups", "decay_parameter_names",
+           "split_by_solve", "ModelGroupedBADM", "SolveReport", "solve_report"]
 
 # The Trainer's no-decay rule (``Trainer.get_decay_parameter_names``): biases and norm weights. Kept equal to it by
 # tests/test_trainer.py, so that a plain Trainer, BADMTrainer and create_badm_optimizer decay the same tensors.
@@ -28,25 +31,94 @@ def decay_parameter_names(model: nn.Module) -> list[str]:
 def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[str] | None = None,
                       config: BADMConfig | None = None) -> list[dict]:
     """Trainable parameters only, split into decay / no-decay groups by the Trainer's own rule
-    (``Trainer.get_decay_parameter_names``: biases and norm weights get no decay). With the
-    newton_schulz preconditioner, tensors other than hidden weight matrices (embeddings, the LM head,
-    1-D tensors) go to groups of their own with second_moment and ``config.group_overrides()``."""
+    (``Trainer.get_decay_parameter_names``: biases and norm weights get no decay). With an orthogonalising
+    preconditioner (newton_schulz), the hidden weight matrices and stacks of expert matrices, judged by their whole
+    shape (:func:`hf_badm.parallel.full_shape`, so a ZeRO-3 partition made by ``zero.Init`` counts as the matrix it
+    is), go to ``strict`` groups (a tensor there that cannot be orthogonalised is an error at the first step, never a
+    silent other solve); embeddings, the LM head and 1-D tensors go to groups of their own with
+    ``config.group_overrides()``. Asking to orthogonalise a model with no such matrix is an error."""
     decay = set(decay_parameter_names(model) if decay_names is None else decay_names)
+    solves = _assign_solves(model, config)
+    named = [(n, p) for n, (p, _) in solves.items()]
+    groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+              {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+    return split_by_solve(groups, {id(p): solve for p, solve in solves.values()}, config)
+
+
+def split_by_solve(groups: list[dict], solve_of: dict[int, str], config: BADMConfig | None) -> list[dict]:
+    """Each group split by its tensors' local solves (``solve_of``: by ``id`` of the tensor), each part with its
+    solve's group settings (:func:`_solve_settings`); empty parts dropped."""
+    out = [{**g, **settings, "params": [p for p in g["params"] if solve_of[id(p)] == name]}
+           for name, settings in _solve_settings(config).items() for g in groups]
+    return [g for g in out if g["params"]]
+
+
+@dataclass(frozen=True)
+class SolveReport:
+    """What went where: per local solve the count of tensors and of parameters, and the names of the 2-D/3-D
+    weights that took an elementwise solve although a matrix solve was asked for (embeddings, the LM head, or
+    anything a user expected orthogonalised). ``str()`` is the one line the CLI prints and BADMTrainer logs."""
+
+    tensors: dict[str, int]
+    parameters: dict[str, int]
+    elementwise_matrices: tuple[str, ...]
+
+    def __str__(self) -> str:
+        solves = ", ".join(f"{name} {self.tensors[name]} tensors ({self.parameters[name]:,} parameters)"
+                           for name in self.tensors)
+        line = f"hf_badm: local solves: {solves}"
+        if self.elementwise_matrices:
+            line += f"; matrices left elementwise: {', '.join(self.elementwise_matrices)}"
+        return line
+
+
+def solve_report(model: nn.Module, config: BADMConfig | None = None) -> SolveReport:
+    """The :class:`SolveReport` of the groups ``badm_param_groups(model, ..., config=config)`` makes."""
+    tensors: dict[str, int] = {}
+    parameters: dict[str, int] = {}
+    left = []
+    asked = LOCAL_SOLVES[(config or BADMConfig()).preconditioner]
+    for name, (p, solve) in _assign_solves(model, config).items():
+        tensors[solve] = tensors.get(solve, 0) + 1
+        parameters[solve] = parameters.get(solve, 0) + math.prod(full_shape(p))
+        if asked.orthogonalises and solve != asked.name and len(full_shape(p)) > 1:
+            left.append(name)
+    return SolveReport(tensors, parameters, tuple(left))
+
+
+def _solve_settings(config: BADMConfig | None) -> dict[str, dict[str, Any]]:
+    """The group settings of each local solve a model's tensors can take under ``config``."""
+    if config is None or not LOCAL_SOLVES[config.preconditioner].orthogonalises:
+        return {(config or BADMConfig()).preconditioner: {}}
+    overrides = config.group_overrides()
+    return {config.preconditioner: {"strict": True}, overrides["preconditioner"]: overrides}
+
+
+def _assign_solves(model: nn.Module, config: BADMConfig | None) -> dict[str, tuple[nn.Parameter, str]]:
+    """Each trainable parameter's local solve, by the solve's rule on its whole shape (embeddings excluded)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere): "
                          "unfreeze some, or add PEFT adapters, before creating the optimizer")
-    groups = [
-        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-    ]
-    if config is not None and config.preconditioner == "newton_schulz":
-        embeddings = _embedding_ids(model)
-        hidden = [{**g, "params": [p for p in g["params"] if ns_applies(p) and id(p) not in embeddings]} for g in groups]
-        rest = [{**g, **config.group_overrides(),
-                 "params": [p for p in g["params"] if not ns_applies(p) or id(p) in embeddings]} for g in groups]
-        groups = hidden + rest
-    return [g for g in groups if g["params"]]
+    first, *rest = _solve_settings(config)
+    if not rest:
+        return {n: (p, first) for n, p in named}
+    _refuse_expert_parallel(model)
+    solve, embeddings = LOCAL_SOLVES[first], _embedding_ids(model)
+    out = {n: (p, first if solve.takes_shape(full_shape(p)) and id(p) not in embeddings else rest[0]) for n, p in named}
+    if all(s != first for _, s in out.values()):
+        raise ValueError(f"preconditioner={first!r} found no hidden weight matrix to act on among the trainable "
+                         f"parameters (all are embeddings, heads or 1-D): choose an elementwise preconditioner")
+    return out
+
+
+def _refuse_expert_parallel(model: nn.Module) -> None:
+    """Experts sharded across ranks (expert parallelism) hold only some experts' slices per rank: orthogonalising
+    them as whole stacks would be wrong, and hf_badm does not gather them."""
+    for name, module in model.named_modules():
+        if getattr(module, "_is_expert_parallel", False):
+            raise ValueError(f"{name} is expert-parallel (experts sharded across ranks): hf_badm's Newton-Schulz needs "
+                             "whole expert stacks; run without expert parallelism or with an elementwise preconditioner")
 
 
 def _embedding_ids(model: nn.Module) -> set[int]:
@@ -74,16 +146,34 @@ def _split_config(badm_kwargs: dict[str, Any]) -> tuple[BADMConfig, dict[str, An
     return config, badm_kwargs
 
 
-def badm_optimizer_cls_and_kwargs(args: TrainingArguments, **badm_kwargs: Any) -> tuple[type[BADM], dict[str, Any]]:
+class ModelGroupedBADM(BADM):
+    """BADM that sorts the Trainer's decay groups by local solve, for ``optimizer_cls_and_kwargs=`` with an
+    orthogonalising preconditioner: the Trainer builds the groups, but only the model tells embeddings and heads
+    apart from hidden matrices (``solve_of``, made by :func:`badm_optimizer_cls_and_kwargs` from the model)."""
+
+    def __init__(self, params: Any, *, solve_of: dict[int, str], config: BADMConfig, world_size: int,
+                 **kwargs: Any) -> None:
+        super().__init__(split_by_solve(list(params), solve_of, config), **kwargs)
+        prepare_for_ranks(self, world_size, **config.parallel_kwargs())
+
+
+def badm_optimizer_cls_and_kwargs(args: TrainingArguments, model: nn.Module | None = None,
+                                  **badm_kwargs: Any) -> tuple[type[BADM], dict[str, Any]]:
     """``(BADM, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``; the Trainer builds the
-    decay groups with ``args.weight_decay`` itself. Keywords are BADMConfig fields (or ``badm_config=``)."""
+    decay groups with ``args.weight_decay`` itself. Keywords are BADMConfig fields (or ``badm_config=``).
+    An orthogonalising preconditioner (newton_schulz) needs ``model=``: its tensors are then sorted by local solve
+    as in :func:`badm_param_groups` (:class:`ModelGroupedBADM`). Under DeepSpeed ZeRO that also needs
+    ``callbacks=[BADMMetricsCallback()]`` on the Trainer, which hands BADM the engine's matrix layouts."""
     config, extra = _split_config(dict(badm_kwargs))
-    if config.preconditioner == "newton_schulz":
-        raise ValueError("optimizer_cls_and_kwargs= cannot take preconditioner='newton_schulz': the Trainer builds the "
-                         "param groups itself, so embeddings and the LM head would be orthogonalised like hidden "
-                         "matrices. Use BADMTrainer(badm_config=BADMConfig(preconditioner='newton_schulz')) (works on "
-                         "every engine) or optimizers=create_badm_optimizer(model, args, preconditioner='newton_schulz')")
-    return BADM, {**config.optimizer_kwargs(args.learning_rate), **extra}
+    kwargs = {**config.optimizer_kwargs(args.learning_rate), **extra}
+    if not LOCAL_SOLVES[config.preconditioner].orthogonalises:
+        return BADM, kwargs
+    if model is None:
+        raise ValueError(f"badm_optimizer_cls_and_kwargs(args, preconditioner={config.preconditioner!r}) needs model=: "
+                         "the Trainer builds the param groups, and only the model tells embeddings and the LM head "
+                         "apart from the hidden matrices to orthogonalise")
+    solve_of = {id(p): solve for p, solve in _assign_solves(model, config).values()}
+    return ModelGroupedBADM, {**kwargs, "solve_of": solve_of, "config": config, "world_size": args.world_size}
 
 
 def create_badm_optimizer(
@@ -112,7 +202,7 @@ def create_badm_optimizer(
     config, extra = _split_config(dict(badm_kwargs))
     optimizer = BADM(badm_param_groups(model, args.weight_decay, config=config),
                      **config.optimizer_kwargs(args.learning_rate), **extra)
-    prepare_for_ranks(optimizer, args.world_size)
+    prepare_for_ranks(optimizer, args.world_size, **config.parallel_kwargs())
     steps = num_training_steps if num_training_steps is not None else args.max_steps
     if steps is None or steps <= 0:
         return optimizer, None

@@ -4,36 +4,77 @@ Fused mode: the Trainer's own gradient accumulation and data-parallel reduction 
 mean gradient, which is all fused BADM needs; the mixin only creates the optimizer and logs.
 
 Per-sub-batch mode: every micro-batch of a gradient-accumulation group, and each of its
-``sub_batches_per_micro_batch`` splits, is one BADM sub-batch with its own slot. Its mean-loss
-gradient (no accumulation scaling) is clipped to ``max_grad_norm`` if set, then absorbed with its
-weight; gradients are never reduced across ranks (``no_sync`` on every micro-step) because the
-optimizer's step sums the slot aggregates instead (one collective). Each rank checkpoints its own slots
+``sub_batches_per_micro_batch`` splits, is one BADM sub-batch with its own slot. Each sub-batch goes
+through the ``training_step`` of the class the mixin is mixed into (the Trainer's, TRL's, a user's), so
+``accelerator.backward``, activation offloading, context parallelism and the step's housekeeping run
+once per sub-batch; its mean-loss gradient (whatever scaling that step applies undone at the loss) is
+clipped to ``max_grad_norm`` if set, then absorbed with its weight. Gradients are never reduced across
+ranks (``no_sync`` on every sub-batch) because the optimizer's step sums the slot aggregates instead
+(one collective). Each rank checkpoints its own slots
 (``badm_slots_rank{r}-of-{world}.pt`` next to the Trainer's ``optimizer.pt``); resuming with another
 world size or accumulation re-slots them (``reslot_state_dict``: exact for steady weights).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import inspect
 import math
 import os
 import re
+from collections.abc import Iterator
+from importlib import metadata
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.utils import logging
 
 from hf_badm.config import BADMConfig
-from hf_badm.distributed import attach_zero_layouts, prepare_for_ranks
-from hf_badm.factory import badm_param_groups
+from hf_badm.factory import badm_param_groups, solve_report
+from hf_badm.parallel import attach_engine_layouts, prepare_for_ranks
 from hf_badm.optim import BADM
 from hf_badm.optim.badm import reslot_state_dict
 
 __all__ = ["BADMTrainerMixin", "BADMTrainer", "BADMMetricsCallback", "find_badm", "split_micro_batch", "count_loss_items"]
 
 SLOT_FILE = "badm_slots_rank{rank}-of-{world}.pt"
+
+logger = logging.get_logger(__name__)
+
+
+# The private Trainer methods the mixin overrides, with the parameters the Trainer calls them with.
+PRIVATE_HOOKS: dict[str, tuple[str, ...]] = {
+    "_save_optimizer_and_scheduler": ("output_dir",),  # per-rank slot files next to optimizer.pt
+    "_load_optimizer_and_scheduler": ("checkpoint",),  # this rank's slots, or re-slotted ones
+    "_get_num_items_in_batch": ("batch_samples", "device"),  # loss items counted after the label shift
+}
+
+
+def check_private_hooks(trainer_cls: type = Trainer) -> None:
+    """Fail with one line when the installed Trainer lacks a private method the mixin overrides, or names its
+    parameters otherwise: an override the Trainer never calls would silently change what is trained or saved."""
+    for name, expected in PRIVATE_HOOKS.items():
+        method = getattr(trainer_cls, name, None)
+        found = tuple(inspect.signature(method).parameters)[1:] if callable(method) else None
+        if found != expected:
+            have = "does not have it" if found is None else f"has {name}({', '.join(found)})"
+            raise RuntimeError(f"hf_badm needs Trainer.{name}({', '.join(expected)}), but the installed transformers "
+                               f"{transformers.__version__} {have}; supported: transformers{supported_range('transformers')}")
+
+
+def supported_range(package: str) -> str:
+    """The version range of ``package`` that hf-badm declares (its pyproject.toml: the range CI tests)."""
+    try:
+        requires = metadata.requires("hf-badm") or []
+    except metadata.PackageNotFoundError:
+        return " as hf_badm's pyproject.toml says"
+    spec = next((r for r in requires if re.fullmatch(rf"{package}\b[^;]*", r)), package)
+    return spec[len(package):].strip()
 
 
 def split_micro_batch(inputs: dict[str, Any], k: int) -> list[dict[str, Any]]:
@@ -73,7 +114,9 @@ def find_badm(optimizer: Any) -> BADM | None:
 
 
 class BADMMetricsCallback(TrainerCallback):
-    """Adds BADM's ``badm_*`` metrics to the Trainer's training logs.
+    """Adds BADM's ``badm_*`` metrics to the Trainer's training logs, and hands BADM the matrix layouts of an engine
+    that partitions it (DeepSpeed ZeRO) when training begins: pass it to a Trainer whose BADM came through
+    ``optimizers=`` or ``optimizer_cls_and_kwargs=`` (BADMTrainer and the mixin add it themselves).
 
     For ``Trainer(optimizers=create_badm_optimizer(...), callbacks=[BADMMetricsCallback()])`` (BADMTrainer and
     the mixin use it by themselves). The metrics are read right after each optimizer step, before the LR scheduler
@@ -85,6 +128,12 @@ class BADMMetricsCallback(TrainerCallback):
         self.optimizer = optimizer  # None: the Trainer's optimizer (the one passed through optimizers=)
         self._badm: BADM | None = None
         self._step_size: float | None = None  # group 0's lr of the step just taken
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        # The engine has partitioned BADM by now (DeepSpeed ZeRO's flat partitions): tell the orthogonaliser which
+        # whole matrices each partition holds. A public hook, after the engine wraps the optimizer on every version.
+        # The Trainer's optimizer (the engine's wrapper), not the BADM this callback was handed at creation.
+        attach_engine_layouts(optimizer if optimizer is not None else self.optimizer)
 
     def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
         # only the step's lr here (the scheduler moves it next); the norms are computed when a log needs them
@@ -120,10 +169,12 @@ class BADMTrainerMixin:
     """
 
     def __init__(self, *args: Any, badm_config: BADMConfig | None = None, **kwargs: Any) -> None:
+        check_private_hooks()
         self.badm_config = badm_config if badm_config is not None else BADMConfig()
         if not isinstance(self.badm_config, BADMConfig):
             raise TypeError(f"badm_config must be a BADMConfig, got {type(self.badm_config).__name__}")
-        self._sub_batch_norms: list[torch.Tensor] = []
+        self._sub_batch_norms: list[torch.Tensor] = []  # of step self._norms_step, read when a log needs them
+        self._norms_step = -1
         self._badm_metrics = BADMMetricsCallback()
         super().__init__(*args, **kwargs)
         self.add_callback(self._badm_metrics)
@@ -204,22 +255,13 @@ class BADMTrainerMixin:
             groups = badm_param_groups(opt_model, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
                                        self.badm_config)
             self.optimizer = BADM(groups, **self.badm_config.optimizer_kwargs(self.args.learning_rate))
+            if self.args.should_log:  # what went where, once, before training
+                logger.info(str(solve_report(opt_model, self.badm_config)))
         opt = find_badm(self.optimizer)
         if opt is not None:
-            prepare_for_ranks(opt, self.args.world_size)
+            prepare_for_ranks(opt, self.args.world_size, **self.badm_config.parallel_kwargs())
         self._badm_metrics.optimizer = self.optimizer
         return self.optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None) -> Any:
-        """The Trainer's scheduler; under DeepSpeed this is the first hook after ZeRO has partitioned BADM's
-        groups, so the flat partitions of newton_schulz groups learn here which whole matrices they hold."""
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        zero = self.optimizer
-        while zero is not None and not isinstance(getattr(zero, "optimizer", None), BADM):
-            zero = getattr(zero, "optimizer", None)
-        if self.is_deepspeed_enabled and zero is not None and self.badm_config.preconditioner == "newton_schulz":
-            attach_zero_layouts(zero)
-        return scheduler
 
     @property
     def badm_optimizer(self) -> BADM | None:
@@ -233,47 +275,46 @@ class BADMTrainerMixin:
     # ------------------------------------------------------------------ the per-sub-batch loop
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Per-sub-batch: the step of the class mixed into (the Trainer's, TRL's, ...) once per sub-batch under
+        ``no_sync``, each sub-batch's mean-loss gradient then clipped and absorbed into its slot."""
         opt = self._per_sub_batch_optimizer()
         if opt is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        model.train()
-        inputs = self._prepare_inputs(inputs)
         cfg = self.badm_config
         total = float(num_items_in_batch) if num_items_in_batch is not None and cfg.sub_batch_weights == "items" else None
         world = self.args.world_size if self.args.average_tokens_across_devices else 1
         params = [p for group in opt.param_groups for p in group["params"]]
         norm_cap = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
+        if self._norms_step != self.state.global_step:  # the first micro-batch of a step
+            self._sub_batch_norms, self._norms_step = [], self.state.global_step
         logged = torch.zeros((), device=self.args.device)
-        with self.accelerator.no_sync(model):
-            for sub in split_micro_batch(inputs, cfg.sub_batches_per_micro_batch):
-                items = count_loss_items(sub, self._badm_shifts_labels) if cfg.sub_batch_weights == "items" else None
-                if items == 0:  # no loss items: the mean loss is undefined, the sub-batch weighs nothing
-                    opt.absorb_sub_batch(0.0)
-                    continue
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, sub)  # the sub-batch's mean loss over its own items
-                if self.args.n_gpu > 1:
-                    loss = loss.mean()
-                loss.backward()
-                # kept as a tensor: read once per step in _get_grad_norm, not a device sync per sub-batch
-                self._sub_batch_norms.append(torch.nn.utils.clip_grad_norm_(params, norm_cap).detach())
-                weight = 1.0 if cfg.sub_batch_weights == "uniform" else float(items if items is not None else _batch_len(sub))
-                opt.absorb_sub_batch(weight)
-                share = weight * world / total if total else 1.0 / (self.current_gradient_accumulation_steps *
-                                                                     cfg.sub_batches_per_micro_batch)
-                logged += loss.detach() * share
+        for sub in split_micro_batch(inputs, cfg.sub_batches_per_micro_batch):
+            items = count_loss_items(sub, self._badm_shifts_labels) if cfg.sub_batch_weights == "items" else None
+            if items == 0:  # no loss items: the mean loss is undefined, the sub-batch weighs nothing
+                opt.absorb_sub_batch(0.0)
+                continue
+            # num_items_in_batch=None: compute_loss returns the sub-batch's mean loss over its own items
+            with self.accelerator.no_sync(model), _mean_loss_gradient(self) as losses:
+                super().training_step(model, sub, None)
+            if len(losses) != 1:
+                raise RuntimeError(f"per_sub_batch mode needs one compute_loss call per training_step, but "
+                                   f"{type(self).__name__}.training_step made {len(losses)}: use mode='fused'")
+            # kept as a tensor: read once per logged step, not a device sync per sub-batch
+            self._sub_batch_norms.append(torch.nn.utils.clip_grad_norm_(params, norm_cap).detach())
+            weight = 1.0 if cfg.sub_batch_weights == "uniform" else float(items if items is not None else _batch_len(sub))
+            opt.absorb_sub_batch(weight)
+            share = weight * world / total if total else 1.0 / (self.current_gradient_accumulation_steps *
+                                                                 cfg.sub_batches_per_micro_batch)
+            logged += losses[0].mean() * share
         return logged
 
-    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor | None:
-        if self._per_sub_batch_optimizer() is not None:
-            return None  # each sub-batch was clipped before it was absorbed
-        return super()._clip_grad_norm(model)
-
-    def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
-        if self._per_sub_batch_optimizer() is None:
-            return super()._get_grad_norm(model, grad_norm=grad_norm)
-        norms, self._sub_batch_norms = self._sub_batch_norms, []
-        return math.sqrt(sum(float(n) ** 2 for n in norms) / len(norms)) if norms else 0.0
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        """Loss items of a causal LM counted after the label shift, as its loss averages them (the Trainer does so
+        itself only from transformers 5.10, and only for a model that names its loss_type): fused BADM steps on
+        the mean gradient, and per-sub-batch weights its sub-batches by the same count."""
+        if self._badm_shifts_labels and not getattr(self, "_loss_shifts_labels", False):
+            batch_samples = [_shifted_labels(b) for b in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
@@ -281,6 +322,9 @@ class BADMTrainerMixin:
         any callback or reporting integration sees the logs."""
         if "loss" in logs:
             logs = {**logs, **self._badm_metrics.latest}
+            norms = self._sub_batch_norms if self._norms_step == self.state.global_step - 1 else []
+            if self._per_sub_batch_optimizer() is not None and norms:  # the Trainer saw only absorbed, cleared grads
+                logs["grad_norm"] = math.sqrt(sum(float(n) ** 2 for n in norms) / len(norms))
         super().log(logs, *args, **kwargs)
 
 
@@ -292,6 +336,36 @@ def _loss_shifts_labels(model: nn.Module) -> bool:
 
 def _batch_len(inputs: dict[str, Any]) -> int:
     return next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _shifted_labels(batch: Any) -> Any:
+    """A micro-batch as the Trainer's item count should see it: the labels a causal LM's loss really averages."""
+    if not isinstance(batch, dict) or not isinstance(batch.get("labels"), torch.Tensor):
+        return batch
+    return {"labels": batch["shift_labels"] if "shift_labels" in batch else batch["labels"][..., 1:]}
+
+
+@contextlib.contextmanager
+def _mean_loss_gradient(trainer: Trainer) -> Iterator[list[torch.Tensor]]:
+    """While a training step runs: the loss ``compute_loss`` returns (the outermost override, a user subclass's
+    included) gets gradient 1/numel in backward, whatever the step scales it by before (gradient accumulation,
+    DataParallel's mean), so the parameters' gradients are exactly the mean loss's. Yields the losses seen."""
+    losses: list[torch.Tensor] = []
+    compute_loss = trainer.compute_loss
+
+    def unscaled(model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        out = compute_loss(model, inputs, *args, **kwargs)
+        loss = out[0] if isinstance(out, tuple) else out
+        if loss.requires_grad:
+            loss.register_hook(lambda grad: torch.full_like(grad, 1.0 / grad.numel()))
+        losses.append(loss.detach())
+        return out
+
+    trainer.compute_loss = unscaled  # an instance attribute: shadows every class's compute_loss for this step
+    try:
+        yield losses
+    finally:
+        del trainer.compute_loss
 
 
 class BADMTrainer(BADMTrainerMixin, Trainer):

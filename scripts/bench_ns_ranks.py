@@ -1,4 +1,4 @@
-"""Newton-Schulz work split across data-parallel ranks (``hf_badm.distributed.SplitOrthogonalizer``): one fused
+"""Newton-Schulz work split across data-parallel ranks (``hf_badm.parallel.ParallelOrthogonalizer``): one fused
 ``newton_schulz`` optimizer step on 1 and on 2 CPU processes (gloo), side by side in one run.
 
 Each rank holds the same GPT-2-style parameters and the same (reduced) gradients, as DDP gives them; the step is
@@ -35,7 +35,7 @@ def worker(a: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.utils.flop_counter import FlopCounterMode
 
-    from hf_badm.distributed import prepare_for_ranks
+    from hf_badm.parallel import prepare_for_ranks
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from hf_badm import BADM, BADMConfig, BADMTrainer, BADMTrainerMixin, create_badm_optimizer
+from hf_badm import BADM, BADMConfig, BADMMetricsCallback, BADMTrainer, BADMTrainerMixin, create_badm_optimizer
 from hf_badm.factory import badm_optimizer_cls_and_kwargs
 from tiny import chain_dataset, losses, tiny_args, tiny_model
 
@@ -43,7 +43,7 @@ def trainer_job(out: Path, job: dict) -> Trainer:
     args = tiny_args(out / job["name"], args_cls, max_steps=job["steps"], gradient_accumulation_steps=job["ga"],
                      max_grad_norm=0.0, save_strategy="steps" if save else "no", save_steps=save or 500,
                      deepspeed=job.get("deepspeed"), **({"max_length": 64, "bf16": False} if wiring == "mixin" else {}))
-    model = tiny_model("gpt2")
+    model = build_model(job, args)
     model = model.double() if job.get("double") else model
     data = chain_dataset(pad_to_random_length=job.get("pad", False))
     config = BADMConfig(mode=job["mode"], preconditioner=job.get("preconditioner", "none"),
@@ -51,9 +51,9 @@ def trainer_job(out: Path, job: dict) -> Trainer:
     if wiring == "optimizers":
         return Trainer(model=model, args=args, train_dataset=data,
                        optimizers=create_badm_optimizer(model, args, badm_config=config))
-    if wiring == "cls_kwargs":
-        return Trainer(model=model, args=args, train_dataset=data,
-                       optimizer_cls_and_kwargs=badm_optimizer_cls_and_kwargs(args, badm_config=config))
+    if wiring == "cls_kwargs":  # the callback hands BADM an engine's matrix layouts (newton_schulz under ZeRO)
+        return Trainer(model=model, args=args, train_dataset=data, callbacks=[BADMMetricsCallback()],
+                       optimizer_cls_and_kwargs=badm_optimizer_cls_and_kwargs(args, model=model, badm_config=config))
     if wiring == "mixin":
         from trl import SFTTrainer
 
@@ -65,6 +65,34 @@ def trainer_job(out: Path, job: dict) -> Trainer:
         return BADMSFTTrainer(model=model, args=args, train_dataset=data, processing_class=build_tokenizer(vocab_size=64),
                               badm_config=config)
     return BADMTrainer(model=model, args=args, train_dataset=data, badm_config=config)
+
+
+def build_model(job: dict, args: TrainingArguments) -> torch.nn.Module:
+    """The model as HF scripts build it: before the arguments (``build="before"``, the default), or after them
+    through ``from_config`` or ``from_pretrained`` of a saved directory, which under a ZeRO-3 TrainingArguments
+    partitions every weight as it is made (``deepspeed.zero.Init``). On CPUs (``use_cpu``) DeepSpeed's communicator
+    must exist before that: the two lines docs/distributed.md gives a user's script."""
+    from transformers import AutoModelForCausalLM
+
+    family, build = job.get("family", "gpt2"), job.get("build", "before")
+    if build == "before":
+        return tiny_model(family)
+    if args.deepspeed:
+        import deepspeed
+
+        _ = args.device  # sets up the process group
+        deepspeed.init_distributed(dist_backend="gloo")
+    if build == "from_pretrained":
+        model = AutoModelForCausalLM.from_pretrained(job["pretrained"])
+    else:
+        config = tiny_model(family).config
+        torch.manual_seed(1)
+        model = AutoModelForCausalLM.from_config(config)
+    if family == "gpt2":
+        model.loss_type = "ForCausalLM"  # as tiny_model: GPT-2 leaves it unset
+    if job.get("init_from"):  # a reference run starts where the run it is compared with started
+        model.load_state_dict(torch.load(job["init_from"], weights_only=True)["init"])
+    return model
 
 
 def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -85,7 +113,7 @@ def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "
     rank (``SplitOrthogonalizer``)."""
     from torch.distributed.fsdp import fully_shard
 
-    from hf_badm.distributed import prepare_for_ranks
+    from hf_badm.parallel import prepare_for_ranks
     from hf_badm.factory import badm_param_groups
 
     model = tiny_model("gpt2").double()
@@ -131,11 +159,11 @@ class NewtonSchulzFlops(TrainerCallback):
         opt = self.trainer.badm_optimizer
         inner = opt.orthogonalizer
 
-        def counted(inputs, steps, dtype):
+        def counted(params, inputs, steps, dtype):
             from torch.utils.flop_counter import FlopCounterMode
 
             with FlopCounterMode(display=False) as mode:
-                out = inner(inputs, steps, dtype)
+                out = inner(params, inputs, steps, dtype)
             self._running += mode.get_total_flops()
             return out
 
@@ -163,6 +191,13 @@ def run_job(out: Path, job: dict) -> None:
             (out / job["name"] / f"error{rank}.txt").write_text(str(err))
             reset_deepspeed_state()
             return
+        from hf_badm.factory import solve_report
+
+        report = solve_report(trainer.model, trainer.badm_config if hasattr(trainer, "badm_config") else BADMConfig(
+            preconditioner=job.get("preconditioner", "none")))
+        extra["report"] = {"tensors": report.tensors, "left": list(report.elementwise_matrices)}
+        if job.get("build", "before") != "before":  # the start both runs of a comparison must share
+            extra["init"] = full_params(trainer)
         counter = NewtonSchulzFlops(trainer) if job.get("preconditioner") == "newton_schulz" else None
         if counter is not None:
             trainer.add_callback(counter)

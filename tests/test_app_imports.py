@@ -106,3 +106,17 @@ def test_data_stays_importable_under_its_library_name():
     from hf_badm.app import data as app_data
 
     assert data.__all__ == app_data.__all__ and all(getattr(data, n) is getattr(app_data, n) for n in data.__all__)
+
+
+ENGINES = ("deepspeed", "torch.distributed")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_engine_code_lives_in_parallel(module):
+    """The optimizer's math imports no engine (no DeepSpeed, no torch.distributed, DTensor included); the sharding of
+    every engine lives in hf_badm.parallel (the Trainer glue may meet at a barrier, the app may launch)."""
+    engines = {n for n in imported_names(MODULES[module], module) if n.startswith(ENGINES)}
+    if module.startswith("hf_badm.optim"):
+        assert not engines, f"{module} imports {sorted(engines)}"
+    elif not module.startswith(("hf_badm.parallel", "hf_badm.app")):
+        assert not {n for n in engines if n.startswith(("deepspeed", "torch.distributed.tensor"))}, module

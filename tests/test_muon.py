@@ -176,7 +176,7 @@ class Recorder:
 
         self.calls, self.default = [], orthogonalise
 
-    def __call__(self, inputs, steps, dtype):
+    def __call__(self, params, inputs, steps, dtype):
         self.calls.append(([tuple(x.shape) for x in inputs], steps, dtype))
         return self.default(inputs, steps, dtype)
 

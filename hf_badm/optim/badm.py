@@ -24,8 +24,17 @@ __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 MODES = ("fused", "per_sub_batch")
 PRECONDITIONERS = tuple(LOCAL_SOLVES)  # the built-in ones; BADM accepts every registered local solve
 NONFINITE = ("skip", "raise")
-# Orthogonalizer(inputs, ns_steps, dtype) -> directions: the Newton-Schulz seam of BADM (see the class docstring).
-Orthogonalizer = Callable[[list[Tensor], int, torch.dtype], list[Tensor]]
+# Orthogonalizer(params, inputs, ns_steps, dtype) -> directions: the Newton-Schulz seam of BADM (class docstring).
+Orthogonalizer = Callable[[list[Tensor], list[Tensor], int, torch.dtype], list[Tensor]]
+
+
+def local_orthogonalizer(params: list[Tensor], inputs: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]:
+    """The orthogonaliser of one process: every input is a whole matrix (or a stack of expert matrices)."""
+    for p in params:
+        if matrix_layout(p) is not None:
+            raise ValueError("this parameter is a partition of several matrices (DeepSpeed ZeRO): Newton-Schulz needs the "
+                             "orthogonaliser of hf_badm.parallel that gathers them (parallel.prepare_for_ranks)")
+    return orthogonalise(inputs, steps, dtype)
 
 
 class NonFiniteGradientError(FloatingPointError, ValueError):
@@ -71,7 +80,7 @@ class BADM(Optimizer):
     reduce-scatter) computes :math:`\bar g`; the update is elementwise, so it runs unchanged on
     ZeRO's flat partitions and FSDP's sharded parameters. Per-sub-batch: each rank owns the slots of
     its own sub-batches, gradients are never reduced, and :attr:`aggregator` (e.g.
-    ``hf_badm.distributed.all_reduce_aggregator``) sums the aggregates and weights over ranks at
+    ``hf_badm.parallel.all_reduce_aggregator``) sums the aggregates and weights over ranks at
     :meth:`step`: one collective per step; every trainable parameter then joins that reduction (a
     missing gradient is a zero gradient) so that all ranks reduce the same buffers.
 
@@ -96,17 +105,20 @@ class BADM(Optimizer):
     :math:`M_s` and averages the local solutions through the duals (PISA's NSISA).
 
     **Newton-Schulz seam.** All of a step's orthogonalisation goes through one call of
-    :attr:`orthogonalizer` ``(inputs: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]``
-    (one call per distinct ``(ns_steps, dtype)``, i.e. one in practice): fused :meth:`step` first computes
-    the inputs :math:`g + \mu M` of every Newton-Schulz matrix of every group (after updating M), then
-    calls it, then applies all updates; :meth:`absorb_sub_batch` does the same for its slot. Contract:
-    for each 2-D input X, in order, return :math:`\mathrm{NS}_{steps}(X)\sqrt{\max(1, \mathrm{rows}/
-    \mathrm{cols})}` computed in ``dtype`` and cast back to X's dtype, as
-    :func:`hf_badm.optim.preconditioned.orthogonalise` (the default: local, batched over matrices of one
-    shape) does; do not modify the inputs. ``dtype`` is ``ns_dtype`` resolved on the input's device. In
-    fused mode the inputs are identical on every data-parallel rank (they come from the reduced
-    gradient), so ranks may each orthogonalise a share and exchange the results; in per-sub-batch
-    mode each rank's inputs are its own slots'.
+    :attr:`orthogonalizer` ``(params, inputs, steps, dtype) -> list[Tensor]`` (one call per distinct
+    ``(ns_steps, dtype)``, i.e. one in practice): fused :meth:`step` first computes the inputs
+    :math:`g + \mu M` of every Newton-Schulz tensor of every group (after updating M), then calls it with
+    the parameters they belong to, then applies all updates; :meth:`absorb_sub_batch` does the same for its
+    slot. Contract: for each input X, in order, return the direction of X's shape: for a whole matrix
+    :math:`\mathrm{NS}_{steps}(X)\sqrt{\max(1, \mathrm{rows}/\mathrm{cols})}` computed in ``dtype`` and
+    cast back to X's dtype, for a 3-D stack of expert matrices the same per slice, for a shard or partition
+    of whole matrices (the parameter says which: an FSDP2 DTensor, or a flat partition registered with
+    :func:`~hf_badm.optim.solves.newton_schulz.register_matrix_layout`) this process's share of the whole
+    matrices' directions; do not modify the inputs. The default, :func:`local_orthogonalizer`, takes whole
+    matrices only; ``hf_badm.parallel`` supplies the one for several ranks and sharded engines. ``dtype`` is
+    ``ns_dtype`` resolved on the input's device. In fused mode the inputs are identical on every
+    data-parallel rank (they come from the reduced gradient), so ranks may each orthogonalise a share and
+    exchange the results; in per-sub-batch mode each rank's inputs are its own slots'.
 
     **Learning rates and schedules.** ``lr`` is a spelling of :math:`1/\sigma`. A scheduler scales a
     group's ``lr`` by a factor :math:`f_t`; BADM reads it as :math:`\sigma_t = \sigma/f_t` and
@@ -191,7 +203,7 @@ class BADM(Optimizer):
         self.aggregator: Callable[[list[Tensor], float], float] | None = None
         self.ns_dtype = ns_dtype
         # Seam for Newton-Schulz work (see the class docstring): all matrices of a step in one call.
-        self.orthogonalizer: Orthogonalizer = orthogonalise
+        self.orthogonalizer: Orthogonalizer = local_orthogonalizer
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and validation
@@ -224,6 +236,16 @@ class BADM(Optimizer):
                 raise ValueError("BADM does not support sparse parameters")
         group["params"] = params
         super().add_param_group(group)
+
+    @staticmethod
+    def group_orthogonalises(group: dict[str, Any]) -> bool:
+        """Whether ``group``'s local solve hands its matrices to :attr:`orthogonalizer`."""
+        return LOCAL_SOLVES[group["preconditioner"]].orthogonalises
+
+    @property
+    def orthogonalises(self) -> bool:
+        """Whether any group's local solve hands its matrices to :attr:`orthogonalizer`."""
+        return any(self.group_orthogonalises(g) for g in self.param_groups)
 
     @staticmethod
     def _coefficients(group: dict[str, Any]) -> tuple[float, float, float]:
@@ -318,29 +340,20 @@ class BADM(Optimizer):
 
     def _orthogonalise(self, parts: list[_Part]) -> None:
         """Replace the Newton-Schulz inputs of ``parts`` by their directions: one orthogonalizer call per
-        (ns_steps, dtype) of the step (one in practice). A parameter with a registered matrix layout is a flat
-        partition of several matrices (DeepSpeed ZeRO): its input is gathered into those whole matrices, and their
-        directions are scattered back into its partition (``hf_badm.distributed.ZeroMatrixLayout``)."""
-        calls: dict[tuple[int, torch.dtype], list[tuple[_Part, int, int]]] = {}
-        inputs: dict[tuple[int, torch.dtype], list[Tensor]] = {}
+        (ns_steps, dtype) of the step (one in practice), with the parameters the inputs belong to."""
+        calls: dict[tuple[int, torch.dtype], list[tuple[_Part, int]]] = {}
         for part in parts:
             if part.solve.orthogonalises:
-                for i, (p, x) in enumerate(zip(part.params, part.directions)):
-                    key = (part.group["ns_steps"], resolve_ns_dtype(self.ns_dtype, x.device))
-                    layout = matrix_layout(p)
-                    matrices = [x] if layout is None else layout.gather(x)
-                    calls.setdefault(key, []).append((part, i, len(matrices)))
-                    inputs.setdefault(key, []).extend(matrices)
+                for i, x in enumerate(part.directions):
+                    calls.setdefault((part.group["ns_steps"], resolve_ns_dtype(self.ns_dtype, x.device)), []).append((part, i))
         for key, where in calls.items():
-            outputs = self.orthogonalizer(inputs[key], *key)
-            if len(outputs) != len(inputs[key]):
-                raise RuntimeError(f"BADM.orthogonalizer returned {len(outputs)} directions for {len(inputs[key])} inputs")
-            start = 0
-            for part, i, n in where:
-                layout = matrix_layout(part.params[i])
-                mine = outputs[start:start + n]
-                part.directions[i] = mine[0] if layout is None else layout.scatter(mine, part.directions[i])
-                start += n
+            params = [part.params[i] for part, i in where]
+            inputs = [part.directions[i] for part, i in where]
+            outputs = self.orthogonalizer(params, inputs, *key)
+            if len(outputs) != len(inputs):
+                raise RuntimeError(f"BADM.orthogonalizer returned {len(outputs)} directions for {len(inputs)} inputs")
+            for (part, i), out in zip(where, outputs):
+                part.directions[i] = out
 
     # ------------------------------------------------------------------ per-sub-batch mode
     @torch.no_grad()
@@ -531,10 +544,16 @@ def reslot_state_dict(states: list[dict[str, Any]], slots: int) -> dict[str, Any
 
 
 def _by_solve(group: dict[str, Any], params: list[Tensor]) -> list[tuple[LocalSolve, list[Tensor]]]:
-    """``params`` split by their local solve (the group's, or its fallback), in order of first appearance."""
+    """``params`` split by their local solve (the group's, or its fallback), in order of first appearance. A
+    ``strict`` group takes no fallback: a tensor its solve cannot act on is an error, not a silent other solve."""
     out: dict[str, tuple[LocalSolve, list[Tensor]]] = {}
     for p in params:
         solve = local_solve_for(group, p)
+        if group.get("strict") and solve.name != group["preconditioner"]:
+            raise ValueError(f"BADM: a param group asks {group['preconditioner']!r} for every tensor, but one of shape "
+                             f"{tuple(p.shape)} is not a whole matrix it can act on (a ZeRO partition whose matrix "
+                             "layout was never attached?): create BADM through BADMTrainer, the mixin or "
+                             "hf_badm.parallel.prepare_for_ranks/attach_zero_layouts")
         out.setdefault(solve.name, (solve, []))[1].append(p)
     return list(out.values())
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor
 
 __all__ = ["LocalSolve", "LOCAL_SOLVES", "register_local_solve", "local_solve_for", "keeps_dual"]
@@ -41,9 +42,15 @@ class LocalSolve:
     fallback: ClassVar[str | None] = None
 
     @staticmethod
-    def applies(p: Tensor) -> bool:
-        """Whether this solve acts on ``p`` (else ``fallback`` does)."""
+    def takes_shape(shape: torch.Size) -> bool:
+        """Whether this solve acts on a parameter of this whole shape (what builds param groups asks, with the shape
+        of the whole tensor even where an engine holds a partition of it)."""
         return True
+
+    @classmethod
+    def applies(cls, p: Tensor) -> bool:
+        """Whether this solve acts on ``p``, the tensor the step holds (else ``fallback`` does)."""
+        return cls.takes_shape(p.shape)
 
     def new_state(self, p: Tensor) -> dict[str, Any]:
         """The state of ``p`` before its first step (one slot's, in per-sub-batch mode)."""

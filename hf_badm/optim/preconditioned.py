@@ -73,36 +73,40 @@ def _newton_schulz_2d(x: Tensor, steps: int) -> Tensor:
 
 @torch.no_grad()
 def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype, batched: bool | None = None) -> list[Tensor]:
-    """:func:`orthogonalised` of each 2-D input, in ``dtype``::
+    """:func:`orthogonalised` of each input, in ``dtype``: a 2-D input is one matrix, a 3-D input a stack of
+    matrices (MoE experts fused as ``(experts, out, in)``), each slice orthogonalised on its own::
 
         X <- X / (||X||_F + 1e-7);  5 times: A = X X^T;  X <- a X + (b A + c A A) X
 
     on the wide orientation (``X^T`` for tall matrices). On accelerators the matrices of one shape are stacked
     and iterated together (one batched-matmul chain per shape: fewer launches); on the CPU, where a batched
     matmul ran slower than the same matmuls one by one (bfloat16 and float32, this machine), matrix by matrix.
-    ``batched`` forces one form (tests). The default ``BADM.orthogonalizer``."""
-    if any(type(x).__name__ == "DTensor" for x in inputs):
-        raise ValueError("Newton-Schulz needs whole matrices, and these are sharded DTensors (FSDP2): set "
-                         "optimizer.orthogonalizer = hf_badm.distributed.SplitOrthogonalizer() (BADMTrainer and "
-                         "create_badm_optimizer do it on several ranks)")
+    ``batched`` forces one form (tests). The default orthogonaliser of ``BADM`` on one process."""
+    for x in inputs:
+        if type(x).__name__ == "DTensor" or x.dim() not in (2, 3):
+            raise ValueError(f"Newton-Schulz needs whole matrices, got a {type(x).__name__} of shape {tuple(x.shape)}: a "
+                             "sharded parameter (FSDP2, DeepSpeed ZeRO) needs the orthogonaliser of hf_badm.parallel, "
+                             "which BADMTrainer and create_badm_optimizer install (parallel.prepare_for_ranks)")
     a, b, c = NS_COEFFICIENTS
     out: list[Tensor | None] = [None] * len(inputs)
     by_shape: dict[tuple[torch.Size, torch.device], list[int]] = {}
     for i, x in enumerate(inputs):
-        by_shape.setdefault((x.shape, x.device), []).append(i)
+        by_shape.setdefault((x.shape[-2:], x.device), []).append(i)
     for (shape, device), idx in by_shape.items():
         tall = shape[0] > shape[1]
-        wide = [(inputs[i].mT if tall else inputs[i]).to(dtype) for i in idx]  # iterate on the wide orientation
+        stacks = [inputs[i].reshape(-1, *shape) for i in idx]  # every input as (matrices, rows, cols)
+        wide = [(x.mT if tall else x).to(dtype) for x in stacks]  # iterate on the wide orientation
         if not (device.type != "cpu" if batched is None else batched):  # CPU: matrix by matrix, fused as addmm
-            done = [_newton_schulz_2d(x, steps) for x in wide]
+            done = [torch.stack([_newton_schulz_2d(m, steps) for m in x]) if len(x) > 1
+                    else _newton_schulz_2d(x[0], steps).unsqueeze(0) for x in wide]
         else:  # on accelerators one batched chain per shape saves the launches
-            y = torch.stack(wide)
+            y = torch.cat(wide)
             y /= torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).add_(1e-7)
             for _ in range(steps):  # y <- a y + (b A + c A A) y, A = y y^T
                 gram = y @ y.mT
                 y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
-            done = list(y.unbind(0))
+            done = list(y.split([x.shape[0] for x in wide]))
         scale = math.sqrt(max(1.0, shape[0] / shape[1]))
         for i, d in zip(idx, done):
-            out[i] = (d.mT if tall else d).to(inputs[i].dtype).mul_(scale)
+            out[i] = (d.mT if tall else d).to(inputs[i].dtype).mul_(scale).reshape(inputs[i].shape)
     return out  # type: ignore[return-value]

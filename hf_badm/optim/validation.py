@@ -38,6 +38,8 @@ def check_hyper_parameters(group: dict[str, Any]) -> None:
     steps = group.get("ns_steps", 1)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
+    if not isinstance(group.get("strict", False), bool):
+        raise ValueError(f"strict must be True or False, got {group['strict']!r}")
     if not (group.get("foreach") is None or isinstance(group["foreach"], bool)):
         raise ValueError(f"foreach must be True, False or None, got {group['foreach']!r}")
 

@@ -1,0 +1,91 @@
+"""DeepSpeed ZeRO: BADM steps flat fp32 partitions, each a piece of several whole matrices. A
+:class:`ZeroMatrixLayout`, registered beside each partition of an orthogonalising group, tells the orthogonaliser
+which elements of which matrix a partition holds; :func:`attach_engine_layouts` registers them once DeepSpeed has
+built its partitions (``BADMMetricsCallback.on_train_begin``, a public Trainer hook on every version)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from hf_badm.optim.badm import BADM
+from hf_badm.optim.solves.newton_schulz import register_matrix_layout
+from hf_badm.parallel.orthogonalize import ParallelOrthogonalizer
+
+__all__ = ["ZeroMatrixLayout", "attach_zero_layouts", "attach_engine_layouts"]
+
+
+class ZeroMatrixLayout:
+    """Where the matrices of one ZeRO flat fp32 partition live. ZeRO-1/2 (``offsets``): the ranks' partitions are
+    consecutive slices of one flat buffer holding the matrices at ``offsets``. ZeRO-3 (``pieces``): each matrix is
+    partitioned on its own (``pieces[j]`` elements per rank, padded), and a rank's partition is its pieces of every
+    matrix, concatenated. Either way ``sizes[j][r]`` elements of matrix j sit on rank r, in rank order."""
+
+    def __init__(self, shapes: list[torch.Size], group: dist.ProcessGroup | None, partition_numel: int, *,
+                 offsets: list[int] | None = None, pieces: list[int] | None = None) -> None:
+        if (offsets is None) == (pieces is None):
+            raise ValueError("a ZeRO matrix layout takes offsets (stage 1/2) or pieces (stage 3)")
+        self.shapes, self.group = [torch.Size(s) for s in shapes], group
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        numels = [s.numel() for s in self.shapes]
+        if pieces is not None:  # stage 3: piece r of matrix j is its elements [r * piece, (r + 1) * piece)
+            self.sizes = [[max(0, min(k, n - r * k)) for r in range(world)] for n, k in zip(numels, pieces)]
+            self.starts = [sum(pieces[:j]) for j in range(len(pieces))]
+        else:  # stage 1/2: rank r holds the flat buffer's [r * P, (r + 1) * P)
+            P = partition_numel
+            self.sizes = [[max(0, min(o + n, (r + 1) * P) - max(o, r * P)) for r in range(world)]
+                          for o, n in zip(offsets, numels)]
+            self.starts = [max(0, o - self.rank * P) for o in offsets]
+
+    def matrices(self, x: Tensor) -> list[tuple[torch.Size, list[int], Tensor]]:
+        """(shape, sizes, this rank's elements of it in ``x``) for each matrix."""
+        return [(shape, sizes, x[start:start + sizes[self.rank]])
+                for shape, sizes, start in zip(self.shapes, self.sizes, self.starts)]
+
+    def output(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """A partition for the directions (zero padding) and the views its pieces are written to."""
+        out = torch.zeros_like(x)
+        return out, [piece for _, _, piece in self.matrices(out)]
+
+
+def attach_zero_layouts(zero_optimizer: Any) -> int:
+    """Register the flat fp32 partitions of a DeepSpeed ZeRO optimizer whose BADM group orthogonalises with their
+    :class:`ZeroMatrixLayout` (their whole shapes from DeepSpeed's own records), and make sure the BADM inside has the
+    :class:`ParallelOrthogonalizer` (a 1-rank ZeRO run needs it too). Returns how many partitions were registered.
+    Such groups are made by ``badm_param_groups`` and hold whole weight matrices (and expert stacks) only."""
+    badm: BADM = zero_optimizer.optimizer
+    tagged = 0
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: one flat partition per sub-group
+        for sub, flat in enumerate(zero_optimizer.fp32_partitioned_groups_flat):
+            if badm.group_orthogonalises(badm.param_groups[zero_optimizer.sub_group_to_group_id[sub]]):
+                params = zero_optimizer.fp16_groups[sub]
+                register_matrix_layout(flat, ZeroMatrixLayout(
+                    [p.ds_shape for p in params], zero_optimizer.sub_group_process_groups[sub], flat.numel(),
+                    pieces=[p.partition_numel() for p in params]))
+                tagged += 1
+    else:
+        for i, flat in enumerate(zero_optimizer.single_partition_of_fp32_groups):  # ZeRO-1/2
+            if badm.group_orthogonalises(badm.param_groups[i]):
+                register_matrix_layout(flat, ZeroMatrixLayout(
+                    [m.shape for m in zero_optimizer.round_robin_bit16_meta[i]],
+                    zero_optimizer.real_dp_process_group[i], flat.numel(),
+                    offsets=list(zero_optimizer.round_robin_bit16_offsets[i])))
+                tagged += 1
+    if tagged and not isinstance(badm.orthogonalizer, ParallelOrthogonalizer):
+        badm.orthogonalizer = ParallelOrthogonalizer()
+    return tagged
+
+
+def attach_engine_layouts(optimizer: Any) -> int:
+    """:func:`attach_zero_layouts` for the ZeRO optimizer inside an optimizer wrapper (Accelerate's), if any; 0
+    when no engine partitions BADM. Idempotent: call it whenever the engine may have (re)built its partitions."""
+    while optimizer is not None and not isinstance(optimizer, BADM):
+        if isinstance(getattr(optimizer, "optimizer", None), BADM) and (
+                hasattr(optimizer, "fp32_partitioned_groups_flat") or hasattr(optimizer, "single_partition_of_fp32_groups")):
+            return attach_zero_layouts(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return 0
