@@ -122,8 +122,8 @@ BAD_STATES = {  # name: (mode of the loading optimizer, bad state, words the mes
     "state of an unknown parameter": ("fused", edit(fused_state, lambda sd: sd["state"].update({99: sd["state"][0]})),
                                       "99"),
     "momentum of the wrong shape": ("fused", edit(fused_state, setitem(["state", 0, "momentum"], WRONG_SHAPE)), "shape"),
-    "second moment of the wrong dtype": ("fused", edit(fused_state, lambda sd: sd["state"][1].update(
-        exp_avg_sq=sd["state"][1]["exp_avg_sq"].float())), "dtype"),
+    "second moment not floating-point": ("fused", edit(fused_state, lambda sd: sd["state"][1].update(
+        exp_avg_sq=sd["state"][1]["exp_avg_sq"].long())), "dtype"),
     "momentum not a tensor": ("fused", edit(fused_state, setitem(["state", 0, "momentum"], [1.0])), "tensor"),
     "momentum holds NaN": ("fused", edit(fused_state, poison(["state", 2, "momentum"])), "NaN"),
     "second moment holds Inf": ("fused", edit(fused_state, poison(["state", 3, "exp_avg_sq"], float("inf"))), "NaN or Inf"),
@@ -177,3 +177,45 @@ def test_a_state_of_this_release_loads_into_a_fresh_optimizer(mode, precondition
     fresh = BADM(make_net(seed=2).parameters(), mode=mode, preconditioner=preconditioner)
     fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert same(fresh.state_dict(), opt.state_dict())
+
+
+@pytest.mark.parametrize("mode, preconditioner", [("fused", "normalized"), ("per_sub_batch", "second_moment")])
+def test_floating_point_state_is_cast_to_the_parameters_dtype(mode, preconditioner):
+    """As torch's optimizers load: a float64 state goes into a bfloat16 copy of the model, every floating-point
+    tensor (the duals and slot lists included) cast to bfloat16; counts stay as they are; the copy then trains."""
+    net, opt = trained(mode, preconditioner, mid_step=mode == "per_sub_batch")
+    saved = copy.deepcopy(opt.state_dict())
+    low = copy.deepcopy(net).to(torch.bfloat16)
+    fresh = BADM(low.parameters(), mode=mode, preconditioner=preconditioner)
+    fresh.load_state_dict(saved)
+    loaded = fresh.state_dict()
+
+    def cast(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(torch.bfloat16) if value.is_floating_point() else value
+        return [cast(v) for v in value] if isinstance(value, list) else value
+
+    assert loaded["state"] and all(same(loaded["state"][i][k], cast(v))  # same(): equal values and dtypes
+                                   for i, entry in saved["state"].items() for k, v in entry.items())
+    if mode == "per_sub_batch":
+        for x, y in sub_batches(2)[2:]:  # the rest of the step the state was saved in
+            mse(low, x.bfloat16(), y.bfloat16()).backward()
+            fresh.absorb_sub_batch(x.shape[0])
+    else:
+        x, y = sub_batches(3)[0]
+        mse(low, x.bfloat16(), y.bfloat16()).backward()
+    before = [p.detach().clone() for p in low.parameters()]
+    fresh.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(low.parameters(), before))
+
+
+def test_a_state_beyond_the_parameters_dtype_is_refused():
+    """Cast to float32, a float64 momentum of 1e300 would be Inf: refused like a NaN, nothing loaded."""
+    net, opt = trained("fused", "normalized")
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["momentum"].fill_(1e300)
+    fresh = BADM(copy.deepcopy(net).float().parameters(), mode="fused", preconditioner="normalized")
+    with pytest.raises(ValueError, match="NaN or Inf as torch.float32"):
+        fresh.load_state_dict(saved)
+    assert not fresh.state
+

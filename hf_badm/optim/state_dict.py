@@ -1,5 +1,6 @@
 """What BADM.load_state_dict takes: earlier releases' keys read, then everything checked before anything
-is replaced (all or nothing), with a message naming what does not fit."""
+is replaced (all or nothing), with a message naming what does not fit. Floating-point state of another
+dtype or device fits: torch's ``Optimizer.load_state_dict`` casts it to its parameter's, as for any optimizer."""
 
 from __future__ import annotations
 
@@ -150,10 +151,12 @@ def _check_tensor(what: str, t: Any, p: Tensor) -> None:
         raise _Misfit(f"{what} must be a tensor, got {type(t).__name__}")
     if t.shape != p.shape:
         raise _Misfit(f"{what} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
-    if t.dtype != p.dtype:
+    if t.dtype != p.dtype and not (t.is_floating_point() and p.is_floating_point()):
         raise _Misfit(f"{what} has dtype {t.dtype}, the parameter {p.dtype}")
-    if not all_finite([t]):
-        raise _Misfit(f"{what} holds NaN or Inf")
+    # floating-point state is cast to the parameter's dtype (and device) on load, as torch's optimizers do: it
+    # must still be finite after that cast (float32 beyond float16's range would not be)
+    if not all_finite([t if t.dtype == p.dtype else t.to(p.dtype)]):
+        raise _Misfit(f"{what} holds NaN or Inf" + ("" if t.dtype == p.dtype else f" as {p.dtype}"))
 
 
 def _check_count(what: str, value: Any) -> None:
