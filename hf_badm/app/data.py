@@ -356,22 +356,27 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1024,
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def _read(spec: str, path: Path, config_name: str | None, **load_kwargs) -> Dataset | DatasetDict:
+    """The data as datasets loads it: a saved dataset, a directory of data files, one file, or a hub id."""
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+        return datasets.load_from_disk(str(path))
+    if path.is_dir():
+        return datasets.load_dataset(str(path), **load_kwargs)  # data files; splits named by file names
+    if path.is_file():
+        if path.suffix.lower() not in FILE_BUILDERS:
+            raise ValueError(f"unsupported file type {path.suffix!r} for {path}; use one of {sorted(FILE_BUILDERS)}")
+        return datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **load_kwargs)
+    if spec.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
+        raise FileNotFoundError(f"dataset file or directory not found: {spec}")
+    return datasets.load_dataset(spec, config_name, **load_kwargs)
+
+
 def _load(spec: str, columns: Sequence[str], eval_fraction: float, seed: int, config_name: str | None,
           **load_kwargs) -> DatasetDict:
     """Load a file, directory or Hub dataset; keep ``columns`` (checked) and a train + test split."""
     path = Path(spec).expanduser()
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-        raw = datasets.load_from_disk(str(path))
-    elif path.is_dir():
-        raw = datasets.load_dataset(str(path), **load_kwargs)  # data files; splits named by file names
-    elif path.is_file():
-        if path.suffix.lower() not in FILE_BUILDERS:
-            raise ValueError(f"unsupported file type {path.suffix!r} for {path}; use one of {sorted(FILE_BUILDERS)}")
-        raw = datasets.load_dataset(FILE_BUILDERS[path.suffix.lower()], data_files=str(path), split="train", **load_kwargs)
-    elif spec.startswith((".", "/", "~")) or path.suffix.lower() in FILE_BUILDERS:
-        raise FileNotFoundError(f"dataset file or directory not found: {spec}")
-    else:
-        raw = datasets.load_dataset(spec, config_name, **load_kwargs)
+    with _progress_bars(not path.exists() or _bytes(path) >= LARGE_DATA_BYTES):
+        raw = _read(spec, path, config_name, **load_kwargs)
     splits = DatasetDict(train=raw) if isinstance(raw, Dataset) else raw
     if "train" not in splits:
         raise ValueError(f"{spec} has no 'train' split (found {list(splits)})")
@@ -447,7 +452,8 @@ def tokenize_for_causal_lm(dataset: Dataset | DatasetDict, tokenizer: PreTrained
     return out
 
 
-LARGE_DATASET_ROWS = 100_000  # below this a map takes seconds: no progress bar
+LARGE_DATASET_ROWS = 100_000  # below these a map or a load takes seconds: no progress bar
+LARGE_DATA_BYTES = 100 << 20
 TOKENIZE_PIECE_CHARS = 1 << 16
 
 
@@ -474,6 +480,10 @@ def _pieces(text: str, size: int) -> Iterable[tuple[int, int]]:
             end = cut if cut > start else end
         yield start, end
         start = end
+
+
+def _bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 @contextmanager

@@ -8,6 +8,7 @@ the recipe overrides it. Every value is checked here, before a run writes anythi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,22 @@ def _bare_resume(overrides: list[str]) -> list[str]:
     return out
 
 
+def _refuse_non_finite(tokens: list[str], float_fields: set[str]) -> None:
+    """NaN or infinity in a numeric field, named before the dataclasses see it (TrainingArguments fails on an
+    infinite save_steps with an OverflowError that names no field)."""
+    for i, token in enumerate(tokens):
+        if not token.startswith("--"):
+            continue
+        name, eq, value = token[2:].partition("=")
+        value = value if eq else (tokens[i + 1] if i + 1 < len(tokens) else "")
+        try:
+            number = float(value)
+        except ValueError:
+            continue
+        if name in float_fields and not math.isfinite(number):
+            raise RecipeError(f"{name} must be a finite number, got {value}")
+
+
 def parse(recipe: dict[str, Any], overrides: list[str], source: str = "recipe"):
     """(model, task, badm, training) arguments from a recipe dict plus command-line overrides, all values checked."""
     from hf_badm.app.checks import check_values
@@ -139,6 +156,7 @@ def parse(recipe: dict[str, Any], overrides: list[str], source: str = "recipe"):
     if _given("save_steps", recipe, overrides) and not _given("save_strategy", recipe, overrides):
         merged["save_strategy"] = "steps"  # as in HF scripts: asking for a save interval means saving
     tokens = [t for k, v in merged.items() for t in _tokens(k, v)]
+    _refuse_non_finite(tokens + overrides, {a.dest for a in parser._actions if a.type is float})
     try:
         *parsed, rest = parser.parse_args_into_dataclasses(args=tokens + overrides, return_remaining_strings=True)
     except ValueError as err:  # a dataclass's own validation (BADMConfig, TrainingArguments)
