@@ -83,10 +83,14 @@ def quiet_environment() -> None:
 
 
 def quiet_run(args: TrainingArguments) -> None:
-    """No pin_memory warning where there is no accelerator to pin for; no loss_type notice."""
+    """Once the model and data are loaded (their downloads keep their progress bars): no pin_memory warning where
+    there is no accelerator to pin for, no loss_type notice, no progress bar per saved model shard."""
+    from transformers.utils import logging as hf_logging
+
     if args.dataloader_pin_memory and not _has_accelerator():
         args.dataloader_pin_memory = False
     logging.getLogger("transformers.modeling_utils").addFilter(_Unactionable())
+    hf_logging.disable_progress_bar()
 
 
 def _has_accelerator() -> bool:

@@ -91,6 +91,7 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     start-up checks. The first write takes the output_dir's lock (rank 0)."""
     resume = _start(model_args, task_args, badm, args)
     model, tokenizer, trained_here, ds, kwargs = _model_and_data(model_args, task_args, args)
+    quiet_run(args)
     fingerprint = weights_fingerprint(model)
     if task_args.optimizer == "badm":
         kwargs["badm_config"] = badm
@@ -219,7 +220,6 @@ def _start(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfi
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     if task_args.optimizer not in ("badm", "muon"):
         args.optim = task_args.optimizer
-    quiet_run(args)
     return resume
 
 
