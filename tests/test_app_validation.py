@@ -199,3 +199,18 @@ def test_per_sub_batch_under_deepspeed_is_refused_before_anything_starts(tmp_pat
     err = done.stderr.strip()
     assert done.returncode == 2 and err.startswith("hf-badm: error: ") and "DeepSpeed" in err, err
     assert len(err.splitlines()) <= 5 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({"train.txt": "a story\n" * 300, "train_extra.jsonl": '{"text": "b"}\n' * 300}, "mixes data file types"),
+    ({"train.jsonl": '{"text": "a"}\n' * 10, "test.jsonl": ""}, "test.jsonl is empty"),
+    ({"train.txt": "a story\n" * 10, "test.txt": " \n\t\n"}, "test.txt has only blank lines"),
+    ({"train.txt": "a story\n" * 10, "more.txt": b"\xff\xfe\x00bad" * 10}, "more.txt is not UTF-8"),
+    ({"README.md": "no data here\n"}, "holds no data file"),
+])
+def test_bad_files_in_a_data_folder_are_named(capsys, tmp_path, files, needle):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, content in files.items():
+        write(folder, name, content)
+    assert needle in refused(capsys, tmp_path, ["train", "--dataset", str(folder), *SMALL])

@@ -277,3 +277,16 @@ def test_compare_names_plain_and_preconditioned_badm_on_the_newton_schulz_recipe
     assert [runs[k]["optimizer"] for k in runs] == ["badm", "badm-newton_schulz"]
     assert runs["badm"]["train_loss"] != runs["badm-newton_schulz"]["train_loss"]
     assert "| badm |" in done.stdout and "| badm-newton_schulz |" in done.stdout
+
+
+@pytest.mark.parametrize("lr, warns", [(1e-2, True), (3e-2, True), (1.0, False), (3.0, False)])
+def test_plain_badm_warns_at_an_adamw_scale_learning_rate(lr, warns):
+    """The sweeps' plain-BADM optimum is lr 3; lr 1e-2 (AdamW's) barely trains and must say so."""
+    import warnings
+
+    from hf_badm.config import BADMConfig
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BADMConfig().optimizer_kwargs(lr)
+    assert any("AdamW learning rate" in str(w.message) for w in caught) == warns
