@@ -308,3 +308,22 @@ def test_tiny_gpt_learns_the_builtin_corpus(tokenizer, one_thread):
     assert score == exact_match(predictions, [e["completion"] for e in examples])
     own = [{"prompt": e["prompt"], "completion": f" {p}"} for e, p in zip(examples, predictions)]
     assert evaluate_exact_match(model, tokenizer, own, max_new_tokens=4) == 1.0
+
+
+def test_a_long_text_is_tokenized_in_pieces_to_the_same_blocks(tokenizer, monkeypatch):
+    """Pieces cut before whitespace give the ids of one call (special tokens once), so a huge single-line file
+    is tokenized in bounded memory without changing the data (docs/data.md)."""
+    import hf_badm.app.data as app_data
+
+    text = " ".join(generate_corpus(40, seed=3)).replace("\n", " ")
+    whole = tokenize_for_causal_lm(Dataset.from_dict({"text": [text, "a short one"]}), tokenizer, 16)
+    monkeypatch.setattr(app_data, "TOKENIZE_PIECE_CHARS", 200)
+    pieces = tokenize_for_causal_lm(Dataset.from_dict({"text": [text, "a short one"]}), tokenizer, 16)
+    assert len(text) > 20 * 200 and pieces["input_ids"] == whole["input_ids"]
+    spans = list(app_data._pieces(text, 200))
+    assert "".join(text[s:e] for s, e in spans) == text and all(text[e].isspace() for _, e in spans[:-1])
+
+
+def test_blank_texts_make_no_block_instead_of_failing(tokenizer):
+    with pytest.raises(ValueError, match="no full block"):
+        tokenize_for_causal_lm(Dataset.from_dict({"text": ["   ", "\n"] * 600}), tokenizer, 16)
