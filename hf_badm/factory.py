@@ -74,13 +74,13 @@ class SolveReport:
 
 def solve_report(model: nn.Module, config: BADMConfig | None = None) -> SolveReport:
     """The :class:`SolveReport` of the groups ``badm_param_groups(model, ..., config=config)`` makes."""
-    tensors: dict[str, int] = {}
-    parameters: dict[str, int] = {}
+    tensors = dict.fromkeys(_solve_settings(config), 0)
+    parameters = dict.fromkeys(_solve_settings(config), 0)
     left = []
     asked = LOCAL_SOLVES[(config or BADMConfig()).preconditioner]
     for name, (p, solve) in _assign_solves(model, config).items():
-        tensors[solve] = tensors.get(solve, 0) + 1
-        parameters[solve] = parameters.get(solve, 0) + math.prod(full_shape(p))
+        tensors[solve] += 1
+        parameters[solve] += math.prod(full_shape(p))
         if asked.orthogonalises and solve != asked.name and len(full_shape(p)) > 1:
             left.append(name)
     return SolveReport(tensors, parameters, tuple(left))

@@ -76,7 +76,7 @@ def build_model(job: dict, args: TrainingArguments) -> torch.nn.Module:
 
     family, build = job.get("family", "gpt2"), job.get("build", "before")
     if build == "before":
-        return tiny_model(family)
+        return _eager_experts(tiny_model(family))
     if args.deepspeed:
         import deepspeed
 
@@ -92,6 +92,13 @@ def build_model(job: dict, args: TrainingArguments) -> torch.nn.Module:
         model.loss_type = "ForCausalLM"  # as tiny_model: GPT-2 leaves it unset
     if job.get("init_from"):  # a reference run starts where the run it is compared with started
         model.load_state_dict(torch.load(job["init_from"], weights_only=True)["init"])
+    return _eager_experts(model)
+
+
+def _eager_experts(model: torch.nn.Module) -> torch.nn.Module:
+    """MoE experts through the plain per-expert loop: the grouped matmul kernel takes no float64."""
+    if any(p.dim() == 3 for p in model.parameters()):
+        model.set_experts_implementation("eager")
     return model
 
 
@@ -105,7 +112,63 @@ def full_params(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in params.items()}
 
 
-def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "none") -> tuple[dict[str, torch.Tensor], list[float]]:
+class CommMeter:
+    """Bytes that collectives materialise inside ``BADM.step`` on this rank: every tensor a collective reads or writes
+    there, each storage counted once per step (a buffer reused by a second collective is not new memory). Divided by
+    the rank's own fp32 share of the Newton-Schulz tensors it is the ratio docs/distributed.md tabulates."""
+
+    COLLECTIVES = ("all_to_all_single", "all_gather", "all_gather_into_tensor", "all_reduce", "broadcast",
+                   "reduce_scatter_tensor", "gather", "scatter", "all_to_all")
+
+    def __init__(self, opt: BADM) -> None:
+        self.calls: list[tuple[int, int]] = []  # (bytes, own fp32 NS share) of each BADM.step with an NS share
+        self._seen: dict[int, int] | None = None
+        for name in self.COLLECTIVES:
+            original = getattr(dist, name)
+            setattr(dist, name, self._counted(original))
+        step = opt.step
+
+        def metered_step(*args, **kwargs):
+            share = ns_share_bytes(opt)  # read in the step: ZeRO-3 puts each sub-group's partition in only then
+            self._seen = {}
+            try:
+                return step(*args, **kwargs)
+            finally:
+                if share:
+                    self.calls.append((sum(self._seen.values()), share))
+                self._seen = None
+
+        opt.step = metered_step
+
+    def _counted(self, original):
+        def collective(*args, **kwargs):
+            if self._seen is not None:
+                for t in _tensors(list(args) + list(kwargs.values())):
+                    storage = t.untyped_storage()
+                    self._seen[storage.data_ptr()] = max(self._seen.get(storage.data_ptr(), 0), storage.nbytes())
+            return original(*args, **kwargs)
+
+        return collective
+
+
+def _tensors(values: list) -> list[torch.Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out += _tensors(list(v))
+    return out
+
+
+def ns_share_bytes(opt: BADM) -> int:
+    """This rank's fp32 bytes of the tensors its Newton-Schulz groups step (a partition, a shard or whole matrices)."""
+    tensors = [p for g in opt.param_groups if opt.group_orthogonalises(g) for p in g["params"]]
+    return 4 * sum((p.to_local() if type(p).__name__ == "DTensor" else p).numel() for p in tensors)
+
+
+def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "none",
+              extra: dict | None = None, **parallel) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Fused BADM (with weight decay) on a float64 tiny GPT-2, sharded with torch's FSDP2 ``fully_shard`` when
     world > 1 (Accelerate enables FSDP only on GPUs). Each step: 8 sequences split over the ranks; every rank
     computes its mean loss and FSDP's reduce-scatter averages the gradients (equal token counts: the global mean).
@@ -123,7 +186,8 @@ def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "
         fully_shard(model)
     config = BADMConfig(preconditioner=preconditioner, **PENALTIES[preconditioner])
     opt = BADM(badm_param_groups(model, 0.01, config=config), **config.optimizer_kwargs(0.3))
-    prepare_for_ranks(opt, world)
+    prepare_for_ranks(opt, world, **{**config.parallel_kwargs(), **parallel})
+    meter = CommMeter(opt) if extra is not None else None
     ids = torch.tensor(chain_dataset()["input_ids"])
     per_rank = 8 // world
     trace = []
@@ -135,6 +199,8 @@ def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "
         opt.zero_grad()
         trace.append(loss.item())
     full = {n: (p.full_tensor() if world > 1 else p).detach().clone() for n, p in model.named_parameters()}
+    if meter is not None:
+        extra["comm"] = meter.calls
     return full, trace
 
 
@@ -174,14 +240,30 @@ class NewtonSchulzFlops(TrainerCallback):
         self._running = 0
 
 
+class MeterOnTrainBegin(TrainerCallback):
+    """A :class:`CommMeter` around the BADM a Trainer steps, once the engine has partitioned it."""
+
+    def __init__(self, trainer: Trainer, extra: dict) -> None:
+        self.trainer, self.extra = trainer, extra
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.meter = CommMeter(self.trainer.badm_optimizer)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.extra["comm"] = self.meter.calls
+
+
 def run_job(out: Path, job: dict) -> None:
     rank = int(os.environ.get("RANK", "0"))
     extra: dict = {}
     (out / job["name"]).mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # what ran, for the test that derives its 1-rank reference from it
+        (out / job["name"] / "job.json").write_text(json.dumps(job))
     if job.get("fsdp2"):
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        params, trace = fsdp2_run(job["steps"], rank, dist.get_world_size(), job.get("preconditioner", "none"))
+        params, trace = fsdp2_run(job["steps"], rank, dist.get_world_size(), job.get("preconditioner", "none"),
+                                  extra if job.get("meter") else None, **job.get("parallel", {}))
     else:
         try:
             trainer = trainer_job(out, job)
@@ -201,6 +283,8 @@ def run_job(out: Path, job: dict) -> None:
         counter = NewtonSchulzFlops(trainer) if job.get("preconditioner") == "newton_schulz" else None
         if counter is not None:
             trainer.add_callback(counter)
+        if job.get("meter"):
+            trainer.add_callback(MeterOnTrainBegin(trainer, extra))
         trainer.train(resume_from_checkpoint=job.get("resume"))
         params, trace = full_params(trainer), losses(trainer)
         if counter is not None:

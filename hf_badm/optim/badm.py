@@ -549,7 +549,7 @@ def _by_solve(group: dict[str, Any], params: list[Tensor]) -> list[tuple[LocalSo
     out: dict[str, tuple[LocalSolve, list[Tensor]]] = {}
     for p in params:
         solve = local_solve_for(group, p)
-        if group.get("strict") and solve.name != group["preconditioner"]:
+        if group.get("strict") and not solve.applies(p):
             raise ValueError(f"BADM: a param group asks {group['preconditioner']!r} for every tensor, but one of shape "
                              f"{tuple(p.shape)} is not a whole matrix it can act on (a ZeRO partition whose matrix "
                              "layout was never attached?): create BADM through BADMTrainer, the mixin or "

@@ -73,8 +73,12 @@ def register_local_solve(cls: type[LocalSolve]) -> type[LocalSolve]:
 
 
 def local_solve_for(group: dict[str, Any], p: Tensor) -> LocalSolve:
-    """The solve of ``p`` in ``group``: the group's preconditioner, or its fallback where it does not apply."""
+    """The solve of ``p`` in ``group``: the group's preconditioner, or its fallback where it does not apply. A
+    ``strict`` group has no fallback: every tensor is the group's solve's (whether it can act on it is checked
+    when the step runs, where an engine may since have said what the tensor is)."""
     solve = LOCAL_SOLVES[group["preconditioner"]]
+    if group.get("strict"):
+        return solve
     while not solve.applies(p) and solve.fallback is not None:
         solve = LOCAL_SOLVES[solve.fallback]
     return solve
