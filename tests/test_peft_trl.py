@@ -133,3 +133,27 @@ def test_exact_match_decoding_of_a_moe_model_with_router_logits(sft_setup):
     prompts = [row["prompt"] for row in data["test"].select(range(4))]
     out = generate_completions(moe, tokenizer, prompts, max_new_tokens=6)
     assert len(out) == 4 and moe.config.output_router_logits
+
+
+def test_trl_training_step_and_its_offload_context_run_once_per_sub_batch(tmp_path, sft_setup):
+    """SFTTrainer.training_step enters its activation-offloading context (offloading itself needs an accelerator, so
+    the context here is a counting one); per-sub-batch runs that step, and so enters the context, per sub-batch."""
+    tokenizer, data, config = sft_setup
+    torch.manual_seed(0)
+    trainer = BADMSFTTrainer(model=LlamaForCausalLM(config), args=sft_args(tmp_path, max_steps=3, gradient_accumulation_steps=2),
+                             train_dataset=data["train"], processing_class=tokenizer,
+                             badm_config=BADMConfig(mode="per_sub_batch", sigma=3.0, sub_batches_per_micro_batch=2))
+    entered = []
+
+    class Counted:  # entered as TRL enters its offloading context: once per training_step call
+        def __enter__(self):
+            entered.append(trainer.state.global_step)
+
+        def __exit__(self, *exc):
+            return False
+
+    trainer.maybe_activation_offload_context = Counted()
+    trainer.train()
+    assert entered == [0] * 4 + [1] * 4 + [2] * 4  # steps x (2 micro-batches x 2 sub-batches)
+    assert trainer.badm_optimizer.sub_batches_last_step == 4
+

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import Trainer
 
-from hf_badm import BADM, BADMConfig, BADMMetricsCallback, BADMTrainer, create_badm_optimizer
+from hf_badm import BADM, BADMConfig, BADMMetricsCallback, BADMTrainer, BADMTrainerMixin, create_badm_optimizer
 from hf_badm.factory import badm_optimizer_cls_and_kwargs, decay_parameter_names
 from hf_badm.optim.defaults import RHO_OVER_SIGMA
 from hf_badm.trainer import count_loss_items
@@ -286,3 +287,58 @@ def test_per_sub_batch_optimizer_in_a_plain_trainer_is_refused(tmp_path):
                       optimizers=create_badm_optimizer(model, args, mode="per_sub_batch"))
     with pytest.raises(RuntimeError, match="absorb_sub_batch"):
         trainer.train()
+
+
+class _StepRecorder(Trainer):
+    """A trainer with its own training_step (as TRL's SFTTrainer has): records the rows of every call."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.calls.append(inputs["input_ids"].shape[0])
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class _BADMStepRecorder(BADMTrainerMixin, _StepRecorder):
+    calls: list[int]
+
+
+def test_per_sub_batch_runs_the_mixed_in_training_step_once_per_sub_batch(tmp_path):
+    trainer = _BADMStepRecorder(model=tiny_model(), args=tiny_args(tmp_path, gradient_accumulation_steps=2, max_steps=3),
+                                train_dataset=chain_dataset(),
+                                badm_config=BADMConfig(mode="per_sub_batch", sub_batches_per_micro_batch=2))
+    trainer.calls = []
+    trainer.train()
+    assert trainer.calls == [2] * (3 * 2 * 2)  # steps x micro-batches x sub-batches, each of 4 / 2 rows
+
+
+def test_per_sub_batch_absorbs_the_mean_loss_gradient_whatever_the_step_scales(tmp_path):
+    """What a compute_loss override returns is the loss (here doubled); the Trainer's division by the accumulation
+    steps is not: per-sub-batch still equals fused, and every logged grad_norm is the sub-batches' (> 0)."""
+
+    class Doubled(BADMTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            return 2 * super().compute_loss(model, inputs, *args, **kwargs)
+
+    runs = {}
+    for mode in ("fused", "per_sub_batch"):
+        trainer = Doubled(model=tiny_model("gpt2").double(),
+                          args=tiny_args(tmp_path / mode, gradient_accumulation_steps=4, max_steps=10, max_grad_norm=0.0),
+                          train_dataset=chain_dataset(), badm_config=BADMConfig(mode=mode))
+        trainer.train()
+        runs[mode] = trainer
+    assert max_rel_diff(runs["per_sub_batch"].model, runs["fused"].model) <= 1e-5
+    norms = [h["grad_norm"] for h in runs["per_sub_batch"].state.log_history if "loss" in h]
+    assert len(norms) == 10 and all(n > 0 for n in norms)
+
+
+@pytest.mark.parametrize("change", ["missing", "other parameters"])
+def test_a_changed_private_trainer_hook_fails_at_start_up_naming_the_versions(tmp_path, monkeypatch, change):
+    if change == "missing":
+        monkeypatch.delattr(Trainer, "_get_num_items_in_batch")
+    else:
+        monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", lambda self, output_dir, state: None)
+    with pytest.raises(RuntimeError) as raised:
+        BADMTrainer(model=tiny_model(), args=tiny_args(tmp_path), train_dataset=chain_dataset())
+    message = str(raised.value)
+    assert "\n" not in message and f"transformers {transformers.__version__}" in message
+    assert "supported: transformers>=" in message
+    assert ("_get_num_items_in_batch" if change == "missing" else "_save_optimizer_and_scheduler(output_dir, state)") in message
