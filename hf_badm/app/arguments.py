@@ -6,12 +6,16 @@ Dataclasses for ``HfArgumentParser``: every field is a YAML key of a recipe and 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Optional
 
 FAMILIES = ("gpt2", "llama", "mixtral", "qwen2_moe")
 SIZES = {"tiny": dict(hidden=64, layers=2, heads=4), "small": dict(hidden=128, layers=4, heads=4)}
 TASKS = ("pretrain", "finetune", "sft", "lora-sft")
 SFT_TASKS = ("sft", "lora-sft")
+# transformers 4.x's TrainingArguments has a field of that name (which its Trainer leaves unused): there the option is
+# TrainingArguments', and recipe.parse copies its value here.
+OVERWRITE_IN_TRAINING_ARGS = int(metadata.version("transformers").split(".")[0]) < 5
 
 DATASET_HELP = (
     "'builtin' (generated corpus / instruction tasks); a local .txt (a row per line), .jsonl, .json, .parquet or .csv "
@@ -65,7 +69,7 @@ class TaskArguments:
     max_skipped_steps: int = field(default=10, metadata={
         "help": "Stop the run (exit 1, no model written) after this many consecutive optimizer steps skipped for "
                 "non-finite gradients (BADM's nonfinite: skip)."})
-    overwrite_output_dir: bool = field(default=False, metadata={
+    overwrite_output_dir: bool = field(default=False, init=not OVERWRITE_IN_TRAINING_ARGS, metadata={
         "help": "Replace a finished run in output_dir (its model, metrics and checkpoints). Without it, a run into an "
                 "output_dir that holds a model or metrics.json is refused, and one that holds only checkpoints must "
                 "resume (--resume_from_checkpoint) or overwrite."})

@@ -299,7 +299,8 @@ def generate_completions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     out: list[str] = []
     try:
         for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True).to(model.device)
+            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True,
+                            return_token_type_ids=False).to(model.device)  # generate() of transformers 4.x refuses them
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,8 @@ def recipe_parser(task: str = "pretrain"):
     if task in SFT_TASKS:
         from trl import SFTConfig as TrainingArguments  # noqa: N814
     parser = HfArgumentParser((ModelArguments, TaskArguments, BADMConfig, TrainingArguments), allow_abbrev=False)
+    for action in parser._actions:  # transformers 4.x has a help text with a bare '%', which argparse would expand
+        action.help = re.sub(r"%[%(]?", lambda m: m[0] if len(m[0]) == 2 else "%%", action.help or "") or action.help
     parser.prog, parser.usage = "hf-badm train", "hf-badm train RECIPE.yaml [--field value ...]"
     parser.error = _argument_error  # argparse would print its usage and exit; the app raises instead
     return parser
@@ -142,6 +145,7 @@ def _refuse_non_finite(tokens: list[str], float_fields: set[str]) -> None:
 
 def parse(recipe: dict[str, Any], overrides: list[str], source: str = "recipe"):
     """(model, task, badm, training) arguments from a recipe dict plus command-line overrides, all values checked."""
+    from hf_badm.app.arguments import OVERWRITE_IN_TRAINING_ARGS
     from hf_badm.app.checks import check_values
 
     overrides = _bare_resume(overrides)
@@ -163,5 +167,7 @@ def parse(recipe: dict[str, Any], overrides: list[str], source: str = "recipe"):
         raise RecipeError(str(err).strip().splitlines()[0]) from None
     if rest:
         raise RecipeError(f"unknown argument(s) {' '.join(rest)} (see `hf-badm train --help`)")
+    if OVERWRITE_IN_TRAINING_ARGS:
+        parsed[1].overwrite_output_dir = parsed[3].overwrite_output_dir
     check_values(*parsed)
     return parsed
