@@ -32,6 +32,7 @@ import transformers
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.utils import logging
 
 from hf_badm.config import BADMConfig
@@ -224,7 +225,10 @@ class BADMTrainerMixin:
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The Trainer loads optimizer.pt (rank 0's slots); per-sub-batch then takes this rank's own slots
         when the layout (world size, slots per rank) is unchanged, and re-slots all ranks' otherwise."""
-        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self._cpu_ranks_without_engine():
+            _load_on_cpu(self.optimizer, self.lr_scheduler, checkpoint)
+        else:
+            super()._load_optimizer_and_scheduler(checkpoint)
         opt = self._per_sub_batch_optimizer()
         if checkpoint is None or opt is None or not opt.state:
             return
@@ -246,6 +250,12 @@ class BADMTrainerMixin:
                                         f"{missing} are not visible here (checkpoints on a shared filesystem?)")
             states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
         opt.load_state_dict(reslot_state_dict(states, slots))
+
+    def _cpu_ranks_without_engine(self) -> bool:
+        # transformers < 5.18 maps optimizer.pt to args.device, which on CPU ranks is 'cpu:0': torch.load cannot
+        # restore that location, so the Trainer's own load fails on every CPU multi-process resume
+        return self.args.world_size > 1 and self.args.device.type == "cpu" and not (self.is_deepspeed_enabled or
+                                                                                   self.is_fsdp_enabled)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """BADM over the trainable parameters (the Trainer's decay rule); on several ranks it gets what it needs
@@ -336,6 +346,14 @@ def _loss_shifts_labels(model: nn.Module) -> bool:
 
 def _batch_len(inputs: dict[str, Any]) -> int:
     return next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def _load_on_cpu(optimizer: torch.optim.Optimizer, scheduler: Any, checkpoint: str) -> None:
+    """The Trainer's load of optimizer.pt and scheduler.pt (when both are there), mapped to the CPU."""
+    paths = [os.path.join(checkpoint, name) for name in (OPTIMIZER_NAME, SCHEDULER_NAME)]
+    if all(os.path.isfile(path) for path in paths):
+        optimizer.load_state_dict(torch.load(paths[0], map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(torch.load(paths[1], map_location="cpu", weights_only=True))
 
 
 def _shifted_labels(batch: Any) -> Any:
