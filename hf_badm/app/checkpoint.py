@@ -37,14 +37,12 @@ def verify_checkpoint(checkpoint: str, args: TrainingArguments, allow_partial: b
     ckpt = Path(checkpoint)
     _read_state(ckpt / "trainer_state.json")
     missing: list[tuple[str, str]] = []
-    engine = bool(args.deepspeed or args.fsdp)
-    if not args.deepspeed:
+    if args.deepspeed:  # DeepSpeed keeps optimizer and schedule in the folder its `latest` file names
+        tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None
+        missing += [] if tag and (ckpt / tag).is_dir() else [(f"{tag}/" if tag else "latest", "latest")]
+    else:
         missing += _need(ckpt, "scheduler.pt", "scheduler.pt")
-    if args.deepspeed:
-        missing += _need(ckpt, "latest", "latest")
-        if (ckpt / "latest").is_file() and not (ckpt / (ckpt / "latest").read_text().strip()).is_dir():
-            missing.append((f"{(ckpt / 'latest').read_text().strip()}/", "latest"))
-    elif not engine:
+    if not (args.deepspeed or args.fsdp):  # FSDP and DeepSpeed save sharded optimizer and weights their own way
         missing += _need(ckpt, "optimizer.pt", "optimizer.pt")
         if not any((ckpt / w).is_file() for w in WEIGHTS):
             missing.append((WEIGHTS[0], "weights"))
@@ -114,4 +112,5 @@ def _check_readable(path: Path) -> None:
         elif path.suffix == ".json":
             json.loads(path.read_text())
     except Exception as err:  # noqa: BLE001 (zip, safetensors and json fail with many types)
-        raise RecipeError(f"resume_from_checkpoint: {path} is unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RecipeError(f"resume_from_checkpoint: {path} is unreadable ({reason})") from None
