@@ -222,7 +222,9 @@ class NewtonSchulzFlops(TrainerCallback):
         self.trainer, self.flops, self._running = trainer, [], 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        opt = self.trainer.badm_optimizer
+        from hf_badm.trainer import find_badm
+
+        opt = find_badm(self.trainer.optimizer)
         inner = opt.orthogonalizer
 
         def counted(params, inputs, steps, dtype):
@@ -247,7 +249,9 @@ class MeterOnTrainBegin(TrainerCallback):
         self.trainer, self.extra = trainer, extra
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.meter = CommMeter(self.trainer.badm_optimizer)
+        from hf_badm.trainer import find_badm
+
+        self.meter = CommMeter(find_badm(self.trainer.optimizer))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.extra["comm"] = self.meter.calls
