@@ -29,16 +29,17 @@ def decay_parameter_names(model: nn.Module) -> list[str]:
 
 
 def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[str] | None = None,
-                      config: BADMConfig | None = None) -> list[dict]:
+                      config: BADMConfig | None = None, *, require_matrix: bool = True) -> list[dict]:
     """Trainable parameters only, split into decay / no-decay groups by the Trainer's own rule
     (``Trainer.get_decay_parameter_names``: biases and norm weights get no decay). With an orthogonalising
     preconditioner (newton_schulz), the hidden weight matrices and stacks of expert matrices, judged by their whole
     shape (:func:`hf_badm.parallel.full_shape`, so a ZeRO-3 partition made by ``zero.Init`` counts as the matrix it
     is), go to ``strict`` groups (a tensor there that cannot be orthogonalised is an error at the first step, never a
     silent other solve); embeddings, the LM head and 1-D tensors go to groups of their own with
-    ``config.group_overrides()``. Asking to orthogonalise a model with no such matrix is an error."""
+    ``config.group_overrides()``. Asking to orthogonalise a model with no such matrix is an error (unless
+    ``require_matrix=False``: the Muon peer then takes AdamW alone)."""
     decay = set(decay_parameter_names(model) if decay_names is None else decay_names)
-    solves = _assign_solves(model, config)
+    solves = _assign_solves(model, config, require_matrix)
     named = [(n, p) for n, (p, _) in solves.items()]
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
@@ -94,7 +95,8 @@ def _solve_settings(config: BADMConfig | None) -> dict[str, dict[str, Any]]:
     return {config.preconditioner: {"strict": True}, overrides["preconditioner"]: overrides}
 
 
-def _assign_solves(model: nn.Module, config: BADMConfig | None) -> dict[str, tuple[nn.Parameter, str]]:
+def _assign_solves(model: nn.Module, config: BADMConfig | None,
+                   require_matrix: bool = True) -> dict[str, tuple[nn.Parameter, str]]:
     """Each trainable parameter's local solve, by the solve's rule on its whole shape (embeddings excluded)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -106,7 +108,7 @@ def _assign_solves(model: nn.Module, config: BADMConfig | None) -> dict[str, tup
     _refuse_expert_parallel(model)
     solve, embeddings = LOCAL_SOLVES[first], _embedding_ids(model)
     out = {n: (p, first if solve.takes_shape(full_shape(p)) and id(p) not in embeddings else rest[0]) for n, p in named}
-    if all(s != first for _, s in out.values()):
+    if require_matrix and all(s != first for _, s in out.values()):
         raise ValueError(f"preconditioner={first!r} found no hidden weight matrix to act on among the trainable "
                          f"parameters (all are embeddings, heads or 1-D): choose an elementwise preconditioner")
     return out

@@ -16,7 +16,7 @@ Defaults, and why (``hf_badm.optim.defaults``):
 - ``adjust_lr_fn=None`` (torch's "original", Keller Jordan's): the update of an ``A x B`` matrix is
   scaled by ``sqrt(max(1, A/B))``, exactly BADM newton_schulz's ``sqrt(max(1, rows/cols))``. With it,
   Muon at lr ``x`` and fused BADM newton_schulz at ``rho = sigma = 1/x`` take the same step on every
-  hidden matrix (BADM.md section 6; up to torch's bfloat16 Newton-Schulz). ``"match_rms_adamw"``
+  hidden matrix (docs/preconditioners.md; up to torch's bfloat16 Newton-Schulz). ``"match_rms_adamw"``
   (Moonshot's ``0.2 sqrt(max(A, B))``) would be about 2-5x larger on these models' matrices and put
   Muon on an AdamW lr scale, so BADM's tuned 0.03 would not carry over.
 - AdamW lr of the other tensors = ``MUON_ADAMW_LR`` = 1 / ``ELEMENTWISE_SIGMA["normalized"]`` = 0.1:
@@ -45,7 +45,7 @@ __all__ = ["MUON_ADAMW_LR", "MuonWithAdamW", "create_muon_optimizer", "muon_para
 
 # The AdamW lr of the tensors Muon does not orthogonalise: BADM newton_schulz's elementwise lr on the same tensors.
 MUON_ADAMW_LR = 1.0 / ELEMENTWISE_SIGMA["normalized"]
-_BADM_KEYS = ("preconditioner", "sigma", "rho")
+_BADM_KEYS = ("preconditioner", "sigma", "rho", "strict")
 
 
 def muon_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[dict]]:
@@ -55,11 +55,17 @@ def muon_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict]
     from hf_badm.config import BADMConfig
     from hf_badm.factory import badm_param_groups
 
-    groups = badm_param_groups(model, weight_decay, config=BADMConfig(preconditioner="newton_schulz"))
-    hidden = [g for g in groups if "preconditioner" not in g]
-    rest = [{k: v for k, v in g.items() if k not in _BADM_KEYS} for g in groups if "preconditioner" in g]
-    hidden = [{k: v for k, v in g.items() if k not in _BADM_KEYS} for g in hidden]
-    return hidden, rest
+    groups = badm_param_groups(model, weight_decay, config=BADMConfig(preconditioner="newton_schulz"),
+                               require_matrix=False)
+    # torch.optim.Muon takes 2-D parameters only: fused MoE expert stacks (3-D) go to AdamW, as its users do
+    hidden = [{**g, "params": [p for p in g["params"] if p.dim() == 2]} for g in groups if "preconditioner" not in g]
+    rest = [g for g in groups if "preconditioner" in g] + [
+        {**g, "params": [p for p in g["params"] if p.dim() != 2]} for g in groups if "preconditioner" not in g]
+    return _without_badm_keys(hidden), _without_badm_keys(rest)
+
+
+def _without_badm_keys(groups: list[dict]) -> list[dict]:
+    return [{k: v for k, v in g.items() if k not in _BADM_KEYS} for g in groups if g["params"]]
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

@@ -140,7 +140,7 @@ class BADMMetricsCallback(TrainerCallback):
         # only the step's lr here (the scheduler moves it next); the norms are computed when a log needs them
         self._badm = find_badm(self.optimizer if self.optimizer is not None else optimizer)
         if self._badm is not None:
-            self._step_size = self._badm.param_groups[0]["lr"]
+            self._step_size = self._badm.main_group()["lr"]
 
     @property
     def latest(self) -> dict[str, float]:

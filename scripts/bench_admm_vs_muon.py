@@ -1,5 +1,5 @@
 """Where could the ADMM part of BADM add to Muon? Fused ``newton_schulz`` at rho = sigma is Muon on the hidden
-matrices (BADM.md section 6); this study runs the settings where BADM differs from Muon, against Muon, at the
+matrices (docs/preconditioners.md); this study runs the settings where BADM differs from Muon, against Muon, at the
 learning rates the convergence sweeps found best (``scripts/bench_convergence.py``, docs/benchmarks.md):
 
 - ``muon``: torch's Muon on the hidden matrices, AdamW (lr 0.1) on the rest (``hf_badm.peers``);

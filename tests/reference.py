@@ -1,4 +1,4 @@
-"""A deliberately literal, slow BADM (../shared/BADM.md §2): per-slot w_s and pi_s, aggregation as written.
+"""A deliberately literal, slow BADM (docs/algorithm.md §2): per-slot w_s and pi_s, aggregation as written.
 
 Used only by the tests; it shares no code with hf_badm.
 """

@@ -39,7 +39,7 @@ def sign_of_average():
 
 
 def literal_sign_of_average(mode: str, sigma: float, rho: float, steps: int) -> list[torch.Tensor]:
-    """BADM.md §2's slots with d_s = sign(EMA of g_s) per slot (per_sub_batch) or of the mean gradient (fused)."""
+    """docs/algorithm.md §2's slots with d_s = sign(EMA of g_s) per slot (per_sub_batch) or of the mean gradient (fused)."""
     net = make_net()
     params = list(net.parameters())
     ref = LiteralBADM(params, sigma, rho)

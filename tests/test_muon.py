@@ -49,7 +49,7 @@ def test_fused_newton_schulz_at_rho_equal_sigma_is_muon(foreach):
 
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
 def test_newton_schulz_is_badm_over_nesterov_ns_directions(mode):
-    """The literal slots of BADM.md §2 with d_s in place of g_s: per-sub-batch, each slot's own Nesterov
+    """The literal slots of docs/algorithm.md §2 with d_s in place of g_s: per-sub-batch, each slot's own Nesterov
     NS momentum (unequal, changing weights); fused, every slot takes the direction of the mean gradient."""
     net = matrix_net()
     sigma, rho, wd = 20.0, 50.0, 0.05

@@ -203,3 +203,23 @@ def test_newton_schulz_with_second_moment_elementwise_tensors(tmp_path):
     assert opt.param_groups[0]["rho"] == pytest.approx(30.0)  # newton_schulz: rho = sigma by default
     with pytest.raises(ValueError, match="elementwise_preconditioner"):
         BADMConfig(elementwise_preconditioner="newton_schulz")
+
+
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_metrics_are_reported_per_local_solve_by_role(mode):
+    """A newton_schulz optimizer with a normalized group: the plain names belong to newton_schulz (the optimizer's own
+    solve), the other solve's carry its name, whatever the groups' order; fused at rho = sigma the matrices keep no
+    dual (Muon), so neither beta nor a dual norm is logged for them."""
+    net = make_net()
+    vectors = [p for p in net.parameters() if p.dim() == 1]
+    matrices = [p for p in net.parameters() if p.dim() == 2]
+    opt = BADM([{"params": vectors, "preconditioner": "normalized", "sigma": 10.0, "rho": 90.0}, {"params": matrices}],
+               sigma=30.0, mode=mode, preconditioner="newton_schulz")
+    run_steps(net, opt, 2, mode=mode)
+    m = opt.metrics()
+    assert m["badm_step_size"] == pytest.approx(1 / 30.0) and m["badm_step_size/normalized"] == pytest.approx(0.1)
+    assert m["badm_beta/normalized"] == pytest.approx(0.9) and m["badm_dual_norm/normalized"] > 0
+    if mode == "fused":
+        assert "badm_beta" not in m and "badm_dual_norm" not in m
+    else:
+        assert m["badm_beta"] == pytest.approx(0.5) and m["badm_dual_norm"] > 0

@@ -135,7 +135,8 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
         run_recipe = {**recipe, "optimizer": optimizer, "output_dir": str(out / optimizer)}
         if optimizer == "badm" or optimizer.startswith("badm-"):  # the paper's BADM unless a preconditioner is named
             run_recipe.update(optimizer="badm", preconditioner=optimizer.removeprefix("badm").removeprefix("-") or "none")
-        lr = lrs.get(optimizer, DEFAULT_LEARNING_RATES.get(optimizer))
+        own_scale = optimizer != "badm" or recipe.get("preconditioner", "none") != "none"  # else: the recipe's lr
+        lr = lrs.get(optimizer, DEFAULT_LEARNING_RATES.get(optimizer) if own_scale else None)
         if lr is not None:
             run_recipe["learning_rate"] = lr
         model_args, task_args, _, args = parse(run_recipe, overrides, f"{recipe_path or name} ({optimizer})")

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_badm.optim import solves  # noqa: F401  (registers the built-in local solves)
 from hf_badm.optim.defaults import default_rho
@@ -202,6 +203,7 @@ class BADM(Optimizer):
         # weight sum; must sum both over ranks (in place for the tensors) and return the global sum.
         self.aggregator: Callable[[list[Tensor], float], float] | None = None
         self.ns_dtype = ns_dtype
+        self._dual_roles = WeakIdKeyDictionary()  # parameter -> the local solve whose dual it keeps (metrics)
         # Seam for Newton-Schulz work (see the class docstring): all matrices of a step in one call.
         self.orthogonalizer: Orthogonalizer = local_orthogonalizer
         super().__init__(params, defaults)
@@ -317,7 +319,7 @@ class BADM(Optimizer):
             group, ps = part.group, part.params
             lr, beta, inv_rho = self._coefficients(group)
             decay = 1.0 - group["weight_decay"] * lr
-            bufs = [self._dual_buffer(p) for p in ps] if keeps_dual(group, part.solve) else None
+            bufs = [self._dual_buffer(p, part.solve.name) for p in ps] if keeps_dual(group, part.solve) else None
             if part.gains is not None:
                 kernel = _fused_gain_foreach if part.foreach else _fused_gain_single
                 kernel(ps, part.directions, bufs, part.gains, lr=lr, decay=decay)
@@ -332,10 +334,12 @@ class BADM(Optimizer):
             state.update(solve.new_state(p))
         return state
 
-    def _dual_buffer(self, p: Tensor) -> Tensor:
+    def _dual_buffer(self, p: Tensor, solve: str) -> Tensor:
         state = self.state[p]
         if "momentum" not in state:
             state["momentum"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if p not in self._dual_roles:  # which solve's dual this is, for metrics() (after a resume: set here again)
+            self._dual_roles[p] = solve
         return state["momentum"]
 
     def _orthogonalise(self, parts: list[_Part]) -> None:
@@ -408,6 +412,8 @@ class BADM(Optimizer):
         """Slot ``slot``'s solve state of ``p`` (created up to that slot), as the solve's own keys."""
         state = self._slot_state(p)
         duals = state["duals"]
+        if p not in self._dual_roles:
+            self._dual_roles[p] = solve.name
         while len(duals) <= slot:
             duals.append(torch.zeros_like(p, memory_format=torch.preserve_format))
         if solve.state_keys:
@@ -486,26 +492,46 @@ class BADM(Optimizer):
             self.skipped_steps, self.skipped_sub_batches = extra["skipped_steps"], extra["skipped_sub_batches"]
             self.sub_batches_last_step = extra["sub_batches_last_step"]
 
+    def main_group(self) -> dict[str, Any]:
+        """The first param group of the optimizer's own local solve (``preconditioner=``): whose step size and beta the
+        plain ``badm_*`` metrics report (the groups' order, and under ZeRO-3 their contents, are not a role)."""
+        main = self.defaults["preconditioner"]
+        return next((g for g in self.param_groups if g["preconditioner"] == main), self.param_groups[0])
+
     @torch.no_grad()
     def metrics(self) -> dict[str, float]:
-        """Step size 1/σ_t and β = ρ/(ρ+σ) (first group), dual norm, sub-batches in the last step and skipped
-        counts, for logging. Step sizes rather than σ_t, ρ_t: they stay finite where the schedule factor is 0 (the
-        first warm-up step), and σ_t = 1/badm_step_size, ρ_t = σ_t β/(1-β).
+        """Per local solve, its step size 1/σ_t and, where it keeps BADM's dual, β = ρ/(ρ+σ) and the dual norm;
+        sub-batches in the last step and skipped counts. The optimizer's own solve (``preconditioner=``) reports
+        under plain names (``badm_beta``), every other solve of a mixed run with its name (``badm_beta/normalized``).
+        Step sizes rather than σ_t, ρ_t: they stay finite where the schedule factor is 0 (the first warm-up step),
+        and σ_t = 1/badm_step_size, ρ_t = σ_t β/(1-β).
 
         Dual norm: fused, the norm of the aggregated dual ``||sum_s alpha_s pi_s|| = ||m||``;
-        per-sub-batch, the root-mean-square over slots of ``||pi_s||``."""
-        lr, beta, _ = self._coefficients(self.param_groups[0])
+        per-sub-batch, the root-mean-square over slots of ``||pi_s||``. A solve that keeps no dual (newton_schulz
+        at rho = sigma: Muon) logs neither β nor a dual norm."""
+        main = self.defaults["preconditioner"]
+        out: dict[str, float] = {}
+        groups = {g["preconditioner"]: g for g in reversed(self.param_groups)}  # the first group of each solve
         # over self.state, not param_groups: ZeRO-3 swaps its partitions into param_groups only during step()
-        if self.mode == "fused":
-            tensors = [s["momentum"] for s in self.state.values() if "momentum" in s]
-        else:
-            tensors = [d for s in self.state.values() for d in s.get("duals", [])]
-        sq = sum(float(n) ** 2 for n in torch._foreach_norm(tensors)) if tensors else 0.0
-        if self.mode == "per_sub_batch" and tensors:
-            sq /= self.slots
-        return {"badm_step_size": lr, "badm_beta": beta, "badm_dual_norm": math.sqrt(sq),
-                "badm_sub_batches": float(self.sub_batches_last_step), "badm_skipped_steps": float(self.skipped_steps),
-                "badm_skipped_sub_batches": float(self.skipped_sub_batches)}
+        key = "momentum" if self.mode == "fused" else "duals"
+        duals: dict[str, list[Tensor]] = {}
+        for p, state in self.state.items():
+            if key in state:
+                found = state[key] if isinstance(state[key], list) else [state[key]]
+                duals.setdefault(self._dual_roles.get(p, main), []).extend(found)
+        for name, group in sorted(groups.items(), key=lambda item: item[0] != main):
+            suffix = "" if name == main else f"/{name}"
+            lr, beta, _ = self._coefficients(group)
+            out[f"badm_step_size{suffix}"] = lr
+            if name in duals or (self.mode != "fused" or keeps_dual(group, LOCAL_SOLVES[name])):
+                tensors = duals.get(name, [])
+                sq = sum(float(n) ** 2 for n in torch._foreach_norm(tensors)) if tensors else 0.0
+                if self.mode == "per_sub_batch" and tensors:
+                    sq /= self.slots
+                out[f"badm_beta{suffix}"], out[f"badm_dual_norm{suffix}"] = beta, math.sqrt(sq)
+        out.update(badm_sub_batches=float(self.sub_batches_last_step), badm_skipped_steps=float(self.skipped_steps),
+                   badm_skipped_sub_batches=float(self.skipped_sub_batches))
+        return out
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The math the local solves share (hf_badm.optim.solves; ../shared/BADM.md §6): the second-moment EMA
+"""The math the local solves share (hf_badm.optim.solves; docs/preconditioners.md): the second-moment EMA
 and its RMS denominator, and Newton-Schulz orthogonalisation, batched over matrices of one shape.
 
 Written in step sizes where a schedule enters: ``ratio`` = rho/sigma is fixed under a schedule.
