@@ -67,6 +67,8 @@ def test_newton_schulz_pretrain_recipe(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     badm = assert_run_written(tmp_path / "ns")["recipe"]["badm"]
     assert (badm["preconditioner"], badm["elementwise_preconditioner"]) == ("newton_schulz", "normalized")
+    report = [line for line in done.stdout.splitlines() if line.startswith("hf_badm: local solves:")]
+    assert len(report) == 1 and "newton_schulz 8 tensors" in report[0] and "lm_head.weight" in report[0]
 
 
 def test_llama_pretrain_then_lora_sft_recipes(tmp_path):

@@ -276,6 +276,7 @@ def test_compare_names_plain_and_preconditioned_badm_on_the_newton_schulz_recipe
     assert runs["badm-newton_schulz"]["recipe"]["badm"]["preconditioner"] == "newton_schulz"
     assert [runs[k]["optimizer"] for k in runs] == ["badm", "badm-newton_schulz"]
     assert runs["badm"]["train_loss"] != runs["badm-newton_schulz"]["train_loss"]
+    assert runs["badm"]["recipe"]["learning_rate"] == 3.0  # plain BADM's own scale, not the recipe's 0.03
     assert "| badm |" in done.stdout and "| badm-newton_schulz |" in done.stdout
 
 

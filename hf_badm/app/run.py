@@ -32,6 +32,7 @@ from hf_badm.app.launch import announce_deepspeed_build, quiet_run, warn_single_
 from hf_badm.app.output import OutputDirLock, check_output_dir, latest_checkpoint
 from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
 from hf_badm.config import BADMConfig
+from hf_badm.factory import solve_report
 from hf_badm.trainer import BADMTrainer, BADMTrainerMixin
 
 
@@ -95,6 +96,8 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
     fingerprint = weights_fingerprint(model)
     if task_args.optimizer == "badm":
         kwargs["badm_config"] = badm
+        if args.process_index == 0:
+            print(solve_report(model, badm), flush=True)  # what went where: matrices, experts, embeddings
     elif task_args.optimizer == "muon":
         from hf_badm.peers import create_muon_optimizer
 
