@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS
-from hf_badm.optim.local_solve import LOCAL_SOLVES
+from hf_badm.optim.defaults import default_rho
+from hf_badm.optim.local_solve import LOCAL_SOLVES, check_settings, elementwise_solves, setting_defaults
 from hf_badm.optim.preconditioned import NS_DTYPES
 from hf_badm.parallel.orthogonalize import COMM_DTYPES, DEFAULT_BUCKET_NUMEL
-from hf_badm.optim.defaults import ADAM_SCALE_MAX_LR, ELEMENTWISE_SIGMA, SGD_SCALE_MIN_LR, default_rho
 
 WEIGHTINGS = ("items", "uniform")
-ELEMENTWISE = ("second_moment", "normalized")
+ELEMENTWISE = elementwise_solves()  # the built-in solves offered for the tensors an orthogonalising solve leaves
 
 
 @dataclass
@@ -74,6 +74,12 @@ class BADMConfig:
                           "(embeddings, LM head, norms, biases). 'normalized' won the sweeps at both sizes.",
                   "choices": list(ELEMENTWISE)},
     )
+    solve_settings: str = field(
+        default="",
+        metadata={"help": "Settings of the local solves, comma-separated key=value (each solve's file lists its own, "
+                          "e.g. ns_coefficients=polar_express,ns_lr_scale=match_rms_adamw,beta2=0.99); every param "
+                          "group takes them."},
+    )
     elementwise_sigma: Optional[float] = field(
         default=None,
         metadata={"help": "newton_schulz: sigma of the parameters that are not hidden weight matrices (embeddings, "
@@ -108,7 +114,8 @@ class BADMConfig:
                                       or not math.isfinite(value) or value <= 0):
                 raise ValueError(f"BADMConfig.{name} must be a finite number > 0 (or None), got {value!r}")
         for name, allowed in (("mode", MODES), ("sub_batch_weights", WEIGHTINGS), ("nonfinite", NONFINITE),
-                              ("preconditioner", tuple(LOCAL_SOLVES)), ("elementwise_preconditioner", ELEMENTWISE),
+                              ("preconditioner", tuple(LOCAL_SOLVES)),
+                              ("elementwise_preconditioner", elementwise_solves()),
                               ("ns_dtype", tuple(NS_DTYPES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"BADMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -119,6 +126,22 @@ class BADMConfig:
         k = self.sub_batches_per_micro_batch
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"BADMConfig.sub_batches_per_micro_batch must be an integer >= 1, got {k!r}")
+        try:
+            check_settings(self.settings())
+        except ValueError as e:
+            raise ValueError(f"BADMConfig.solve_settings: {e}") from None
+
+    def settings(self) -> dict[str, Any]:
+        """``solve_settings`` parsed: each value read as its setting's default is typed (number, integer, name)."""
+        known, out = setting_defaults(), {}
+        for item in (s.strip() for s in self.solve_settings.split(",")):
+            if not item:
+                continue
+            key, eq, text = (part.strip() for part in item.partition("="))
+            if not eq or key not in known:
+                raise ValueError(f"BADMConfig.solve_settings takes key=value pairs of {sorted(known)}, got {item!r}")
+            out[key] = _typed(text, known[key], key)
+        return out
 
     def optimizer_kwargs(self, learning_rate: float) -> dict[str, Any]:
         """BADM constructor arguments: sigma/rho resolved against the Trainer's learning rate."""
@@ -127,23 +150,12 @@ class BADMConfig:
             if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
                 raise ValueError(f"learning_rate must be > 0 to derive BADM's sigma = 1/learning_rate, got {learning_rate!r}")
             sigma = 1.0 / learning_rate
-            if self.preconditioner == "none" and learning_rate < SGD_SCALE_MIN_LR:
-                warnings.warn(
-                    f"learning_rate={learning_rate:g} looks like an AdamW learning rate, but plain BADM takes "
-                    f"SGD-scale steps (lr = 1/sigma): it would train very slowly with sigma={sigma:g}. Use "
-                    "learning_rate around 1 (sigma around 1), or set BADMConfig(sigma=...).",
-                    stacklevel=3,
-                )
-            if self.preconditioner == "normalized" and learning_rate >= ADAM_SCALE_MAX_LR:
-                warnings.warn(
-                    f"learning_rate={learning_rate:g} looks like an SGD learning rate, but preconditioner="
-                    "'normalized' takes RMS-normalised, AdamW-scale steps: it would diverge. Use an AdamW learning "
-                    "rate (1e-3 to 1e-2), or set BADMConfig(sigma=...).",
-                    stacklevel=3,
-                )
+            warning = LOCAL_SOLVES[self.preconditioner].lr_warning(learning_rate)
+            if warning is not None:
+                warnings.warn(warning, stacklevel=3)
         rho = self.rho if self.rho is not None else default_rho(self.preconditioner, sigma)
         return {"sigma": float(sigma), "rho": float(rho), "mode": self.mode, "nonfinite": self.nonfinite,
-                "preconditioner": self.preconditioner, "ns_dtype": self.ns_dtype}
+                "preconditioner": self.preconditioner, "ns_dtype": self.ns_dtype, **self.settings()}
 
     def parallel_kwargs(self) -> dict[str, Any]:
         """Settings of the Newton-Schulz orthogonaliser on several ranks (``hf_badm.parallel.prepare_for_ranks``)."""
@@ -152,6 +164,16 @@ class BADMConfig:
     def group_overrides(self) -> dict[str, Any]:
         """Param-group settings of the tensors Newton-Schulz does not orthogonalise."""
         kind = self.elementwise_preconditioner
-        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else ELEMENTWISE_SIGMA[kind]
+        sigma = self.elementwise_sigma if self.elementwise_sigma is not None else LOCAL_SOLVES[kind].elementwise_sigma
         rho = self.elementwise_rho if self.elementwise_rho is not None else default_rho(kind, sigma)
         return {"preconditioner": kind, "sigma": float(sigma), "rho": float(rho)}
+
+
+def _typed(text: str, default: Any, key: str) -> Any:
+    """``text`` as a value of ``default``'s type."""
+    if isinstance(default, str):
+        return text
+    try:
+        return int(text) if isinstance(default, int) else float(text)
+    except ValueError:
+        raise ValueError(f"BADMConfig.solve_settings: {key} takes a {type(default).__name__}, got {text!r}") from None

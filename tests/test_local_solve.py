@@ -1,6 +1,6 @@
-"""The local solve as a strategy: a preconditioner added as one class (registered here, nothing else
-touched) trains in both modes and equals its literal reference; every built-in solve's foreach path
-equals its single-tensor path bitwise."""
+"""The local solve as a strategy: a preconditioner added as one class with a setting of its own (registered here,
+nothing else touched, no module constant) trains in both modes and equals its literal reference; every built-in
+solve's foreach path equals its single-tensor path bitwise."""
 
 from __future__ import annotations
 
@@ -12,33 +12,40 @@ import torch
 from hf_badm import BADM
 from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, register_local_solve
 from reference import LiteralBADM
+from hf_badm.optim.validation import fraction
 from test_optimizer import SUBS, literal_grads, make_net, max_rel, mse, run_steps, sub_batches
-
-BETA = 0.5
 
 
 @pytest.fixture
 def sign_of_average():
-    """A toy preconditioner: the direction is the sign of an EMA of the gradient (state of its own)."""
+    """A toy preconditioner: the direction is the sign of an EMA of the gradient (state of its own), the EMA's rate
+    its own setting (default, validation, and its default rho/sigma, all in the class)."""
 
     @register_local_solve
     class SignOfAverage(LocalSolve):
         name = "sign_of_average"
         state_keys = ("average",)
+        settings = {"sign_beta": 0.5}
+        rho_over_sigma = 1.5
+
+        @classmethod
+        def check_settings(cls, group):
+            if "sign_beta" in group:
+                fraction("sign_beta", group["sign_beta"])
 
         def new_state(self, p):
             return {"average": torch.zeros_like(p)}
 
         def directions(self, grads, states, group, foreach):
             for s, g in zip(states, grads):
-                s["average"].lerp_(g, 1.0 - BETA)
+                s["average"].lerp_(g, 1.0 - group["sign_beta"])
             return [s["average"].sign() for s in states], None
 
     yield SignOfAverage.name
     del LOCAL_SOLVES[SignOfAverage.name]
 
 
-def literal_sign_of_average(mode: str, sigma: float, rho: float, steps: int) -> list[torch.Tensor]:
+def literal_sign_of_average(mode: str, sigma: float, rho: float, steps: int, beta: float = 0.5) -> list[torch.Tensor]:
     """docs/algorithm.md §2's slots with d_s = sign(EMA of g_s) per slot (per_sub_batch) or of the mean gradient (fused)."""
     net = make_net()
     params = list(net.parameters())
@@ -48,7 +55,7 @@ def literal_sign_of_average(mode: str, sigma: float, rho: float, steps: int) -> 
         grads = literal_grads(net, ref, sub_batches(t))
         if mode == "fused":
             grads = [[sum(g[i] for g in grads) / SUBS for i in range(len(params))]]
-        averages = [[BETA * a + (1 - BETA) * g for a, g in zip(avg, gs)] for avg, gs in zip(averages, grads)]
+        averages = [[beta * a + (1 - beta) * g for a, g in zip(avg, gs)] for avg, gs in zip(averages, grads)]
         ds = [[a.sign() for a in avg] for avg in averages]
         ref.step(ds if mode == "per_sub_batch" else ds * SUBS, [1.0] * SUBS)
     return ref.w
@@ -75,6 +82,24 @@ def test_a_registered_toy_preconditioner_trains_and_equals_its_reference(sign_of
 
     assert len(averages(opt)) == len(averages(opt2)) > 0
     assert all(torch.equal(a, b) for a, b in zip(averages(opt), averages(opt2)))
+
+
+@pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
+def test_a_toy_solve_owns_its_setting_and_default_rho(sign_of_average, mode):
+    """Its setting lands in every group (default, or BADM's keyword), a group may override it, a bad value is refused
+    by the solve's own check, and rho defaults to the solve's rho/sigma."""
+    net = make_net()
+    opt = BADM(net.parameters(), sigma=20.0, mode=mode, preconditioner=sign_of_average, sign_beta=0.8)
+    assert opt.param_groups[0]["sign_beta"] == 0.8 and opt.param_groups[0]["rho"] == 30.0
+    assert BADM(make_net().parameters(), preconditioner=sign_of_average).param_groups[0]["sign_beta"] == 0.5
+    run_steps(net, opt, 12, mode=mode)
+    assert max_rel(list(net.parameters()), literal_sign_of_average(mode, 20.0, 30.0, 12, beta=0.8)) <= 1e-10
+    with pytest.raises(ValueError, match="sign_beta"):
+        BADM(make_net().parameters(), preconditioner=sign_of_average, sign_beta=1.5)
+    with pytest.raises(ValueError, match="sign_beta"):
+        BADM([{"params": list(make_net().parameters()), "sign_beta": -0.1}], preconditioner=sign_of_average)
+    with pytest.raises(TypeError, match="no_such_setting"):
+        BADM(make_net().parameters(), no_such_setting=1.0)
 
 
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])

@@ -17,6 +17,7 @@ import yaml
 from hf_badm.app import RecipeError
 from hf_badm.app.arguments import ModelArguments, TaskArguments
 from hf_badm.app.data import FILE_BUILDERS
+from hf_badm.optim.local_solve import LOCAL_SOLVES
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -106,7 +107,7 @@ def _check_decay(task_args: TaskArguments, badm: BADMConfig, args: TrainingArgum
     steps = {"learning_rate": args.learning_rate}
     if task_args.optimizer == "badm":
         steps = {"1/sigma": 1 / badm.sigma} if badm.sigma is not None else steps
-        if badm.preconditioner == "newton_schulz":
+        if LOCAL_SOLVES[badm.preconditioner].orthogonalises:
             steps["1/elementwise_sigma"] = 1 / badm.group_overrides()["sigma"]
     if task_args.optimizer == "muon" and task_args.muon_adamw_lr is not None:
         steps["muon_adamw_lr"] = task_args.muon_adamw_lr

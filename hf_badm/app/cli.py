@@ -20,6 +20,7 @@ from hf_badm.app import RecipeError, RunEnded
 from hf_badm.app.recipe import parse, read_recipe, recipe_parser
 from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
 from hf_badm.optim.defaults import DEMO_LEARNING_RATES as DEMO_DEFAULTS
+from hf_badm.optim.local_solve import LOCAL_SOLVES, plain_solve
 
 USAGE = """hf-badm COMMAND ...
 
@@ -134,8 +135,9 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
     for optimizer in optimizers:
         run_recipe = {**recipe, "optimizer": optimizer, "output_dir": str(out / optimizer)}
         if optimizer == "badm" or optimizer.startswith("badm-"):  # the paper's BADM unless a preconditioner is named
-            run_recipe.update(optimizer="badm", preconditioner=optimizer.removeprefix("badm").removeprefix("-") or "none")
-        own_scale = optimizer != "badm" or recipe.get("preconditioner", "none") != "none"  # else: the recipe's lr
+            run_recipe.update(optimizer="badm", preconditioner=optimizer.removeprefix("badm").removeprefix("-")
+                              or plain_solve())
+        own_scale = optimizer != "badm" or not LOCAL_SOLVES[recipe.get("preconditioner", plain_solve())].plain
         lr = lrs.get(optimizer, DEFAULT_LEARNING_RATES.get(optimizer) if own_scale else None)
         if lr is not None:
             run_recipe["learning_rate"] = lr

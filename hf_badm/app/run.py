@@ -33,6 +33,7 @@ from hf_badm.app.output import OutputDirLock, check_output_dir, latest_checkpoin
 from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
 from hf_badm.config import BADMConfig
 from hf_badm.factory import solve_report
+from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.trainer import BADMTrainer, BADMTrainerMixin
 
 
@@ -135,7 +136,7 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
 
 def run_label(task_args: TaskArguments, badm: BADMConfig) -> str:
     """What ran, as `hf-badm compare` names it: badm (the paper's), badm-<preconditioner>, or the optimizer."""
-    if task_args.optimizer == "badm" and badm.preconditioner != "none":
+    if task_args.optimizer == "badm" and not LOCAL_SOLVES[badm.preconditioner].plain:
         return f"badm-{badm.preconditioner}"
     return task_args.optimizer
 

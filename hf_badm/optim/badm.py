@@ -14,8 +14,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_badm.optim import solves  # noqa: F401  (registers the built-in local solves)
 from hf_badm.optim.defaults import default_rho
-from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, keeps_dual, local_solve_for
-from hf_badm.optim.preconditioned import NS_DTYPES, orthogonalise, resolve_ns_dtype
+from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, keeps_dual, local_solve_for, setting_defaults
+from hf_badm.optim.preconditioned import NS_DTYPES, Iterations, orthogonalise, resolve_ns_dtype
 from hf_badm.optim.solves.newton_schulz import matrix_layout
 from hf_badm.optim.state_dict import checked_state_dict
 from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
@@ -25,11 +25,12 @@ __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 MODES = ("fused", "per_sub_batch")
 PRECONDITIONERS = tuple(LOCAL_SOLVES)  # the built-in ones; BADM accepts every registered local solve
 NONFINITE = ("skip", "raise")
-# Orthogonalizer(params, inputs, ns_steps, dtype) -> directions: the Newton-Schulz seam of BADM (class docstring).
-Orthogonalizer = Callable[[list[Tensor], list[Tensor], int, torch.dtype], list[Tensor]]
+# Orthogonalizer(params, inputs, steps, dtype) -> directions: the Newton-Schulz seam of BADM (class docstring).
+Orthogonalizer = Callable[[list[Tensor], list[Tensor], Iterations, torch.dtype], list[Tensor]]
 
 
-def local_orthogonalizer(params: list[Tensor], inputs: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]:
+def local_orthogonalizer(params: list[Tensor], inputs: list[Tensor], steps: Iterations,
+                         dtype: torch.dtype) -> list[Tensor]:
     """The orthogonaliser of one process: every input is a whole matrix (or a stack of expert matrices)."""
     for p in params:
         if matrix_layout(p) is not None:
@@ -107,10 +108,13 @@ class BADM(Optimizer):
 
     **Newton-Schulz seam.** All of a step's orthogonalisation goes through one call of
     :attr:`orthogonalizer` ``(params, inputs, steps, dtype) -> list[Tensor]`` (one call per distinct
-    ``(ns_steps, dtype)``, i.e. one in practice): fused :meth:`step` first computes the inputs
+    ``(steps, dtype)``, i.e. one in practice): fused :meth:`step` first computes the inputs
     :math:`g + \mu M` of every Newton-Schulz tensor of every group (after updating M), then calls it with
-    the parameters they belong to, then applies all updates; :meth:`absorb_sub_batch` does the same for its
-    slot. Contract: for each input X, in order, return the direction of X's shape: for a whole matrix
+    the parameters they belong to, then lets each solve finish its directions (:meth:`LocalSolve.finish`, on what
+    the call returned: this rank's piece on a sharded engine) and applies all updates; :meth:`absorb_sub_batch`
+    does the same for its slot. ``steps`` is a count of Muon's quintic iterations or an
+    :class:`~hf_badm.optim.preconditioned.NSSchedule` (pass it on to ``orthogonalise``). Contract: for each input
+    X, in order, return the direction of X's shape: for a whole matrix
     :math:`\mathrm{NS}_{steps}(X)\sqrt{\max(1, \mathrm{rows}/\mathrm{cols})}` computed in ``dtype`` and
     cast back to X's dtype, for a 3-D stack of expert matrices the same per slice, for a shard or partition
     of whole matrices (the parameter says which: an FSDP2 DTensor, or a flat partition registered with
@@ -156,10 +160,11 @@ class BADM(Optimizer):
             (fused) or 1 per slot; newton_schulz 1 momentum buffer (fused) or 1 per slot on matrices.
             Fused mode keeps m only where it acts: not with a scalar-gain solve that has state of its
             own at rho = sigma (c = 0).
-        beta2, eps: second-moment EMA rate and floor.  ns_momentum, ns_steps: Newton-Schulz momentum
-            and iterations.
         ns_dtype: the dtype Newton-Schulz runs in: ``"auto"`` (bfloat16 on CUDA, as torch.optim.Muon;
             float32 elsewhere), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"``.
+        **settings: the local solves' settings (each solve's file lists its own, with its default), for every
+            group that does not set them: e.g. ``beta2``, ``eps`` (second_moment, normalized), ``ns_momentum``,
+            ``ns_steps``, ``ns_coefficients``, ``ns_lr_scale`` (newton_schulz).
     """
 
     def __init__(
@@ -174,11 +179,8 @@ class BADM(Optimizer):
         foreach: bool | None = None,
         nonfinite: str = "skip",
         preconditioner: str = "none",
-        beta2: float = 0.999,
-        eps: float = 1e-8,
-        ns_momentum: float = 0.95,
-        ns_steps: int = 5,
         ns_dtype: str = "auto",
+        **settings: Any,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -186,10 +188,13 @@ class BADM(Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
         if ns_dtype not in NS_DTYPES:
             raise ValueError(f"ns_dtype must be one of {tuple(NS_DTYPES)}, got {ns_dtype!r}")
+        known = setting_defaults()
+        if set(settings) - set(known):
+            raise TypeError(f"BADM got unexpected keyword arguments {sorted(set(settings) - set(known))}: the local "
+                            f"solves' settings are {sorted(known)}")
         sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=1.0)
         defaults = dict(lr=lr, sigma=sigma, weight_decay=non_negative("weight_decay", weight_decay),
-                        foreach=foreach, preconditioner=preconditioner, beta2=beta2, eps=eps, ns_momentum=ns_momentum,
-                        ns_steps=ns_steps)
+                        foreach=foreach, preconditioner=preconditioner, **{**known, **settings})
         check_hyper_parameters(defaults)
         defaults["rho"] = default_rho(preconditioner, sigma) if rho is None else positive("rho", rho)
         self.mode = mode
@@ -250,8 +255,9 @@ class BADM(Optimizer):
         return any(self.group_orthogonalises(g) for g in self.param_groups)
 
     @staticmethod
-    def _coefficients(group: dict[str, Any]) -> tuple[float, float, float]:
-        """``(lr_t, beta, 1/rho_t)`` with lr_t = 1/sigma_t = f_t/sigma and 1/rho_t = f_t/rho.
+    def _coefficients(group: dict[str, Any], solve: LocalSolve) -> tuple[float, float, float]:
+        """``(lr_t, beta, 1/rho_t)`` with lr_t = 1/sigma_t and 1/rho_t from ``solve``'s schedule (f_t/sigma and
+        f_t/rho unless the solve says otherwise).
 
         Written in step sizes, not penalties, so that f_t = 0 (the first warm-up step, the end of a
         linear decay) is the well-defined limit sigma_t, rho_t -> inf: the duals still move (beta is
@@ -260,7 +266,8 @@ class BADM(Optimizer):
         if not (math.isfinite(lr) and lr >= 0):
             raise ValueError(f"lr (1/sigma) must be a finite number >= 0 at every step, got {lr!r}")
         sigma, rho = group["sigma"], group["rho"]
-        return lr, rho / (rho + sigma), lr * (sigma / rho)  # exactly lr at rho = sigma: c = 1/rho_t - 1/sigma_t = 0
+        lr_t, inv_rho = solve.step_sizes(group)
+        return lr_t, rho / (rho + sigma), inv_rho
 
     def _foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
         if group["foreach"] is not None:
@@ -311,15 +318,20 @@ class BADM(Optimizer):
             return
         parts = []
         for group, params in work:
-            self._coefficients(group)  # validates lr before any state moves
             for solve, ps in _by_solve(group, params):
+                self._coefficients(group, solve)  # validates lr before any state moves
                 parts.append(_Part.of(group, solve, ps, [self._solve_state(solve, p) for p in ps], self._foreach(group, ps)))
         self._orthogonalise(parts)
         for part in parts:
             group, ps = part.group, part.params
-            lr, beta, inv_rho = self._coefficients(group)
+            lr, beta, inv_rho = self._coefficients(group, part.solve)
             decay = 1.0 - group["weight_decay"] * lr
             bufs = [self._dual_buffer(p, part.solve.name) for p in ps] if keeps_dual(group, part.solve) else None
+            # the solve reads pi_bar = -m (zero where fused mode keeps no dual)
+            duals = None
+            if part.solve.reads_dual:
+                duals = torch._foreach_neg(bufs) if bufs is not None else [torch.zeros_like(p) for p in ps]
+            part = part.finished([self.state[p] for p in ps], duals)
             if part.gains is not None:
                 kernel = _fused_gain_foreach if part.foreach else _fused_gain_single
                 kernel(ps, part.directions, bufs, part.gains, lr=lr, decay=decay)
@@ -344,13 +356,14 @@ class BADM(Optimizer):
 
     def _orthogonalise(self, parts: list[_Part]) -> None:
         """Replace the Newton-Schulz inputs of ``parts`` by their directions: one orthogonalizer call per
-        (ns_steps, dtype) of the step (one in practice), with the parameters the inputs belong to."""
+        (steps, dtype) of the step (one in practice), with the parameters the inputs belong to."""
         calls: dict[tuple[int, torch.dtype], list[tuple[_Part, int]]] = {}
         for part in parts:
             if part.solve.orthogonalises:
                 for i, x in enumerate(part.directions):
-                    calls.setdefault((part.group["ns_steps"], resolve_ns_dtype(self.ns_dtype, x.device)), []).append((part, i))
-        for key, where in calls.items():
+                    key = (part.solve.iterations(part.group), resolve_ns_dtype(self.ns_dtype, x.device))
+                    calls.setdefault(key, []).append((part, i))
+        for key, where in calls.items():  # key: (steps, dtype)
             params = [part.params[i] for part, i in where]
             inputs = [part.directions[i] for part, i in where]
             outputs = self.orthogonalizer(params, inputs, *key)
@@ -389,17 +402,18 @@ class BADM(Optimizer):
         group first, one orthogonalizer call, then the duals and the aggregate."""
         parts = []
         for group, params in work:
-            self._coefficients(group)  # validates lr; the gain sigma_t / (sigma_t + rho_t) does not depend on f_t
             for solve, ps in _by_solve(group, params):
+                self._coefficients(group, solve)  # validates lr
                 views = [self._slot_view(solve, p, slot) for p in ps]
                 parts.append(_Part.of(group, solve, ps, views, self._foreach(group, ps)))
-                for p, view in zip(ps, views):  # the solve may rebind values (its step counts)
-                    for key, value in view.items():
-                        self.state[p][key][slot] = value
+                self._store_slot(ps, views, slot)
         self._orthogonalise(parts)
         for part in parts:
             duals = [self.state[p]["duals"][slot] for p in part.params]
             aggs = [self.state[p]["aggregate"] for p in part.params]
+            views = [self._slot_view(part.solve, p, slot) for p in part.params]
+            part = part.finished(views, duals if part.solve.reads_dual else None)
+            self._store_slot(part.params, views, slot)
             if part.gains is not None:
                 kernel = _absorb_gain_foreach if part.foreach else _absorb_gain_single
                 kernel(part.directions, duals, aggs, part.gains, weight=weight)
@@ -407,6 +421,12 @@ class BADM(Optimizer):
                 kernel = _absorb_foreach if part.foreach else _absorb_single
                 sigma, rho = part.group["sigma"], part.group["rho"]
                 kernel(part.directions, duals, aggs, k=sigma / (sigma + rho), weight=weight)
+
+    def _store_slot(self, params: list[Tensor], views: list[dict[str, Any]], slot: int) -> None:
+        """Write back what a solve rebound in its slot views (its step counts)."""
+        for p, view in zip(params, views):
+            for key, value in view.items():
+                self.state[p][key][slot] = value
 
     def _slot_view(self, solve: LocalSolve, p: Tensor, slot: int) -> dict[str, Any]:
         """Slot ``slot``'s solve state of ``p`` (created up to that slot), as the solve's own keys."""
@@ -458,13 +478,20 @@ class BADM(Optimizer):
                 raise ValueError(f"BADM: the sub-batch weights of a step must sum to > 0, got {weight_sum}")
             self.skipped_steps += 1  # every sub-batch of this step was non-finite
             return
-        for group, aggs in zip(self.param_groups, aggs_by_group):
-            params = [p for p in group["params"] if "aggregate" in self.state[p]]
-            if not params:
-                continue
-            lr, _, _ = self._coefficients(group)
-            kernel = _apply_foreach if self._foreach(group, params) else _apply_single
-            kernel(params, aggs, scale=lr / weight_sum, decay=1.0 - group["weight_decay"] * lr)
+        reduce = self._reduce
+        for group in self.param_groups:
+            for solve, params in _by_solve(group, [p for p in group["params"] if "aggregate" in self.state[p]]):
+                aggs = [self.state[p]["aggregate"] for p in params]
+                solve.end_step([self.state[p]["duals"] for p in params], aggs, self.slot_weights, weight_sum, group,
+                               reduce)
+                lr, _, _ = self._coefficients(group, solve)
+                kernel = _apply_foreach if self._foreach(group, params) else _apply_single
+                kernel(params, aggs, scale=lr / weight_sum, decay=1.0 - group["weight_decay"] * lr)
+
+    def _reduce(self, tensors: list[Tensor]) -> None:
+        """Sum ``tensors`` over the ranks in place (nothing to do on one process): for a solve's end_step."""
+        if self.aggregator is not None:
+            self.aggregator(tensors, 0.0)
 
     # ------------------------------------------------------------------ state and metrics
     @property
@@ -521,7 +548,7 @@ class BADM(Optimizer):
                 duals.setdefault(self._dual_roles.get(p, main), []).extend(found)
         for name, group in sorted(groups.items(), key=lambda item: item[0] != main):
             suffix = "" if name == main else f"/{name}"
-            lr, beta, _ = self._coefficients(group)
+            lr, beta, _ = self._coefficients(group, LOCAL_SOLVES[name])
             out[f"badm_step_size{suffix}"] = lr
             if name in duals or (self.mode != "fused" or keeps_dual(group, LOCAL_SOLVES[name])):
                 tensors = duals.get(name, [])
@@ -600,6 +627,12 @@ class _Part(NamedTuple):
         """Run ``solve`` on the params' gradients (a missing one is zero) with their ``states``."""
         directions, gains = solve.directions(_grads_or_zeros(params), states, group, foreach)
         return cls(group, solve, params, foreach, list(directions), None if gains is None else list(gains))
+
+    def finished(self, states: list[dict[str, Any]], duals: list[Tensor] | None) -> _Part:
+        """This part with the directions and gains its solve gives after orthogonalisation (:meth:`LocalSolve.finish`)."""
+        directions, gains = self.solve.finish(self.params, self.directions, self.gains, duals, states, self.group,
+                                              self.foreach)
+        return self._replace(directions=list(directions), gains=None if gains is None else list(gains))
 
 
 def _resolve_sigma_lr(sigma: float | None, lr: float | None, default_sigma: float) -> tuple[float, float]:

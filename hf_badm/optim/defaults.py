@@ -1,4 +1,4 @@
-"""Tuned defaults: the one table every part of hf_badm reads (optimizer, config, CLI, benchmarks).
+"""Tuned defaults beyond the local solves' own (each solve's file holds its rho/sigma and learning-rate scale).
 
 Each number was measured by ``scripts/bench_convergence.py`` (tiny GPT-2 2x64, 300 steps, and small
 GPT-2 4x128, 150 steps, on the built-in corpus; every sweep point in docs/results/convergence/,
@@ -8,22 +8,15 @@ new measurement recorded there.
 
 from __future__ import annotations
 
-__all__ = ["RHO_OVER_SIGMA", "ELEMENTWISE_SIGMA", "SGD_SCALE_MIN_LR", "ADAM_SCALE_MAX_LR",
-           "COMPARE_LEARNING_RATES", "DEMO_LEARNING_RATES", "default_rho"]
+from hf_badm.optim import solves  # noqa: F401  (registers the built-in local solves)
+from hf_badm.optim.local_solve import LOCAL_SOLVES
 
-# rho/sigma per local solve. Plain and normalized BADM: beta = rho/(rho+sigma) = 0.9 (robust at both sizes);
-# newton_schulz: rho = sigma (its direction carries its own momentum; at rho = sigma it is Muon);
-# second_moment: sigma << rho sqrt(v) (sigma 0.1 with rho 600 was the best grid point).
-RHO_OVER_SIGMA: dict[str, float] = {"none": 9.0, "second_moment": 6000.0, "newton_schulz": 1.0, "normalized": 9.0}
-# sigma of the tensors a newton_schulz optimizer does not orthogonalise (embeddings, head, norms, biases),
-# per elementwise local solve: normalized lr 0.1 was best at both sizes; second_moment sigma 0.1.
-ELEMENTWISE_SIGMA: dict[str, float] = {"second_moment": 0.1, "normalized": 10.0}
-# Plain BADM takes SGD-scale steps: its best lr was 3 (tiny) and 3 (small), lr 1 still within 1.4x of the best
-# loss, and lr 1e-2 (AdamW's scale) barely trains (eval 6.05 vs 5.21 at lr 3): a learning rate below this warns.
-SGD_SCALE_MIN_LR = 0.3
-# preconditioner="normalized" steps like AdamW: at 0.03 the sweeps' eval loss was 3x its best (2.33 vs 0.78 on tiny,
-# 4.5 on small), and from 0.1 up it diverged: a learning rate from this one up warns.
-ADAM_SCALE_MAX_LR = 0.03
+__all__ = ["RHO_OVER_SIGMA", "ELEMENTWISE_SIGMA", "COMPARE_LEARNING_RATES", "DEMO_LEARNING_RATES", "default_rho"]
+
+# Each local solve keeps its own measured defaults (hf_badm/optim/solves/); these are the built-in ones' views.
+RHO_OVER_SIGMA: dict[str, float] = {name: solve.rho_over_sigma for name, solve in LOCAL_SOLVES.items()}
+ELEMENTWISE_SIGMA: dict[str, float] = {name: solve.elementwise_sigma for name, solve in LOCAL_SOLVES.items()
+                                       if solve.elementwise_sigma is not None}
 # Learning rates of the optimizers in `hf-badm compare` (each one's best on the small GPT-2 sweep). Plain BADM takes
 # the recipe's learning_rate when the recipe is plain BADM's, else its best (3, both sizes); ``badm-<preconditioner>``
 # is that variant's own scale.
@@ -36,6 +29,6 @@ DEMO_LEARNING_RATES: dict[str, float] = {"adamw_torch": 1e-2}
 
 
 def default_rho(preconditioner: str, sigma: float) -> float:
-    """rho when the user gives only sigma (or a learning rate): the measured rho/sigma of the local solve
-    (the paper's beta = 0.9 for a local solve without a measured default)."""
-    return RHO_OVER_SIGMA.get(preconditioner, RHO_OVER_SIGMA["none"]) * sigma
+    """rho when the user gives only sigma (or a learning rate): the local solve's measured rho/sigma (the paper's
+    beta = 0.9 for a solve without a measured default)."""
+    return LOCAL_SOLVES[preconditioner].rho_over_sigma * sigma

@@ -7,16 +7,69 @@ Written in step sizes where a schedule enters: ``ratio`` = rho/sigma is fixed un
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "fold_second_moments", "rms_denominator", "second_moment_gain",
+from hf_badm.optim.validation import fraction, positive
+
+__all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "SECOND_MOMENT_SETTINGS", "check_second_moment_settings", "NSSchedule",
+           "Iterations", "polar_express", "fold_second_moments", "rms_denominator", "second_moment_gain",
            "orthogonalised", "orthogonalise", "resolve_ns_dtype"]
 
 # Quintic Newton-Schulz coefficients (Muon's) that drive all singular values towards ~1 in five steps.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# The per-iteration quintics of Polar Express (Amsel, Persson, Musco & Gower, arXiv:2505.16932, Algorithm 1): each
+# minimises the worst-case distance to sign(x) on the interval the previous ones leave; the last repeats.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+)
+POLAR_EXPRESS_SAFETY = 1.01  # the paper's margin for half precision: input norm and all but the last polynomial
+# The second-moment EMA's settings (second_moment and normalized share them: one key each in a param group).
+SECOND_MOMENT_SETTINGS: dict[str, Any] = {"beta2": 0.999, "eps": 1e-8}
+
+
+def check_second_moment_settings(group: dict[str, Any]) -> None:
+    if "beta2" in group:
+        fraction("beta2", group["beta2"])
+    if "eps" in group:
+        positive("eps", group["eps"])
+
+
+@dataclass(frozen=True)
+class NSSchedule:
+    """Newton-Schulz with its own quintic per iteration, on the input scaled to Frobenius norm 1/``margin``."""
+
+    coefficients: tuple[tuple[float, float, float], ...]
+    margin: float = 1.0
+
+
+# What BADM.orthogonalizer takes as ``steps``: a count of Muon's quintic iterations, or a schedule.
+Iterations = Union[int, NSSchedule]
+
+
+def polar_express(steps: int) -> NSSchedule:
+    """Polar Express's first ``steps`` polynomials (the last repeated), with the paper's safety factor 1.01."""
+    safe = [(a / POLAR_EXPRESS_SAFETY, b / POLAR_EXPRESS_SAFETY**3, c / POLAR_EXPRESS_SAFETY**5)
+            for a, b, c in POLAR_EXPRESS_COEFFICIENTS[:-1]] + [POLAR_EXPRESS_COEFFICIENTS[-1]]
+    chosen = safe[:steps] + [safe[-1]] * max(0, steps - len(safe))
+    return NSSchedule(tuple(chosen), POLAR_EXPRESS_SAFETY)
+
+
+def _plan(steps: Iterations) -> tuple[tuple[tuple[float, float, float], ...], float]:
+    """The coefficients of each iteration and the norm margin."""
+    if isinstance(steps, NSSchedule):
+        return steps.coefficients, steps.margin
+    return (NS_COEFFICIENTS,) * steps, 1.0
 # ns_dtype: "auto" is bfloat16 on CUDA (as torch.optim.Muon) and float32 elsewhere.
 NS_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "float64": torch.float64}
@@ -56,29 +109,31 @@ def resolve_ns_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:
 
 
 @torch.no_grad()
-def orthogonalised(x: Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> Tensor:
+def orthogonalised(x: Tensor, steps: Iterations = 5, dtype: torch.dtype = torch.float32) -> Tensor:
     """Approximately ``U V^T`` of ``x = U S V^T`` (Newton-Schulz in ``dtype``), times max(1, rows/cols)**0.5."""
     return orthogonalise([x], steps, dtype)[0]
 
 
-def _newton_schulz_2d(x: Tensor, steps: int) -> Tensor:
+def _newton_schulz_2d(x: Tensor, steps: Iterations) -> Tensor:
     """The quintic iteration on one wide matrix, in its dtype (``orthogonalise``'s CPU form)."""
-    a, b, c = NS_COEFFICIENTS
-    y = x / (torch.linalg.vector_norm(x) + 1e-7)
-    for _ in range(steps):
+    coefficients, margin = _plan(steps)
+    y = x / (torch.linalg.vector_norm(x) * margin + 1e-7)
+    for a, b, c in coefficients:
         gram = y @ y.T
         y = torch.addmm(y, torch.addmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
     return y
 
 
 @torch.no_grad()
-def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype, batched: bool | None = None) -> list[Tensor]:
+def orthogonalise(inputs: list[Tensor], steps: Iterations, dtype: torch.dtype,
+                  batched: bool | None = None) -> list[Tensor]:
     """:func:`orthogonalised` of each input, in ``dtype``: a 2-D input is one matrix, a 3-D input a stack of
     matrices (MoE experts fused as ``(experts, out, in)``), each slice orthogonalised on its own::
 
         X <- X / (||X||_F + 1e-7);  5 times: A = X X^T;  X <- a X + (b A + c A A) X
 
-    on the wide orientation (``X^T`` for tall matrices). On accelerators the matrices of one shape are stacked
+    with Muon's (a, b, c) when ``steps`` is a count, or a :class:`NSSchedule`'s own per iteration (and its norm
+    margin), on the wide orientation (``X^T`` for tall matrices). On accelerators the matrices of one shape are stacked
     and iterated together (one batched-matmul chain per shape: fewer launches); on the CPU, where a batched
     matmul ran slower than the same matmuls one by one (bfloat16 and float32, this machine), matrix by matrix.
     ``batched`` forces one form (tests). The default orthogonaliser of ``BADM`` on one process."""
@@ -87,7 +142,7 @@ def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype, batched:
             raise ValueError(f"Newton-Schulz needs whole matrices, got a {type(x).__name__} of shape {tuple(x.shape)}: a "
                              "sharded parameter (FSDP2, DeepSpeed ZeRO) needs the orthogonaliser of hf_badm.parallel, "
                              "which BADMTrainer and create_badm_optimizer install (parallel.prepare_for_ranks)")
-    a, b, c = NS_COEFFICIENTS
+    coefficients, margin = _plan(steps)
     out: list[Tensor | None] = [None] * len(inputs)
     by_shape: dict[tuple[torch.Size, torch.device], list[int]] = {}
     for i, x in enumerate(inputs):
@@ -101,8 +156,8 @@ def orthogonalise(inputs: list[Tensor], steps: int, dtype: torch.dtype, batched:
                     else _newton_schulz_2d(x[0], steps).unsqueeze(0) for x in wide]
         else:  # on accelerators one batched chain per shape saves the launches
             y = torch.cat(wide)
-            y /= torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).add_(1e-7)
-            for _ in range(steps):  # y <- a y + (b A + c A A) y, A = y y^T
+            y /= torch.linalg.vector_norm(y, dim=(-2, -1), keepdim=True).mul_(margin).add_(1e-7)
+            for a, b, c in coefficients:  # y <- a y + (b A + c A A) y, A = y y^T
                 gram = y @ y.mT
                 y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
             done = list(y.split([x.shape[0] for x in wide]))

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from hf_badm.optim.local_solve import keeps_dual, local_solve_for
+from hf_badm.optim.local_solve import LocalSolve, keeps_dual, local_solve_for, setting_defaults
 from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
 
 __all__ = ["checked_state_dict"]
@@ -45,9 +46,13 @@ def _checked(sd: Any, mode: str, groups: list[dict[str, Any]]) -> dict[str, Any]
     if len(saved_groups) != len(groups):
         raise _Misfit(f"the state has {len(saved_groups)} param groups, this optimizer {len(groups)}")
     params: dict[Any, tuple[int, dict[str, Any], Tensor]] = {}
+    filled = []
     for i, (saved, group) in enumerate(zip(saved_groups, groups)):
         if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
             raise _Misfit(f"param group {i} is not a dict with a 'params' list")
+        # a setting of a local solve newer than the state: the group's own value (its default, or what it was given)
+        saved = {**{k: group[k] for k in setting_defaults() if k in group and k not in saved}, **saved}
+        filled.append(saved)
         if len(saved["params"]) != len(group["params"]):
             raise _Misfit(f"param group {i} has {len(saved['params'])} parameters in the state, {len(group['params'])} here")
         _check_group(i, saved)
@@ -67,7 +72,7 @@ def _checked(sd: Any, mode: str, groups: list[dict[str, Any]]) -> dict[str, Any]
             state[index] = _checked_fused(entry, group, p, where)
         else:
             state[index] = _checked_slots(entry, group, p, where, len(extra["step_weights"]))
-    return {**sd, "state": state}
+    return {**sd, "state": state, "param_groups": filled}
 
 
 def _check_badm_entry(extra: Any, mode: str) -> None:
@@ -110,7 +115,7 @@ def _checked_fused(entry: dict[str, Any], group: dict[str, Any], p: Tensor, wher
         raise _Misfit(f"{where} with preconditioner {solve.name!r} in fused mode has state keys {sorted(entry)}, "
                       f"expected {sorted(expected)}")
     for key, value in entry.items():
-        _check_value(f"{where}: {key!r}", value, p)
+        _check_value(f"{where}: {key!r}", value, p, _shape(solve, key, p))
     return entry
 
 
@@ -132,25 +137,31 @@ def _checked_slots(entry: dict[str, Any], group: dict[str, Any], p: Tensor, wher
         if not isinstance(slots, list) or len(slots) != len(duals):
             raise _Misfit(f"{where}: {key!r} must be a list of {len(duals)} entries, one per slot")
         for s, value in enumerate(slots):
-            _check_value(f"{where}: {key!r}[{s}]", value, p)
+            _check_value(f"{where}: {key!r}[{s}]", value, p, solve.state_shape(key, p))
     return entry
 
 
-def _check_value(what: str, value: Any, p: Tensor) -> None:
-    """A local solve's state value: a tensor like the parameter, or a count."""
+def _shape(solve: LocalSolve, key: str, p: Tensor) -> torch.Size:
+    """The shape of state ``key`` of ``p``: the solve's for its own keys, the parameter's for BADM's dual."""
+    return solve.state_shape(key, p) if key in solve.state_keys else p.shape
+
+
+def _check_value(what: str, value: Any, p: Tensor, shape: torch.Size) -> None:
+    """A local solve's state value: a tensor of the solve's shape for it (the parameter's, mostly), or a count."""
     if isinstance(value, Tensor):
-        _check_tensor(what, value, p)
+        _check_tensor(what, value, p, shape)
     elif isinstance(value, int) and not isinstance(value, bool):
         _check_count(what, value)
     else:
         raise _Misfit(f"{what} must be a tensor like the parameter (or a count), got {value!r}")
 
 
-def _check_tensor(what: str, t: Any, p: Tensor) -> None:
+def _check_tensor(what: str, t: Any, p: Tensor, shape: torch.Size | None = None) -> None:
     if not isinstance(t, Tensor):
         raise _Misfit(f"{what} must be a tensor, got {type(t).__name__}")
-    if t.shape != p.shape:
-        raise _Misfit(f"{what} has shape {tuple(t.shape)}, the parameter {tuple(p.shape)}")
+    shape = p.shape if shape is None else shape
+    if t.shape != shape:
+        raise _Misfit(f"{what} has shape {tuple(t.shape)}, expected {tuple(shape)} (the parameter's: {tuple(p.shape)})")
     if t.dtype != p.dtype and not (t.is_floating_point() and p.is_floating_point()):
         raise _Misfit(f"{what} has dtype {t.dtype}, the parameter {p.dtype}")
     # floating-point state is cast to the parameter's dtype (and device) on load, as torch's optimizers do: it

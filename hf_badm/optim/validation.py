@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_badm.optim.local_solve import LOCAL_SOLVES
+from hf_badm.optim.local_solve import LOCAL_SOLVES, check_settings
 
-__all__ = ["positive", "non_negative", "check_hyper_parameters", "all_finite"]
+__all__ = ["positive", "non_negative", "fraction", "count", "one_of", "check_hyper_parameters", "all_finite"]
 
 
 def positive(name: str, value: Any) -> float:
@@ -25,19 +25,29 @@ def non_negative(name: str, value: Any) -> float:
     return float(value)
 
 
+def fraction(name: str, value: Any) -> None:
+    """A rate in [0, 1) (an EMA's beta, a momentum)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
+def count(name: str, value: Any) -> None:
+    """An integer >= 1 (iterations)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def one_of(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def check_hyper_parameters(group: dict[str, Any]) -> None:
-    """The local solves' settings present in ``group``: preconditioner, beta2, eps, ns_momentum, ns_steps, foreach."""
+    """What ``group`` holds beyond sigma, rho and lr: its preconditioner, ``strict``, ``foreach`` and the settings of
+    the local solves (each solve checks its own)."""
     if "preconditioner" in group and group["preconditioner"] not in LOCAL_SOLVES:
         raise ValueError(f"preconditioner must be one of {tuple(LOCAL_SOLVES)}, got {group['preconditioner']!r}")
-    for name in ("beta2", "ns_momentum"):
-        value = group.get(name, 0.5)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-            raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
-    if "eps" in group:
-        positive("eps", group["eps"])
-    steps = group.get("ns_steps", 1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"ns_steps must be an integer >= 1, got {steps!r}")
+    check_settings(group)
     if not isinstance(group.get("strict", False), bool):
         raise ValueError(f"strict must be True or False, got {group['strict']!r}")
     if not (group.get("foreach") is None or isinstance(group["foreach"], bool)):

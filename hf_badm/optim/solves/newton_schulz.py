@@ -8,19 +8,32 @@ stack of matrices (MoE experts fused as ``(experts, out, in)``): each expert sli
 own, as if the experts were separate linear layers. The orthogonalisation itself is ``BADM.orthogonalizer``
 (all of a step's matrices in one call); every other tensor falls back to ``second_moment`` (unless its
 param group is ``strict``).
+
+Settings (param-group keys): ``ns_momentum`` (mu, 0.95), ``ns_steps`` (5), ``ns_coefficients`` (``"muon"``: the
+quintic (3.4445, -4.7750, 2.0315) every iteration; ``"polar_express"``: Polar Express's polynomial per
+iteration) and ``ns_lr_scale`` (``"original"``: the scale sqrt(max(1, rows/cols)); ``"match_rms_adamw"``:
+0.2 sqrt(max(rows, cols)), Moonshot's, whose update RMS matches AdamW's so that the matrices share AdamW's lr and
+weight decay). rho = sigma by default: at rho = sigma fused mode is Muon.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
+from hf_badm.optim.preconditioned import Iterations, polar_express
+from hf_badm.optim.validation import count, fraction, one_of
 
-__all__ = ["NewtonSchulz", "ns_applies", "register_matrix_layout", "matrix_layout", "MATRIX_DIMS"]
+__all__ = ["NewtonSchulz", "ns_applies", "register_matrix_layout", "matrix_layout", "MATRIX_DIMS", "whole_matrices"]
+
+NS_COEFFICIENT_SETS = ("muon", "polar_express")
+NS_LR_SCALES = ("original", "match_rms_adamw")
 
 
 # Flat tensors that hold (partitions of) several whole matrices, e.g. DeepSpeed ZeRO's fp32 partitions, each with the
@@ -50,6 +63,13 @@ def ns_applies(p: Tensor) -> bool:
     return NewtonSchulz.takes_shape(p.shape) or p in _MATRIX_LAYOUTS
 
 
+def whole_matrices(params: list[Tensor], what: str) -> None:
+    """Refuse flat partitions of several matrices (DeepSpeed ZeRO): ``what`` needs each matrix's shape."""
+    if any(p in _MATRIX_LAYOUTS for p in params):
+        raise ValueError(f"{what} needs each matrix's own shape, and this parameter is a flat DeepSpeed ZeRO partition "
+                         "of several matrices: use it without ZeRO (DDP, or FSDP2)")
+
+
 @register_local_solve
 class NewtonSchulz(LocalSolve):
     name = "newton_schulz"
@@ -57,6 +77,23 @@ class NewtonSchulz(LocalSolve):
     orthogonalises = True
     fallback = "second_moment"
     applies = staticmethod(ns_applies)
+    settings = {"ns_momentum": 0.95, "ns_steps": 5, "ns_coefficients": "muon", "ns_lr_scale": "original"}
+    rho_over_sigma = 1.0  # its direction carries its own momentum; at rho = sigma it is Muon
+
+    @classmethod
+    def check_settings(cls, group: dict[str, Any]) -> None:
+        if "ns_momentum" in group:
+            fraction("ns_momentum", group["ns_momentum"])
+        if "ns_steps" in group:
+            count("ns_steps", group["ns_steps"])
+        if "ns_coefficients" in group:
+            one_of("ns_coefficients", group["ns_coefficients"], NS_COEFFICIENT_SETS)
+        if "ns_lr_scale" in group:
+            one_of("ns_lr_scale", group["ns_lr_scale"], NS_LR_SCALES)
+
+    def iterations(self, group: dict[str, Any]) -> Iterations:
+        steps = group["ns_steps"]
+        return polar_express(steps) if group["ns_coefficients"] == "polar_express" else steps
 
     @staticmethod
     def takes_shape(shape: torch.Size) -> bool:
@@ -76,3 +113,22 @@ class NewtonSchulz(LocalSolve):
         for m, g in zip(bufs, grads):
             m.mul_(mu).add_(g)
         return [g.add(m, alpha=mu) for g, m in zip(grads, bufs)], None
+
+    def finish(self, params: list[Tensor], directions: list[Tensor], gains: list[Tensor] | None,
+               duals: list[Tensor] | None, states: list[dict[str, Any]], group: dict[str, Any],
+               foreach: bool) -> tuple[list[Tensor], list[Tensor] | None]:
+        """``ns_lr_scale="match_rms_adamw"``: the orthogonaliser's sqrt(max(1, rows/cols)) becomes 0.2 sqrt(max(rows,
+        cols)), one number per matrix (a DTensor's shape is its global one; a flat ZeRO partition is refused)."""
+        if group["ns_lr_scale"] == "original":
+            return directions, gains
+        whole_matrices(params, 'ns_lr_scale="match_rms_adamw"')
+        scales = [match_rms_scale(p.shape) for p in params]
+        if foreach:
+            return torch._foreach_mul(directions, scales), gains
+        return [d.mul(s) for d, s in zip(directions, scales)], gains
+
+
+def match_rms_scale(shape: torch.Size) -> float:
+    """0.2 sqrt(max(rows, cols)) over the original sqrt(max(1, rows/cols)) already applied."""
+    rows, cols = shape[-2:]
+    return 0.2 * math.sqrt(max(rows, cols)) / math.sqrt(max(1.0, rows / cols))

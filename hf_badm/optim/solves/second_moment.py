@@ -18,14 +18,21 @@ import torch
 from torch import Tensor
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
-from hf_badm.optim.preconditioned import fold_second_moments, second_moment_gain
+from hf_badm.optim.preconditioned import (SECOND_MOMENT_SETTINGS, check_second_moment_settings, fold_second_moments,
+                                          second_moment_gain)
 
 
 @register_local_solve
 class SecondMoment(LocalSolve):
+    """sigma << rho sqrt(v) works: sigma 0.1 with rho 600 was the best grid point (rho/sigma 6000)."""
+
     name = "second_moment"
     state_keys = ("exp_avg_sq", "steps")
     gains = True
+    settings = SECOND_MOMENT_SETTINGS
+    rho_over_sigma = 6000.0
+    elementwise_sigma = 0.1
+    check_settings = staticmethod(check_second_moment_settings)
 
     def new_state(self, p: Tensor) -> dict[str, Any]:
         return {"exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format), "steps": 0}
