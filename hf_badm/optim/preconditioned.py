@@ -17,7 +17,7 @@ from hf_badm.optim.validation import fraction, positive
 
 __all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "SECOND_MOMENT_SETTINGS", "check_second_moment_settings", "NSSchedule",
            "Iterations", "polar_express", "fold_second_moments", "rms_denominator", "second_moment_gain",
-           "orthogonalised", "orthogonalise", "resolve_ns_dtype"]
+           "gains_of_", "orthogonalised", "orthogonalise", "resolve_ns_dtype"]
 
 # Quintic Newton-Schulz coefficients (Muon's) that drive all singular values towards ~1 in five steps.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -98,6 +98,14 @@ def rms_denominator(v: Tensor, steps: int, beta2: float, eps: float) -> Tensor:
 def second_moment_gain(v: Tensor, steps: int, ratio: float, beta2: float, eps: float) -> Tensor:
     """k = sigma / (sigma + rho q) = 1 / (1 + ratio q)."""
     return rms_denominator(v, steps, beta2, eps).mul_(ratio).add_(1.0).reciprocal_()
+
+
+def gains_of_(qs: list[Tensor], ratio: float) -> list[Tensor]:
+    """k = 1 / (1 + ratio q) for each q, in place (foreach)."""
+    torch._foreach_mul_(qs, ratio)
+    torch._foreach_add_(qs, 1.0)
+    torch._foreach_reciprocal_(qs)
+    return qs
 
 
 def resolve_ns_dtype(ns_dtype: str, device: torch.device) -> torch.dtype:

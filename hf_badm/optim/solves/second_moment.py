@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
 from hf_badm.optim.preconditioned import (SECOND_MOMENT_SETTINGS, check_second_moment_settings, fold_second_moments,
-                                          second_moment_gain)
+                                          gains_of_, second_moment_gain)
 
 
 @register_local_solve
@@ -46,7 +46,4 @@ class SecondMoment(LocalSolve):
         gains = torch._foreach_div(vs, [1.0 - beta2**k for k in steps])
         torch._foreach_sqrt_(gains)
         torch._foreach_add_(gains, eps)
-        torch._foreach_mul_(gains, ratio)
-        torch._foreach_add_(gains, 1.0)
-        torch._foreach_reciprocal_(gains)
-        return grads, gains
+        return grads, gains_of_(gains, ratio)
