@@ -220,3 +220,92 @@ def test_ns_dtype_reaches_the_orthogonalizer_and_is_validated():
         BADM(matrix_net().parameters(), ns_dtype="int8")
     with pytest.raises(ValueError, match="ns_dtype"):
         BADMConfig(ns_dtype="half")
+
+
+class LiteralNorMuon:
+    """NorMuon on matrices (tests/reference.py): Muon's Nesterov NS direction O per matrix, the row normalisation
+    with its per-row EMA, then the sqrt(max(1, rows/cols)) scale; W <- W (1 - lr wd) - lr d."""
+
+    def __init__(self, params, lr, weight_decay=0.0):
+        self.w = [p.detach().clone() for p in params]
+        self.lr, self.weight_decay = lr, weight_decay
+        self.bufs = [torch.zeros_like(p) for p in params]
+        self.rows = [torch.zeros(p.shape[0], 1, dtype=p.dtype) for p in params]
+
+    def step(self, grads, factor=1.0):
+        from reference import newton_schulz5, normuon_rows
+
+        lr = self.lr * factor
+        self.bufs = [0.95 * b + g for b, g in zip(self.bufs, grads)]
+        new = []
+        for i, (w, g, b) in enumerate(zip(self.w, grads, self.bufs)):
+            o, self.rows[i] = normuon_rows(newton_schulz5(g + 0.95 * b), self.rows[i])
+            new.append(w * (1 - lr * self.weight_decay) - lr * o * max(1.0, g.shape[0] / g.shape[1]) ** 0.5)
+        self.w = new
+
+
+def muon_like_run(opt, ref, net, steps=STEPS):
+    """Fused steps of ``opt`` on the mean gradient and ``ref.step`` on the same gradient, with a schedule."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    for t in range(steps):
+        batches = sub_batches(t)
+        grads = literal_grads(net, LiteralBADM(ref.w, 1.0, 1.0), batches)
+        ref.step([sum(g[i] for g in grads) / SUBS for i in range(len(ref.w))], factor(t))
+        opt.zero_grad()
+        sum(mse(net, x, y) for x, y in batches).div(SUBS).backward()
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_fused_normuon_at_rho_equal_sigma_is_normuon(foreach):
+    net = matrix_net()
+    ref = LiteralNorMuon(list(net.parameters()), lr=0.03, weight_decay=0.1)
+    opt = BADM(net.parameters(), lr=0.03, weight_decay=0.1, preconditioner="normuon", ns_dtype="float64",
+               foreach=foreach)
+    muon_like_run(opt, ref, net)
+    assert max_rel(list(net.parameters()), ref.w) <= 1e-12
+    assert all(opt.state[p]["row_sq"].shape == (p.shape[0], 1) for p in net.parameters())
+
+
+def test_normuon_per_slot_state_round_trips():
+    net = matrix_net()
+    opt = BADM(net.parameters(), lr=0.03, mode="per_sub_batch", preconditioner="normuon", ns_dtype="float64")
+    run_steps(net, opt, 2, mode="per_sub_batch")
+    again = BADM(matrix_net().parameters(), lr=0.03, mode="per_sub_batch", preconditioner="normuon")
+    again.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="row_sq"):
+        sd = opt.state_dict()
+        sd["state"][0]["row_sq"][0] = torch.zeros(16, 6, dtype=torch.float64)
+        again.load_state_dict(sd)
+
+
+def nesterov_direction(params, polar, scale):
+    """Muon's Nesterov momentum with ``polar`` (a literal NS of tests/reference.py) and the lr ``scale`` of a shape."""
+    nest = NesterovNS(params)
+
+    def direction(grads):
+        nest.bufs = [nest.mu * b + g for b, g in zip(nest.bufs, grads)]
+        return [polar(g + nest.mu * b) * scale(g.shape) for g, b in zip(grads, nest.bufs)]
+
+    return direction
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("coefficients, lr_scale", [("polar_express", "original"), ("muon", "match_rms_adamw"),
+                                                     ("polar_express", "match_rms_adamw")])
+def test_polar_express_and_match_rms_adamw_equal_their_references(coefficients, lr_scale, foreach):
+    """ns_coefficients="polar_express": Muon with the Polar Express polynomials; ns_lr_scale="match_rms_adamw": the
+    update of an A x B matrix is 0.2 sqrt(max(A, B)) NS(.) (Moonshot's) instead of sqrt(max(1, A/B)) NS(.)."""
+    from reference import newton_schulz5, polar_express5
+
+    net = matrix_net()
+    params = list(net.parameters())
+    ref = LiteralMuon(params, lr=0.03, weight_decay=0.1)
+    polar = polar_express5 if coefficients == "polar_express" else newton_schulz5
+    ref.direction = nesterov_direction(params, polar, (lambda s: max(1.0, s[0] / s[1]) ** 0.5) if lr_scale == "original"
+                                       else (lambda s: 0.2 * max(s) ** 0.5))
+    opt = BADM(params, lr=0.03, weight_decay=0.1, preconditioner="newton_schulz", ns_dtype="float64",
+               ns_coefficients=coefficients, ns_lr_scale=lr_scale, foreach=foreach)
+    muon_like_run(opt, ref, net)
+    assert max_rel(params, ref.w) <= 1e-12

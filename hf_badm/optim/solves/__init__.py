@@ -3,7 +3,8 @@
 from hf_badm.optim.solves.newton_schulz import NewtonSchulz, ns_applies
 from hf_badm.optim.solves.none import Plain
 from hf_badm.optim.solves.normalized import Normalized
+from hf_badm.optim.solves.normuon import NorMuon
 from hf_badm.optim.solves.nsisa import NSISA
 from hf_badm.optim.solves.second_moment import SecondMoment
 
-__all__ = ["Plain", "SecondMoment", "Normalized", "NewtonSchulz", "NSISA", "ns_applies"]
+__all__ = ["Plain", "SecondMoment", "Normalized", "NewtonSchulz", "NSISA", "NorMuon", "ns_applies"]

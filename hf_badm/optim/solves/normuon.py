@@ -1,0 +1,65 @@
+r"""``preconditioner="normuon"``: newton_schulz's direction with NorMuon's row normalisation after Newton-Schulz
+(Li et al., arXiv:2510.05491). With O the orthogonalised direction of a matrix (before its lr scale)::
+
+    v <- beta v + (1 - beta) mean_j O_ij**2          (one number per row, beta = normuon_beta2 = 0.95)
+    O' = O / (sqrt(v) + 1e-10)                        (row by row)
+    d  = O' ||O||_F / (||O'||_F + 1e-10)              (the Frobenius norm restored)
+
+then the scale of ``ns_lr_scale``. Fused at rho = sigma (the default) this is NorMuon; elsewhere BADM's dual acts on
+it as on newton_schulz's direction. A 3-D stack of expert matrices is normalised per expert. The Frobenius norm is
+a whole matrix's: on sharded engines (a DTensor shard, a flat ZeRO partition) it is refused.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hf_badm.optim.local_solve import register_local_solve
+from hf_badm.optim.solves.newton_schulz import NewtonSchulz, whole_matrices
+from hf_badm.optim.validation import fraction
+
+ROW_EPS = 1e-10  # NorMuon's, in the row scale and the norm restoration
+
+
+@register_local_solve
+class NorMuon(NewtonSchulz):
+    name = "normuon"
+    state_keys = ("momentum_buffer", "row_sq")
+    settings = {**NewtonSchulz.settings, "normuon_beta2": 0.95}
+
+    @classmethod
+    def check_settings(cls, group: dict[str, Any]) -> None:
+        super().check_settings(group)
+        if "normuon_beta2" in group:
+            fraction("normuon_beta2", group["normuon_beta2"])
+
+    def new_state(self, p: Tensor) -> dict[str, Any]:
+        return {**super().new_state(p), "row_sq": p.new_zeros(self.state_shape("row_sq", p))}
+
+    def state_shape(self, key: str, p: Tensor) -> torch.Size:
+        return p.shape[:-1] + (1,) if key == "row_sq" else p.shape
+
+    def finish(self, params: list[Tensor], directions: list[Tensor], gains: list[Tensor] | None,
+               duals: list[Tensor] | None, states: list[dict[str, Any]], group: dict[str, Any],
+               foreach: bool) -> tuple[list[Tensor], list[Tensor] | None]:
+        whole_matrices(params, "normuon")
+        if any(type(d).__name__ == "DTensor" for d in directions):
+            raise ValueError("normuon restores each matrix's Frobenius norm, which a shard of an FSDP2 matrix does not "
+                             "hold: use newton_schulz there")
+        beta = group["normuon_beta2"]
+        out = []
+        for p, d, state in zip(params, directions, states):
+            rows, cols = p.shape[-2:]
+            scale = math.sqrt(max(1.0, rows / cols))  # the orthogonaliser's: NorMuon acts on O before it
+            o = d / scale
+            v = state["row_sq"]
+            v.lerp_((o * o).mean(dim=-1, keepdim=True), 1.0 - beta)
+            scaled = o / (v.sqrt() + ROW_EPS)
+            norms = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
+            out.append(scaled.mul_(norms / (torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) + ROW_EPS))
+                       .mul_(scale))
+        return super().finish(params, out, gains, duals, states, group, foreach)
