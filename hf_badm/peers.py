@@ -29,19 +29,28 @@ Defaults, and why (``hf_badm.optim.defaults``):
   normalized solve ramps up from a zero buffer): use warm-up, or a smaller ``adamw_lr``. AdamW's betas and
   eps are the Trainer's (``adam_beta1/2``, ``adam_epsilon``).
 - Muon: Nesterov momentum 0.95, 5 quintic Newton-Schulz steps (torch's defaults, as BADM's).
+
+``create_normuon_optimizer``: the same split with NorMuon (Li et al., arXiv:2510.05491) on the hidden matrices: torch
+Muon's momentum and Newton-Schulz, then each row scaled by the inverse root of an EMA (beta2 = 0.95) of its mean
+square and the update's Frobenius norm restored; the peer of BADM's ``preconditioner="normuon"``, so that what BADM
+adds to NorMuon is measured apart from what NorMuon adds to Muon. Same learning rates and scale as Muon.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
 from torch import nn
 from transformers import TrainingArguments, get_scheduler
 
 from hf_badm.optim.defaults import ELEMENTWISE_SIGMA
+from hf_badm.optim.preconditioned import orthogonalise, resolve_ns_dtype
 
-__all__ = ["MUON_ADAMW_LR", "MuonWithAdamW", "create_muon_optimizer", "muon_param_groups"]
+__all__ = ["MUON_ADAMW_LR", "MuonWithAdamW", "NorMuon", "NorMuonWithAdamW", "create_muon_optimizer",
+           "create_normuon_optimizer", "muon_param_groups"]
 
 # The AdamW lr of the tensors Muon does not orthogonalise: BADM newton_schulz's elementwise lr on the same tensors.
 MUON_ADAMW_LR = 1.0 / ELEMENTWISE_SIGMA["normalized"]
@@ -68,6 +77,56 @@ def _without_badm_keys(groups: list[dict]) -> list[dict]:
     return [{k: v for k, v in g.items() if k not in _BADM_KEYS} for g in groups if g["params"]]
 
 
+def _closure_loss(closure: Any) -> Any:
+    """torch's closure convention: the loss re-evaluated with gradients enabled, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+class NorMuon(torch.optim.Optimizer):
+    """NorMuon on 2-D parameters, as its reference code: ``M <- lerp(M, g, 1 - momentum)``, ``u = lerp(g, M,
+    momentum)`` (Nesterov), O = NS5(u) (bfloat16 on CUDA, float32 elsewhere), ``v <- lerp(v, mean_j O_ij**2, 1 -
+    beta2)`` per row, O' = O / (sqrt(v) + 1e-10) scaled to ||O||_F, times torch Muon's ``adjust_lr_fn`` scale
+    (None/"original": sqrt(max(1, A/B)); "match_rms_adamw": 0.2 sqrt(max(A, B))); ``W <- W (1 - lr wd) - lr O'``."""
+
+    def __init__(self, params: Any, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
+                 beta2: float = 0.95, nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str | None = None) -> None:
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2,
+                                      nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
+        for group in self.param_groups:
+            if any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("NorMuon takes 2-D parameters only")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                    state["second_momentum_buffer"] = p.new_zeros(p.shape[0], 1)
+                buf = state["momentum_buffer"].lerp_(p.grad, 1 - group["momentum"])
+                update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                rows, cols = p.shape
+                o = orthogonalise([update], group["ns_steps"], resolve_ns_dtype("auto", p.device))[0]
+                o /= math.sqrt(max(1.0, rows / cols))  # orthogonalise's scale, put back below as adjust_lr_fn says
+                v = state["second_momentum_buffer"].lerp_((o * o).mean(dim=-1, keepdim=True), 1 - group["beta2"])
+                scaled = o / (v.sqrt() + 1e-10)
+                scaled *= o.norm() / (scaled.norm() + 1e-10)
+                scale = (0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw"
+                         else math.sqrt(max(1.0, rows / cols)))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(scaled, alpha=-group["lr"] * scale)
+        return loss
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """``torch.optim.Muon`` on ``hidden`` groups and ``torch.optim.AdamW`` on ``rest`` groups, as one optimizer.
 
@@ -78,15 +137,20 @@ class MuonWithAdamW(torch.optim.Optimizer):
     ``"muon"`` or ``"adamw"``.
     """
 
+    matrix_optimizer = "muon"
+
+    def _matrices(self, hidden: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
+        return torch.optim.Muon(hidden, **kwargs)
+
     def __init__(self, hidden: list[dict], rest: list[dict], *, lr: float, adamw_lr: float,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None) -> None:
-        hidden = [{**g, "optimizer": "muon"} for g in hidden if g["params"]]
+        hidden = [{**g, "optimizer": self.matrix_optimizer} for g in hidden if g["params"]]
         rest = [{**g, "optimizer": "adamw"} for g in rest if g["params"]]
         if not hidden and not rest:
             raise ValueError("no parameters to optimize")
-        self._muon = (torch.optim.Muon(hidden, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                       adjust_lr_fn=adjust_lr_fn, weight_decay=0.0) if hidden else None)
+        self._muon = (self._matrices(hidden, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                     adjust_lr_fn=adjust_lr_fn, weight_decay=0.0) if hidden else None)
         self._adamw = (torch.optim.AdamW(rest, lr=adamw_lr, betas=betas, eps=eps, weight_decay=0.0, foreach=foreach)
                        if rest else None)
         inner = [o for o in (self._muon, self._adamw) if o is not None]
@@ -109,14 +173,33 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for opt in (self._muon, self._adamw):
             if opt is not None:
                 opt.step()
         return loss
+
+
+class NorMuonWithAdamW(MuonWithAdamW):
+    """:class:`NorMuon` on ``hidden`` groups (``beta2``: its row EMA's rate) and AdamW on ``rest``, as one optimizer."""
+
+    matrix_optimizer = "normuon"
+
+    def __init__(self, hidden: list[dict], rest: list[dict], *, beta2: float = 0.95, **kwargs: Any) -> None:
+        self._beta2 = beta2
+        super().__init__(hidden, rest, **kwargs)
+
+    def _matrices(self, hidden: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
+        return NorMuon(hidden, beta2=self._beta2, **kwargs)
+
+
+def create_normuon_optimizer(model: nn.Module, args: TrainingArguments, num_training_steps: int | None = None, *,
+                             adamw_lr: float | None = None,
+                             **normuon_kwargs: Any) -> tuple[NorMuonWithAdamW, torch.optim.lr_scheduler.LRScheduler | None]:
+    """:func:`create_muon_optimizer` with :class:`NorMuon` on the hidden matrices (``normuon_kwargs`` also takes
+    ``beta2``)."""
+    return create_muon_optimizer(model, args, num_training_steps, adamw_lr=adamw_lr, optimizer_cls=NorMuonWithAdamW,
+                                 **normuon_kwargs)
 
 
 def create_muon_optimizer(
@@ -125,6 +208,7 @@ def create_muon_optimizer(
     num_training_steps: int | None = None,
     *,
     adamw_lr: float | None = None,
+    optimizer_cls: type[MuonWithAdamW] = MuonWithAdamW,
     **muon_kwargs: Any,
 ) -> tuple[MuonWithAdamW, torch.optim.lr_scheduler.LRScheduler | None]:
     """Muon (hidden matrices, lr ``args.learning_rate``) + AdamW (the rest, lr ``adamw_lr``, default
@@ -142,7 +226,7 @@ def create_muon_optimizer(
                          "an optimizer passed through optimizers= when it initialises DeepSpeed and trains with its "
                          "default AdamW instead. Use DeepSpeed's own Muon (use_muon parameters) there")
     hidden, rest = muon_param_groups(model, args.weight_decay)
-    optimizer = MuonWithAdamW(hidden, rest, lr=args.learning_rate,
+    optimizer = optimizer_cls(hidden, rest, lr=args.learning_rate,
                               adamw_lr=MUON_ADAMW_LR if adamw_lr is None else adamw_lr,
                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **muon_kwargs)
     steps = num_training_steps if num_training_steps is not None else args.max_steps

@@ -35,15 +35,7 @@ def test_fused_newton_schulz_at_rho_equal_sigma_is_muon(foreach):
     opt = BADM(net.parameters(), lr=lr, weight_decay=wd, preconditioner="newton_schulz", ns_dtype="float64",
                foreach=foreach)
     assert opt.param_groups[0]["rho"] == opt.param_groups[0]["sigma"]  # the default
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    for t in range(STEPS):
-        batches = sub_batches(t)
-        grads = literal_grads(net, LiteralBADM(ref.w, 1.0, 1.0), batches)
-        ref.step([sum(g[i] for g in grads) / SUBS for i in range(len(ref.w))], factor(t))
-        opt.zero_grad()
-        sum(mse(net, x, y) for x, y in batches).div(SUBS).backward()
-        opt.step()
-        sched.step()
+    muon_like_run(opt, ref, net)
     assert max_rel(list(net.parameters()), ref.w) <= 1e-12
 
 

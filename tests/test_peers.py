@@ -126,3 +126,35 @@ def test_a_model_without_hidden_matrices_gets_adamw_only():
     assert {g["optimizer"] for g in opt.param_groups} == {"adamw"}
     with pytest.raises(ValueError, match="no parameters"):
         MuonWithAdamW([], [], lr=0.03, adamw_lr=1e-3)
+
+
+def test_normuon_peer_steps_like_badm_normuon_and_trains(tmp_path):
+    """NorMuon + AdamW: the same split as Muon's, groups tagged "normuon"; on fixed gradients its matrix steps equal
+    BADM's normuon at rho = sigma (NorMuon, with Nesterov momentum that Newton-Schulz's normalisation makes equal to
+    the peer's EMA one up to its 1e-7 floor); a Trainer run lowers the loss; the state round-trips."""
+    from hf_badm import BADM
+    from hf_badm.peers import NorMuon, NorMuonWithAdamW, create_normuon_optimizer
+    from tests.test_muon import fixed_gradient_run
+
+    model = tiny_model("gpt2")
+    opt, _ = create_normuon_optimizer(model, tiny_args(tmp_path, learning_rate=0.03, weight_decay=0.1))
+    assert isinstance(opt, NorMuonWithAdamW) and {g["optimizer"] for g in opt.param_groups} == {"normuon", "adamw"}
+    muon, _ = create_muon_optimizer(tiny_model("gpt2"), tiny_args(tmp_path, learning_rate=0.03, weight_decay=0.1))
+    assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in muon.param_groups]
+    shapes, lr, wd = [(16, 6), (16, 16), (3, 16), (64, 32)], 0.02, 0.1
+    ours = fixed_gradient_run(shapes, lambda ps: BADM(ps, lr=lr, weight_decay=wd, preconditioner="normuon",
+                                                      ns_dtype="float32"))
+    theirs = fixed_gradient_run(shapes, lambda ps: NorMuon(ps, lr=lr, weight_decay=wd))
+    for a, b in zip(ours, theirs):
+        assert float((a - b).norm() / b.norm()) <= 1e-4
+    assert COMPARE_LEARNING_RATES["normuon"] == COMPARE_LEARNING_RATES["muon"]
+    model = tiny_model("gpt2")
+    args = tiny_args(tmp_path, max_steps=30, learning_rate=0.03, lr_scheduler_type="cosine", warmup_steps=3)
+    trainer = Trainer(model=model, args=args, train_dataset=chain_dataset(),
+                      optimizers=create_normuon_optimizer(model, args, adamw_lr=1e-2))
+    trainer.train()
+    assert_loss_falls(trainer, min_steps=30, ratio=0.85)
+    again, _ = create_normuon_optimizer(tiny_model("gpt2"), args)
+    again.load_state_dict(trainer.optimizer.state_dict())
+    assert all(torch.equal(a["second_momentum_buffer"], b["second_momentum_buffer"])
+               for a, b in zip(trainer.optimizer.state.values(), again.state.values()) if "second_momentum_buffer" in a)

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from hf_badm.config import BADMConfig
 
+# The peers of hf_badm.peers (create_<name>_optimizer): Muon and NorMuon, each with AdamW on the other tensors.
+PEERS = ("muon", "normuon")
 # BADM's penalties outside this range overflow or stall in float32 (sigma 1e-300 overflows at step 1;
 # rho 1e308 never moves the weights); the tuned values lie between 1e-2 and 1e4.
 PENALTY_RANGE = (1e-12, 1e12)
@@ -109,7 +111,7 @@ def _check_decay(task_args: TaskArguments, badm: BADMConfig, args: TrainingArgum
         steps = {"1/sigma": 1 / badm.sigma} if badm.sigma is not None else steps
         if LOCAL_SOLVES[badm.preconditioner].orthogonalises:
             steps["1/elementwise_sigma"] = 1 / badm.group_overrides()["sigma"]
-    if task_args.optimizer == "muon" and task_args.muon_adamw_lr is not None:
+    if task_args.optimizer in PEERS and task_args.muon_adamw_lr is not None:
         steps["muon_adamw_lr"] = task_args.muon_adamw_lr
     for name, step in steps.items():
         if wd * step >= 1:
@@ -121,8 +123,8 @@ def _check_decay(task_args: TaskArguments, badm: BADMConfig, args: TrainingArgum
 def _check_optimizer(name: str) -> None:
     from transformers.training_args import OptimizerNames
 
-    if name not in ("badm", "muon") and name not in {o.value for o in OptimizerNames}:
-        raise RecipeError(f"optimizer {name!r} is not badm, muon or a Trainer optim name (adamw_torch, sgd, "
+    if name != "badm" and name not in PEERS and name not in {o.value for o in OptimizerNames}:
+        raise RecipeError(f"optimizer {name!r} is not badm, muon, normuon or a Trainer optim name (adamw_torch, sgd, "
                           "adafactor, lion_32bit, ...)")
 
 

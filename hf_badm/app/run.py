@@ -27,7 +27,7 @@ from hf_badm.app import RecipeError, RunEnded, data
 from hf_badm.app.arguments import SFT_TASKS, SIZES, ModelArguments, TaskArguments
 from hf_badm.app.callbacks import Clock, StopOnSignal, StopWhenStuck
 from hf_badm.app.checkpoint import verify_checkpoint
-from hf_badm.app.checks import check_sources, check_values
+from hf_badm.app.checks import PEERS, check_sources, check_values
 from hf_badm.app.launch import announce_deepspeed_build, quiet_run, warn_single_process
 from hf_badm.app.output import OutputDirLock, check_output_dir, latest_checkpoint
 from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
@@ -99,10 +99,11 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
         kwargs["badm_config"] = badm
         if args.process_index == 0:
             print(solve_report(model, badm), flush=True)  # what went where: matrices, experts, embeddings
-    elif task_args.optimizer == "muon":
-        from hf_badm.peers import create_muon_optimizer
+    elif task_args.optimizer in PEERS:
+        from hf_badm import peers
 
-        kwargs["optimizers"] = _start_up(create_muon_optimizer, model, args, adamw_lr=task_args.muon_adamw_lr)
+        create = getattr(peers, f"create_{task_args.optimizer}_optimizer")
+        kwargs["optimizers"] = _start_up(create, model, args, adamw_lr=task_args.muon_adamw_lr)
     out = Path(args.output_dir)
     lock = OutputDirLock(out) if args.process_index == 0 else nullcontext()
     stop, stuck = StopOnSignal(), StopWhenStuck(task_args.max_skipped_steps)
@@ -222,7 +223,7 @@ def _start(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfi
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-    if task_args.optimizer not in ("badm", "muon"):
+    if task_args.optimizer != "badm" and task_args.optimizer not in PEERS:
         args.optim = task_args.optimizer
     return resume
 
