@@ -75,7 +75,8 @@ def supported_range(package: str) -> str:
     except metadata.PackageNotFoundError:
         return " as hf_badm's pyproject.toml says"
     spec = next((r for r in requires if re.fullmatch(rf"{package}\b[^;]*", r)), package)
-    return spec[len(package):].strip()
+    # metadata may list the bounds in any order: floor first, as pyproject.toml writes them
+    return ",".join(sorted(spec[len(package):].strip().split(","), key=lambda bound: not bound.startswith(">")))
 
 
 def split_micro_batch(inputs: dict[str, Any], k: int) -> list[dict[str, Any]]:

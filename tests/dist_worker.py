@@ -301,6 +301,8 @@ def run_job(out: Path, job: dict) -> None:
 def main() -> None:
     out, jobs = Path(sys.argv[1]), json.loads(sys.argv[2])
     for job in jobs:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"== job {job['name']}", flush=True)  # where a failed launch stopped
         run_job(out, job)
     if dist.is_initialized():  # no rank drops its communicator while another still talks to it (gloo aborts)
         dist.barrier()

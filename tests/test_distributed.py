@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from dist_worker import fsdp2_run, run_job
 from tiny import tiny_model
@@ -93,6 +94,10 @@ def ddp(tmp_path_factory, single_thread) -> Path:
 # Every way the README wires BADM into a Trainer besides BADMTrainer (tests/dist_worker.py builds each one).
 WIRINGS = ("optimizers", "cls_kwargs", "mixin")
 MOE = ("mixtral", "qwen2_moe")  # MoE families whose experts transformers fuses into 3-D tensors
+# transformers 4.x keeps experts as a ModuleList: an expert that gets no token on one rank fires no gradient hook there,
+# and DeepSpeed ZeRO's gradient reduction then differs between the ranks (a collective-size mismatch in its reduce,
+# before any optimizer step, whatever the optimizer). MoE under ZeRO is claimed and tested on transformers 5 only.
+MOE_UNDER_ZERO = MOE if int(transformers.__version__.split(".")[0]) >= 5 else ()
 
 
 @pytest.mark.timeout(600)
@@ -237,7 +242,7 @@ def zero(tmp_path_factory) -> Path:
         jobs += [{"name": ns_name(stage, build, wiring), "wiring": wiring, "build": build, "meter": True,
                   "pretrained": str(out / "pretrained"), **ns} for build, wiring in NS_BUILDS if (build, wiring) != (
                       "before", "badm_trainer")]  # that one is zero{stage}_ns above
-        jobs += [{"name": f"zero{stage}_ns_{family}", "family": family, **ns} for family in MOE if stage > 1]
+        jobs += [{"name": f"zero{stage}_ns_{family}", "family": family, **ns} for family in MOE_UNDER_ZERO if stage > 1]
     tiny_model("gpt2").save_pretrained(out / "pretrained")
     launch(out, jobs)
     return out
@@ -351,12 +356,16 @@ def test_newton_schulz_under_zero_equals_one_rank_whatever_the_build_order_and_w
 @pytest.mark.parametrize("family", MOE)
 def test_newton_schulz_on_fused_experts_under_every_engine_equals_one_rank(ddp, zero, engine, family, single_thread):
     """Mixtral and Qwen2-MoE (experts fused as 3-D tensors, each expert slice orthogonalised on its own: the 1-rank
-    step is checked against a literal per-expert Muon in tests/test_moe.py): DDP (float64) and ZeRO-2/3 (float32)."""
+    step is checked against a literal per-expert Muon in tests/test_moe.py; 2-D per-expert weights on transformers
+    4.x): DDP (float64) and ZeRO-2/3 (float32)."""
+    if engine != "ddp" and family not in MOE_UNDER_ZERO:
+        pytest.skip("MoE under DeepSpeed ZeRO needs transformers >= 5 (fused experts): see MOE_UNDER_ZERO")
     out, name = (ddp, f"ddp_ns_{family}") if engine == "ddp" else (zero, f"{engine}_ns_{family}")
     ranks = [result(out, name, r) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
-    experts = [n for n, p in ranks[0]["params"].items() if p.dim() == 3]
-    assert experts and ranks[0]["report"]["tensors"]["newton_schulz"] > len(experts)
+    # transformers 5 fuses the experts into 3-D tensors, 4.x keeps a ModuleList of 2-D weights: orthogonalised either way
+    experts = [n for n in ranks[0]["params"] if ".experts." in n]
+    assert experts and not any(".experts." in n for n in ranks[0]["report"]["left"])
     reference = one_rank_reference(out, name)["params"]
     assert (max_rel if engine == "ddp" else norm_rel)(ranks[0]["params"], reference) <= (1e-5 if engine == "ddp" else 1e-3)
 
