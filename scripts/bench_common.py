@@ -4,9 +4,11 @@
   smoke) and :func:`smoke_paths` (a smoke run writes only under a temporary directory);
 - one training run: :func:`train` (``hf-badm train`` in this process: the CLI's parsing, then
   ``hf_badm.app.run.run``) and :func:`steps_to_reach` on its eval curve;
-- corpora: ``builtin`` (the generated stories) and ``stdlib_docs`` (real English prose gathered at run
-  time from the docstrings of Python's standard library and pydoc's topics; nothing copied into the
-  repository): :func:`corpus`, :func:`benchmark_tokenizer`;
+- corpora: ``builtin`` (the generated stories), ``stdlib_docs`` (real English prose gathered at run
+  time from the docstrings of Python's standard library and pydoc's topics), ``debian_changelogs`` (the
+  change entries of the Debian changelogs under /usr/share/doc) and ``licenses`` (the legal text of
+  /usr/share/common-licenses and the packages' copyright files); nothing copied into the repository:
+  :func:`corpus`, :func:`benchmark_tokenizer`;
 - measuring optimizers: :func:`state_bytes` (the tensors an optimizer keeps) and :class:`StepTimer`
   (wall time of every ``optimizer.step()`` through torch's global step hooks, CUDA-synchronised);
 - results: :class:`Results` (one JSON file, written after every run), :func:`machine` and :func:`stamp`
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DOCS = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "docs" / "results"
-CORPORA = ("builtin", "stdlib_docs")
+CORPORA = ("builtin", "stdlib_docs", "debian_changelogs", "licenses")
 
 # Settings every benchmark run shares unless a script overrides them.
 BASE_RECIPE: dict[str, Any] = {
@@ -190,12 +192,89 @@ def stdlib_docs_paragraphs() -> list[str]:
     return out
 
 
-def stdlib_docs(out_dir: Path, eval_every: int = 20) -> Path:
-    """The ``stdlib_docs`` corpus as a dataset directory (``train.txt`` and ``test.txt``, one paragraph per
-    line; every ``eval_every``-th paragraph held out) under ``out_dir``, gathered once per Python version."""
-    path = out_dir / "corpus" / f"stdlib_docs-py{sys.version_info[0]}.{sys.version_info[1]}"
+def _prose(text: str) -> bool:
+    """A paragraph worth keeping: at least 8 words, mostly letters and spaces (no code, tables or addresses)."""
+    return len(text.split()) >= 8 and sum(c.isalpha() or c.isspace() for c in text) >= 0.85 * len(text)
+
+
+DOC_DIR = Path("/usr/share/doc")
+LICENSE_DIR = Path("/usr/share/common-licenses")
+CHANGELOG_CHARS = 3_000_000  # the changelogs hold ~8 M characters of entries; the first 3 M (by package) are plenty
+
+
+def _need(paths: list[Path], what: str, corpus_name: str) -> list[Path]:
+    if not paths:
+        raise RuntimeError(f"the {corpus_name} corpus needs {what}, which this machine does not have")
+    return paths
+
+
+def debian_changelogs_paragraphs(doc_dir: Path = DOC_DIR, max_chars: int = CHANGELOG_CHARS) -> list[str]:
+    """Change entries ("* ..." / "- ..." items, continuation lines joined) of every package's Debian changelog
+    (``<doc_dir>/*/changelog*.gz``, packages sorted), English written by maintainers; exact duplicates dropped,
+    stopped at ``max_chars``. Deterministic for a given set of installed packages."""
+    import gzip
+
+    files = _need(sorted(doc_dir.glob("*/changelog*.gz")), f"{doc_dir}/*/changelog*.gz", "debian_changelogs")
+    seen: set[str] = set()
+    out: list[str] = []
+    total = 0
+    for f in files:
+        try:
+            lines = gzip.open(f, "rt", encoding="utf-8", errors="replace").read().splitlines()
+        except (OSError, EOFError):
+            continue
+        entry: list[str] = []
+        for line in [*lines, ""]:
+            item = re.match(r"^\s+[*+-]\s+(.*)", line)
+            if item or not (line.startswith(" ") and line.strip() and entry and not line.strip().startswith("--")):
+                text = " ".join(entry)
+                entry = [item.group(1).strip()] if item else []
+                if _prose(text) and text not in seen:
+                    seen.add(text)
+                    out.append(text)
+                    total += len(text)
+                    if total >= max_chars:
+                        return out
+            else:
+                entry.append(line.strip())
+    return out
+
+
+def licenses_paragraphs(license_dir: Path = LICENSE_DIR, doc_dir: Path = DOC_DIR) -> list[str]:
+    """Legal English: the paragraphs of the license texts in ``license_dir`` and of every package's copyright file
+    (``<doc_dir>/*/copyright``; DEP-5 field lines and copyright notices left out), files sorted, exact duplicates
+    dropped (the same license recurs in many files)."""
+    files = _need(sorted(p for p in license_dir.glob("*") if p.is_file()), f"the license texts in {license_dir}",
+                  "licenses") + sorted(doc_dir.glob("*/copyright"))
+    seen: set[str] = set()
+    out: list[str] = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for block in re.split(r"\n\s*\.?\s*\n", text):  # DEP-5 writes blank lines inside a field as " ."
+            lines = [ln.strip() for ln in block.splitlines() if not re.match(r"^[A-Z][A-Za-z-]*:(\s|$)", ln)]
+            para = " ".join(ln for ln in lines if ln and ln != ".")
+            if _prose(para) and para not in seen:
+                seen.add(para)
+                out.append(para)
+    return out
+
+
+# Corpora gathered at run time from what this machine ships: name -> (paragraphs, directory-name suffix).
+GATHERED = {"stdlib_docs": (lambda: stdlib_docs_paragraphs(), f"-py{sys.version_info[0]}.{sys.version_info[1]}"),
+            "debian_changelogs": (lambda: debian_changelogs_paragraphs(), ""),
+            "licenses": (lambda: licenses_paragraphs(), "")}
+
+
+def gathered(name: str, out_dir: Path, eval_every: int = 20) -> Path:
+    """A gathered corpus as a dataset directory (``train.txt`` and ``test.txt``, one paragraph per line; every
+    ``eval_every``-th paragraph held out) under ``out_dir``, gathered once (stdlib_docs: once per Python version)."""
+    paragraphs, suffix = GATHERED[name]
+    path = out_dir / "corpus" / f"{name}{suffix}"
     if not (path / "test.txt").exists():
-        paras = stdlib_docs_paragraphs()
+        paras = paragraphs()
         path.mkdir(parents=True, exist_ok=True)
         (path / "train.txt").write_text("\n".join(p for i, p in enumerate(paras) if i % eval_every) + "\n")
         (path / "test.txt").write_text("\n".join(p for i, p in enumerate(paras) if not i % eval_every) + "\n")
@@ -205,10 +284,15 @@ def stdlib_docs(out_dir: Path, eval_every: int = 20) -> Path:
     return path
 
 
+def stdlib_docs(out_dir: Path, eval_every: int = 20) -> Path:
+    """The ``stdlib_docs`` corpus as a dataset directory (:func:`gathered`)."""
+    return gathered("stdlib_docs", out_dir, eval_every)
+
+
 def corpus(name: str, out_dir: Path) -> str:
-    """The ``dataset`` recipe value of a corpus: ``builtin``, ``stdlib_docs`` (gathered here), or a file path."""
-    if name == "stdlib_docs":
-        return str(stdlib_docs(out_dir))
+    """The ``dataset`` recipe value of a corpus: ``builtin``, a gathered one (:data:`GATHERED`), or a file path."""
+    if name in GATHERED:
+        return str(gathered(name, out_dir))
     return name if name == "builtin" else str(Path(name).resolve())
 
 

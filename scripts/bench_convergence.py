@@ -44,7 +44,10 @@ LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_to
           "badm_ns_norm_s4": "BADM newton_schulz (elementwise normalized), per-sub-batch (S=4)",
           "badm_ns_norm_r3": "BADM newton_schulz (elementwise normalized), rho = 3 sigma",
           "badm_ns_norm_r9": "BADM newton_schulz (elementwise normalized), rho = 9 sigma",
-          "muon": "Muon (torch, + AdamW elsewhere)"}
+          "badm_nsisa": "BADM nsisa (the authors' NSISA, elementwise normalized)",
+          "badm_normuon": "BADM normuon (elementwise normalized)",
+          "muon": "Muon (torch, + AdamW elsewhere)", "normuon": "NorMuon (+ AdamW elsewhere)"}
+PEERS = ("muon", "normuon")  # hf_badm.peers: a matrix optimizer with AdamW (lr muon_adamw_lr) on the other tensors
 # The BADM family (docs/preconditioners.md): recipe fields on top of optimizer=badm.
 S4 = {"mode": "per_sub_batch", "sub_batches_per_micro_batch": 4}
 NS_NORM = {"preconditioner": "newton_schulz", "elementwise_preconditioner": "normalized"}
@@ -53,18 +56,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "badm_norm": {"preconditioner": "normalized"},
     "badm_ns": {"preconditioner": "newton_schulz", "elementwise_preconditioner": "second_moment"},
     "badm_ns_norm": NS_NORM, "badm_ns_norm_s4": {**NS_NORM, **S4}, "badm_ns_norm_r3": NS_NORM, "badm_ns_norm_r9": NS_NORM,
+    "badm_nsisa": {**NS_NORM, "preconditioner": "nsisa"}, "badm_normuon": {**NS_NORM, "preconditioner": "normuon"},
 }
 # Preconditioned variants sweep lr at one rho/sigma (second_moment: rho = 6000 sigma, i.e. sigma 0.1 with rho 600 at
 # lr 10; normalized: beta 0.9; newton_schulz: rho = sigma as in its prototype); per-sub-batch variants take their
 # fused variant's best rho/sigma. newton_schulz with normalized elementwise tensors gives those the best
 # normalized learning rate of the same size (elementwise_sigma = 1/lr, elementwise_rho = 9 elementwise_sigma).
-FIXED_RATIO = {name: RHO_OVER_SIGMA[VARIANTS[name]["preconditioner"]] for name in ("badm_sm", "badm_norm", "badm_ns", "badm_ns_norm")}
+FIXED_RATIO = {name: RHO_OVER_SIGMA[VARIANTS[name]["preconditioner"]]
+               for name in ("badm_sm", "badm_norm", "badm_ns", "badm_ns_norm", "badm_nsisa", "badm_normuon")}
 FIXED_RATIO.update(badm_ns_norm_r3=3.0, badm_ns_norm_r9=9.0)  # rho != sigma: the dual as QH momentum over NS directions
 # Optimizers whose other tensors (embeddings, head, norms, biases) have a learning rate of their own, and the
 # optimizer whose best lr it starts from: BADM newton_schulz's normalized tensors from BADM normalized, Muon's
 # AdamW tensors from AdamW.
 ELEMENTWISE_FROM = {**{o: "badm_norm" for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "normalized"},
-                    "muon": "adamw_torch"}
+                    **{o: "adamw_torch" for o in PEERS}}
 PER_SUB_BATCH_OF = {"badm_s4": "badm", "badm_ns_norm_s4": "badm_ns_norm"}
 GRIDS: dict[str, list[float]] = {
     "badm": [1.0, 3.0, 10.0, 30.0],
@@ -80,7 +85,10 @@ GRIDS: dict[str, list[float]] = {
     "badm_ns_norm_s4": [0.01, 0.03, 0.1],
     "badm_ns_norm_r3": [0.01, 0.03, 0.1],
     "badm_ns_norm_r9": [0.01, 0.03, 0.1],
+    "badm_nsisa": [0.01, 0.03, 0.1],
+    "badm_normuon": [0.03],  # Muon's default lr (hf_badm.optim.defaults.COMPARE_LEARNING_RATES)
     "muon": [0.01, 0.03, 0.1],
+    "normuon": [0.01, 0.03, 0.1],
 }
 RATIOS = [1.5, 4.0, 9.0, 19.0]  # BADM rho/sigma: beta = 0.6, 0.8, 0.9, 0.95
 
@@ -96,7 +104,7 @@ def nice_down(x: float) -> float:
 
 def available_optimizers() -> list[str]:
     names = ["badm", "badm_s4", "adamw_torch", "sgd", "badm_sm", "badm_norm", "badm_ns", "badm_ns_norm", "badm_ns_norm_s4",
-             "muon"]
+             "muon", "normuon", "badm_nsisa", "badm_normuon"]
     if importlib.util.find_spec("schedulefree"):
         names.append("schedule_free_adamw")
     if importlib.util.find_spec("bitsandbytes"):
@@ -137,7 +145,7 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
             r.update(elementwise_sigma=1.0 / elementwise_lr, elementwise_rho=9.0 / elementwise_lr)
     else:
         r["optimizer"] = opt
-    if opt == "muon" and elementwise_lr is not None:
+    if opt in PEERS and elementwise_lr is not None:
         r[MUON_ADAMW_LR_FIELD] = elementwise_lr
     if opt == "sgd":
         r["optim_args"] = "momentum=0.9"
@@ -152,13 +160,13 @@ class Sweep:
         """``corpora``: name -> (dataset recipe value, tokenizer directory)."""
         self.args, self.results, self.base, self.corpora = args, results, base, corpora
         self.extended: set[tuple[str, str, str, str]] = set()
-        self.muon_elr = "muon" in args.optimizers and muon_adamw_lr_supported()
+        self.muon_elr = any(o in args.optimizers for o in PEERS) and muon_adamw_lr_supported()
 
     def elementwise_start(self, opt: str, size: str, corpus: str) -> float | None:
         """The elementwise lr a variant starts from: ``--elementwise-lr``, else the best lr of the optimizer it
         builds on (BADM normalized, or AdamW for Muon); None where the variant has no such lr."""
         source = ELEMENTWISE_FROM.get(opt)
-        if source is None or (opt == "muon" and not self.muon_elr):
+        if source is None or (opt in PEERS and not self.muon_elr):
             return None
         if self.args.elementwise_lr is not None:
             return self.args.elementwise_lr
@@ -203,7 +211,8 @@ class Sweep:
     def sweep(self, size: str, corpus: str) -> None:
         opts = self.args.optimizers
         ratios = self.args.ratios
-        later = [o for o in opts if o in PER_SUB_BATCH_OF or o in ELEMENTWISE_FROM]
+        # (with --elementwise-lr fixed, the elementwise variants need no earlier best and interleave in phase 1)
+        later = [o for o in opts if o in PER_SUB_BATCH_OF or (o in ELEMENTWISE_FROM and self.args.elementwise_lr is None)]
         # Phase 1: every base grid point, round-robin across optimizers (so load drift hits all alike).
         # BADM: the full lr x rho/sigma grid, or (--badm-sweep coordinate) lr at --center-ratio, then the
         # other ratios at the best lr (cheaper; used where compute is short).
@@ -271,7 +280,7 @@ class Sweep:
         coordinates held, while that best lies on the edge of the values tried: half a decade beyond the edge
         each time, at most ``--extend`` times per optimizer and axis. Once the best is interior this adds
         nothing, so re-running a sweep command is idempotent."""
-        if (o, size, corpus, axis) in self.extended:
+        if (o, size, corpus, axis) in self.extended or o in self.args.fixed:
             return
         self.extended.add((o, size, corpus, axis))
         coords = ("learning_rate", "rho_over_sigma", "elementwise_lr")
@@ -298,7 +307,7 @@ def seeds_of(results: bc.Results, best: dict[str, Any]) -> list[dict[str, Any]]:
             and r.get("device", "cpu") == best.get("device", "cpu")]
 
 
-REFERENCES = {"adamw_torch": "AdamW", "muon": "Muon"}
+REFERENCES = {"adamw_torch": "AdamW", "muon": "Muon", "normuon": "NorMuon"}
 
 
 def speedup_table(sweep: Sweep, size: str, corpus: str, ref: str = "adamw_torch") -> tuple[str, dict[str, Any]]:
@@ -445,7 +454,83 @@ CORPUS_TEXT = {
     "stdlib_docs": "stdlib_docs, real English prose gathered at run time from the docstrings of Python's standard "
                    "library and pydoc's topics ({paragraphs:,} paragraphs, {characters:,} characters, Python {python}; "
                    "every 20th paragraph held out; nothing copied into the repository)",
+    "debian_changelogs": "debian_changelogs, the change entries of the Debian changelogs of this machine's packages "
+                         "(/usr/share/doc/*/changelog*.gz, packages sorted, the first {characters:,} characters: "
+                         "{paragraphs:,} entries; every 20th held out; gathered at run time)",
+    "licenses": "licenses, legal English from /usr/share/common-licenses and the packages' copyright files "
+                "({paragraphs:,} distinct paragraphs, {characters:,} characters; every 20th held out; gathered at run "
+                "time)",
 }
+
+
+# The shared default lr of each optimizer (hf_badm.optim.defaults.COMPARE_LEARNING_RATES; AdamW: the tiny sweep's best,
+# DEMO_LEARNING_RATES), against which each corpus's own best is reported.
+DEFAULT_LR_KEY = {"muon": "muon", "normuon": "normuon", "badm_ns_norm": "badm-newton_schulz", "badm_nsisa": "badm-nsisa",
+                  "badm_normuon": "badm-normuon"}
+TARGET_RATIO = 0.85  # issue 20's target: tuned Muon's final loss in <= 0.85x Muon's steps
+
+
+def default_lr(o: str) -> float | None:
+    from hf_badm.optim.defaults import COMPARE_LEARNING_RATES, DEMO_LEARNING_RATES
+
+    if o == "adamw_torch":
+        return DEMO_LEARNING_RATES["adamw_torch"]
+    return COMPARE_LEARNING_RATES.get(DEFAULT_LR_KEY.get(o, ""))
+
+
+def cross_corpus(sweep: Sweep, corpora: list[str], size: str, summaries: dict[str, Any], heading: str) -> str:
+    """Per size: each optimizer's best lr on each corpus against its shared default (and what the default costs in
+    final loss, seed 0), then its steps to tuned Muon's final loss as a fraction of Muon's steps on each corpus, their
+    geometric mean, and whether it meets the target (<= 0.85x on every corpus)."""
+    opts = [o for o in sweep.args.optimizers if any(sweep.best(o, size, c) for c in corpora)]
+    out = [f"{heading} All corpora, GPT-2 {size}: each corpus's best lr against the shared default\n",
+           "Cell: the corpus's best lr (seed 0) and, in brackets, how much higher the final loss is at the shared "
+           "default lr than at that best (seed 0; 0 where they coincide, '–' where the default was not run).\n",
+           "| optimizer | shared default lr | " + " | ".join(corpora) + " |", "|---|---:|" + "---:|" * len(corpora)]
+    for o in opts:
+        d = default_lr(o)
+        cells = []
+        for c in corpora:
+            b = sweep.best(o, size, c)
+            if b is None:
+                cells.append("–")
+                continue
+            at_d = [p for p in sweep.points(o, size, c) if d is not None and math.isclose(p["learning_rate"], d)
+                    and (p["rho_over_sigma"], p.get("elementwise_lr")) == (b["rho_over_sigma"], b.get("elementwise_lr"))]
+            gap = f"+{at_d[0]['final_eval_loss'] - b['final_eval_loss']:.3f}" if at_d else "–"
+            cells.append(f"{b['learning_rate']:g} ({gap})")
+        out.append(f"| {LABELS[o]} | {bc.fmt(d, 'g')} | " + " | ".join(cells) + " |")
+    if not all(f"{c}|{size}|vs muon" in summaries for c in corpora):
+        return "\n".join(out) + "\n"
+    out += ["", f"{heading} All corpora, GPT-2 {size}: steps to tuned Muon's final loss, as a fraction of Muon's steps\n",
+            "Cell: steps to reach tuned Muon's mean final held-out loss (each optimizer at its best lr on that corpus, "
+            "mean over the seeds that reach it) / Muon's steps; 'not reached' gives the optimizer's own final loss "
+            f"against Muon's. Target: <= {TARGET_RATIO}x on every corpus.\n",
+            "| optimizer | " + " | ".join(corpora) + " | geometric mean | meets the target |",
+            "|---|" + "---:|" * len(corpora) + "---:|---|"]
+    for o in opts:
+        cells, ratios = [], []
+        for c in corpora:
+            summ = summaries[f"{c}|{size}|vs muon"]
+            r = summ["optimizers"].get(o)
+            if r is None:
+                cells.append("–")
+                ratios.append(None)
+            elif r["steps_to_target"] is None:
+                cells.append(f"not reached ({r['final_eval_loss_mean']:.4f} vs {summ['target']:.4f})")
+                ratios.append(None)
+            else:
+                ratio = r["steps_to_target"] / sweep.args.steps[size]
+                reached = sum(bc.steps_to_reach(q["curve"], summ["target"]) is not None
+                              for q in seeds_of(sweep.results, sweep.best(o, size, c)))
+                cells.append(f"{ratio:.2f}x" + (f" ({reached}/{r['seeds']} seeds)" if reached < r["seeds"] else ""))
+                ratios.append(ratio)
+        gm = (math.exp(statistics.mean(math.log(x) for x in ratios)) if ratios and all(x is not None for x in ratios)
+              else None)
+        meets = "yes" if gm is not None and max(ratios) <= TARGET_RATIO else "no"
+        out.append(f"| {LABELS[o]} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f', '–')}" + ("x" if gm else "")
+                   + f" | {meets} |")
+    return "\n".join(out) + "\n"
 
 
 def describe_corpus(name: str, spec: str, a: argparse.Namespace) -> str:
@@ -461,8 +546,10 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
     res = sweep.results
     a = sweep.args
     loads = [r["load_1min"] for r in res.runs if r.get("device", "cpu") == a.device]
-    where = ("on a shared 2-core machine, so it is noisy; the best points of all optimizers were re-run together "
-             "(--retime) so that their wall-clock columns were timed under the same load" if a.device == "cpu" else
+    retimed = a.retime or a.section == SECTION  # the main section's best points were re-run together
+    where = ("on a shared 2-core machine, so it is noisy" + ("; the best points of all optimizers were re-run together "
+             "(--retime) so that their wall-clock columns were timed under the same load" if retimed else
+             "; the runs were not re-timed together: compare steps, not seconds") if a.device == "cpu" else
              f"on {a.device}")
     text = [f"{title}\n",
             "GPT-2 models built from config (tiny: 2 layers x 64, small: 4 x 128), trained from scratch on "
@@ -483,7 +570,8 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
             "form's best r and elementwise lr. Muon is torch's `torch.optim.Muon` (Nesterov 0.95, 5 Newton-Schulz "
             "steps in bfloat16, lr scaled by sqrt(max(1, rows/cols)) as BADM's) on the same hidden matrices, with "
             "AdamW on the embeddings, head, norms and biases "
-            + ("(its lr swept like the elementwise lr, from AdamW's best lr). " if sweep.muon_elr else
+            + ("(its lr: the elementwise lr below). " if sweep.muon_elr and a.elementwise_lr else
+               "(its lr swept like the elementwise lr, from AdamW's best lr). " if sweep.muon_elr else
                f"at lr {MUON_ADAMW_LR:g} (`hf_badm.peers` default; this `hf-badm train` has no field to sweep it). ")
             + (f"The elementwise lr was fixed at {a.elementwise_lr:g} (--elementwise-lr). " if a.elementwise_lr else "")
             + "'Steps to target' interpolates linearly between the 10 evaluations of a run; wall-clock is training "
@@ -514,6 +602,10 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
             heading = "#" * (len(title) - len(title.lstrip("#")) + 1)  # one level below the section's
             text += [f"{heading} {corpus} corpus, GPT-2 {size} ({a.steps[size]} steps)\n", *tables, figure,
                      grid_tables(sweep, size, corpus)]
+    if a.cross_corpus:
+        heading = "#" * (len(title) - len(title.lstrip("#")) + 1)
+        for size in sizes:
+            text.append(cross_corpus(sweep, corpora, size, summaries, heading))
     return "\n".join(text), summaries
 
 
@@ -535,6 +627,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--elementwise-lr", type=float, default=None, help="fix the lr of the tensors newton_schulz and "
                    "Muon do not orthogonalise (default: swept, from the best BADM normalized / AdamW lr)")
     p.add_argument("--seeds", type=int, default=2, help="seeds of each optimizer's best point (default 2)")
+    p.add_argument("--fixed", default="", help="comma-separated optimizers run at their grid only, never extended "
+                   "(e.g. those run at their defaults)")
+    p.add_argument("--cross-corpus", action="store_true", help="add, per size, each corpus's best lr against the "
+                   "shared default and every optimizer's steps to tuned Muon's loss on every corpus")
     p.add_argument("--extend", type=int, default=3, help="at most this many grid extensions per optimizer and axis "
                    "while the best lies on the grid's edge (default 3)")
     p.add_argument("--num-train", type=int, default=3000)
@@ -543,6 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--section", default=SECTION, help="the docs section (heading line) to write")
     p.add_argument("--shard", default=None, help="suffix of this process's result files, so that processes sweeping "
                    "different optimizers of one corpus and size write different files (the report reads them all)")
+    p.add_argument("--no-figures", action="store_true", help="draw no plots (they would replace another section's)")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from the results JSON")
     p.add_argument("--retime", action="store_true", help="after the sweep, re-run each optimizer's best point "
                    "(all seeds) together so that the wall-clock columns compare runs timed under the same load")
@@ -550,6 +647,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--commands", default=None, help="with --report-only: the sweep commands to document")
     a = p.parse_args(argv)
     a.command = a.commands or bc.command_line()
+    a.fixed = [o for o in a.fixed.split(",") if o]
     a.steps = {k: int(v) for k, v in (kv.split("=") for kv in a.steps.split(","))}
     a.optimizers = [o for o in (a.optimizers.split(",") if a.optimizers else available_optimizers())]
     if unknown := [o for o in a.optimizers if o not in LABELS]:
@@ -562,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
         bc.smoke_paths(a, "convergence")
         a.sizes, a.steps, a.num_train, a.num_eval, a.extend = ["tiny"], {"tiny": 4}, 100, 20, 1
         a.no_write = False
-        a.grids = {k: v[1:3] for k, v in GRIDS.items()}
+        a.grids = {k: v[1:3] or v for k, v in GRIDS.items()}
         a.ratios = [9.0]
     bc.setup(a)
     base = {**bc.BASE_RECIPE, "num_train_examples": a.num_train, "num_eval_examples": a.num_eval}
@@ -584,7 +682,7 @@ def main(argv: list[str] | None = None) -> None:
         rel = str(Path(a.results).resolve().relative_to(docs_dir.resolve())) + "/"
     except ValueError:
         rel = str(a.results)
-    text, _ = report(sweep, list(corpora), a.sizes, docs_dir, rel, a.section, figures=not a.no_write)
+    text, _ = report(sweep, list(corpora), a.sizes, docs_dir, rel, a.section, figures=not (a.no_write or a.no_figures))
     print(text)
     if not a.no_write:
         bc.write_section(a.docs, a.section, text)
