@@ -485,7 +485,7 @@ def cross_corpus(sweep: Sweep, corpora: list[str], size: str, summaries: dict[st
     opts = [o for o in sweep.args.optimizers if any(sweep.best(o, size, c) for c in corpora)]
     out = [f"{heading} All corpora, GPT-2 {size}: each corpus's best lr against the shared default\n",
            "Cell: the corpus's best lr (seed 0) and, in brackets, how much higher the final loss is at the shared "
-           "default lr than at that best (seed 0; 0 where they coincide, '–' where the default was not run).\n",
+           "default lr than at that best (seed 0; +0.000 where they coincide, '–' where the default was not run).\n",
            "| optimizer | shared default lr | " + " | ".join(corpora) + " |", "|---|---:|" + "---:|" * len(corpora)]
     for o in opts:
         d = default_lr(o)
@@ -498,6 +498,8 @@ def cross_corpus(sweep: Sweep, corpora: list[str], size: str, summaries: dict[st
             at_d = [p for p in sweep.points(o, size, c) if d is not None and math.isclose(p["learning_rate"], d)
                     and (p["rho_over_sigma"], p.get("elementwise_lr")) == (b["rho_over_sigma"], b.get("elementwise_lr"))]
             gap = f"+{at_d[0]['final_eval_loss'] - b['final_eval_loss']:.3f}" if at_d else "–"
+            if len({p["learning_rate"] for p in sweep.points(o, size, c)}) == 1:
+                gap = "the only lr run"
             cells.append(f"{b['learning_rate']:g} ({gap})")
         out.append(f"| {LABELS[o]} | {bc.fmt(d, 'g')} | " + " | ".join(cells) + " |")
     if not all(f"{c}|{size}|vs muon" in summaries for c in corpora):
@@ -517,7 +519,9 @@ def cross_corpus(sweep: Sweep, corpora: list[str], size: str, summaries: dict[st
                 cells.append("–")
                 ratios.append(None)
             elif r["steps_to_target"] is None:
-                cells.append(f"not reached ({r['final_eval_loss_mean']:.4f} vs {summ['target']:.4f})")
+                there = (f"; Muon reaches {r['final_eval_loss_mean']:.4f} in {r['speedup_steps']:.2f}x its steps"
+                         if r["speedup_steps"] is not None else "")
+                cells.append(f"not reached ({r['final_eval_loss_mean']:.4f} vs {summ['target']:.4f}{there})")
                 ratios.append(None)
             else:
                 ratio = r["steps_to_target"] / sweep.args.steps[size]
@@ -527,7 +531,8 @@ def cross_corpus(sweep: Sweep, corpora: list[str], size: str, summaries: dict[st
                 ratios.append(ratio)
         gm = (math.exp(statistics.mean(math.log(x) for x in ratios)) if ratios and all(x is not None for x in ratios)
               else None)
-        meets = "yes" if gm is not None and max(ratios) <= TARGET_RATIO else "no"
+        meets = ("(the reference)" if o == "muon" else
+                 "yes" if gm is not None and max(ratios) <= TARGET_RATIO else "no")
         out.append(f"| {LABELS[o]} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f', '–')}" + ("x" if gm else "")
                    + f" | {meets} |")
     return "\n".join(out) + "\n"
