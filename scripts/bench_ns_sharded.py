@@ -34,7 +34,7 @@ def jobs() -> list[dict]:
 def main() -> None:
     import torch
 
-    from procs import run_process_group
+    from procs import launch_env, run_process_group
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -51,7 +51,7 @@ def main() -> None:
             out = Path(tmp) / f"w{world}"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
                    str(TESTS / "dist_worker.py"), str(out), json.dumps(jobs())]
-            code, log = run_process_group(cmd, 900, cwd=TESTS, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            code, log = run_process_group(cmd, 900, cwd=TESTS, env=launch_env(OMP_NUM_THREADS="1"))
             if code:
                 raise SystemExit(log[-4000:])
             for engine in ("zero3", "fsdp2"):

@@ -15,6 +15,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a launched one, without what earlier in-process Trainer runs left behind:
+    TrainingArguments export ACCELERATE_* variables (mixed precision among them) that a launched Trainer would
+    read as its own settings (transformers 4.x does: a leaked bf16 turned DeepSpeed's "auto" bf16 on)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}, **extra}
+
+
 def run_process_group(cmd: list[str], timeout: int, **popen_kwargs) -> tuple[int, str]:
     """Return (exit code, combined output); children never outlive the call, even on timeout or error."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,

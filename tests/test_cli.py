@@ -15,7 +15,7 @@ import pytest
 from hf_badm.app.cli import main
 from hf_badm.app.launch import unbuilt_deepspeed_op
 from hf_badm.app.plots import PLOT_SKIPPED
-from procs import run_process_group
+from procs import launch_env, run_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max_steps", "3", "--num_train_examples", "200", "--num_eval_examples", "16", "--eval_steps", "2",
@@ -97,7 +97,7 @@ def test_recipe_under_torchrun_with_deepspeed_zero3(tmp_path):
            "train", "recipes/pretrain/tiny-gpt.yaml", "--deepspeed", "recipes/launch/zero3.json", "--use_cpu", "true",
            *FAST, "--output_dir", str(tmp_path / "z3")]
     unbuilt = unbuilt_deepspeed_op()
-    code, log = run_process_group(cmd, 540, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code, log = run_process_group(cmd, 540, cwd=ROOT, env=launch_env(OMP_NUM_THREADS="1"))
     assert code == 0, log[-4000:]
     notice = "hf-badm: DeepSpeed builds its"
     assert log.count(notice) == (1 if unbuilt else 0), log[:3000]  # said once, before a first build only
@@ -210,6 +210,6 @@ def test_accelerate_cpu_launch_of_two_processes_warns_that_it_trains_alone(tmp_p
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hf_badm", "train",
            "recipes/pretrain/tiny-gpt.yaml", *TINY, "--max_steps", "1", "--output_dir", str(tmp_path / "run")]
-    code, log = run_process_group(cmd, 540, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    code, log = run_process_group(cmd, 540, cwd=ROOT, env=launch_env(OMP_NUM_THREADS="1"))
     assert code == 0, log[-4000:]
     assert log.count("hf-badm: warning: accelerate launch --cpu asked for several processes but started one") == 1

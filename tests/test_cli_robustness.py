@@ -20,13 +20,14 @@ import pytest
 from hf_badm.app import RecipeError
 from hf_badm.app.cli import main
 from hf_badm.app.output import LOCK_FILE, OutputDirLock
+from procs import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes/pretrain/tiny-gpt.yaml")
 TINY = ["--num_train_examples", "200", "--num_eval_examples", "8", "--block_size", "32", "--per_device_train_batch_size",
         "8", "--per_device_eval_batch_size", "8", "--logging_steps", "1", "--disable_tqdm", "true",
         "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--model_family", "llama"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = launch_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def hf_badm(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

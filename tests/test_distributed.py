@@ -20,7 +20,7 @@ import transformers
 
 from dist_worker import fsdp2_run, run_job
 from tiny import tiny_model
-from procs import free_port, run_process_group
+from procs import free_port, launch_env, run_process_group
 from hf_badm import BADM
 from hf_badm.optim.badm import reslot_state_dict
 
@@ -36,7 +36,7 @@ def launch(out: Path, jobs: list[dict], launcher: str = "torchrun", timeout: int
                "--main_process_port", str(free_port())]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = launch_env(OMP_NUM_THREADS="1")
     code, log = run_process_group([*cmd, str(WORKER), str(out), json.dumps(jobs)], timeout, cwd=WORKER.parent, env=env)
     assert code == 0, f"{launcher} launch failed (exit {code}):\n{log[-6000:]}"
 
