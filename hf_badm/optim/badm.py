@@ -400,18 +400,18 @@ class BADM(Optimizer):
     def _absorb(self, work: list[tuple[dict[str, Any], list[Tensor]]], slot: int, weight: float) -> None:
         """The literal local solve of one slot (each slot keeps its own solve state): directions of every
         group first, one orthogonalizer call, then the duals and the aggregate."""
-        parts = []
+        parts, slot_views = [], []
         for group, params in work:
             for solve, ps in _by_solve(group, params):
                 self._coefficients(group, solve)  # validates lr
                 views = [self._slot_view(solve, p, slot) for p in ps]
                 parts.append(_Part.of(group, solve, ps, views, self._foreach(group, ps)))
+                slot_views.append(views)
                 self._store_slot(ps, views, slot)
         self._orthogonalise(parts)
-        for part in parts:
+        for part, views in zip(parts, slot_views):
             duals = [self.state[p]["duals"][slot] for p in part.params]
             aggs = [self.state[p]["aggregate"] for p in part.params]
-            views = [self._slot_view(part.solve, p, slot) for p in part.params]
             part = part.finished(views, duals if part.solve.reads_dual else None)
             self._store_slot(part.params, views, slot)
             if part.gains is not None:
