@@ -11,7 +11,7 @@ from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS
 from hf_badm.optim.defaults import default_rho
 from hf_badm.optim.local_solve import LOCAL_SOLVES, check_settings, elementwise_solves, setting_defaults
 from hf_badm.optim.preconditioned import NS_DTYPES
-from hf_badm.parallel.orthogonalize import COMM_DTYPES, DEFAULT_BUCKET_NUMEL
+from hf_badm.parallel.orthogonalize import COMM_DTYPES, DEFAULT_BUCKET_NUMEL, check_parallel_settings
 
 WEIGHTINGS = ("items", "uniform")
 ELEMENTWISE = elementwise_solves()  # the built-in solves offered for the tensors an orthogonalising solve leaves
@@ -119,10 +119,7 @@ class BADMConfig:
                               ("ns_dtype", tuple(NS_DTYPES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"BADMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.ns_comm_dtype not in COMM_DTYPES:
-            raise ValueError(f"BADMConfig.ns_comm_dtype must be one of {tuple(COMM_DTYPES)}, got {self.ns_comm_dtype!r}")
-        if isinstance(self.ns_bucket_numel, bool) or not isinstance(self.ns_bucket_numel, int) or self.ns_bucket_numel < 1:
-            raise ValueError(f"BADMConfig.ns_bucket_numel must be an integer >= 1, got {self.ns_bucket_numel!r}")
+        check_parallel_settings(self.ns_bucket_numel, self.ns_comm_dtype, prefix="BADMConfig.ns_")
         k = self.sub_batches_per_micro_batch
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"BADMConfig.sub_batches_per_micro_batch must be an integer >= 1, got {k!r}")

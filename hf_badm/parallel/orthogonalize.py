@@ -22,12 +22,20 @@ from torch import Tensor
 from hf_badm.optim.preconditioned import orthogonalise
 from hf_badm.optim.solves.newton_schulz import matrix_layout
 
-__all__ = ["ParallelOrthogonalizer", "assign_owners", "ns_cost", "COMM_DTYPES", "DEFAULT_BUCKET_NUMEL"]
+__all__ = ["ParallelOrthogonalizer", "assign_owners", "ns_cost", "check_parallel_settings", "COMM_DTYPES", "DEFAULT_BUCKET_NUMEL"]
 
 # As DeepSpeed's default reduce bucket (reduce_bucket_size = 5e8 elements): the largest set of matrices whose pieces
 # one exchange holds at once.
 DEFAULT_BUCKET_NUMEL = 500_000_000
 COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_parallel_settings(bucket_numel: int, comm_dtype: str, prefix: str = "") -> None:
+    """The settings of :class:`ParallelOrthogonalizer` (also checked by BADMConfig before a run starts)."""
+    if comm_dtype not in COMM_DTYPES:
+        raise ValueError(f"{prefix}comm_dtype must be one of {tuple(COMM_DTYPES)}, got {comm_dtype!r}")
+    if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 1:
+        raise ValueError(f"{prefix}bucket_numel must be an integer >= 1, got {bucket_numel!r}")
 
 
 def ns_cost(shape: torch.Size) -> int:
@@ -69,10 +77,7 @@ class ParallelOrthogonalizer:
 
     def __init__(self, group: dist.ProcessGroup | None = None, *, bucket_numel: int = DEFAULT_BUCKET_NUMEL,
                  comm_dtype: str = "float32") -> None:
-        if comm_dtype not in COMM_DTYPES:
-            raise ValueError(f"comm_dtype must be one of {tuple(COMM_DTYPES)}, got {comm_dtype!r}")
-        if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 1:
-            raise ValueError(f"bucket_numel must be an integer >= 1, got {bucket_numel!r}")
+        check_parallel_settings(bucket_numel, comm_dtype)
         self.group, self.bucket_numel, self.comm_dtype = group, bucket_numel, COMM_DTYPES[comm_dtype]
 
     @torch.no_grad()
