@@ -173,7 +173,7 @@ def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "
     world > 1 (Accelerate enables FSDP only on GPUs). Each step: 8 sequences split over the ranks; every rank
     computes its mean loss and FSDP's reduce-scatter averages the gradients (equal token counts: the global mean).
     ``newton_schulz``: the groups of create_badm_optimizer, and each sharded matrix orthogonalised whole on one
-    rank (``SplitOrthogonalizer``)."""
+    rank (``ParallelOrthogonalizer``)."""
     from torch.distributed.fsdp import fully_shard
 
     from hf_badm.parallel import prepare_for_ranks
