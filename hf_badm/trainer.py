@@ -41,7 +41,7 @@ from hf_badm.parallel import attach_engine_layouts, prepare_for_ranks
 from hf_badm.optim import BADM
 from hf_badm.optim.badm import reslot_state_dict
 
-__all__ = ["BADMTrainerMixin", "BADMTrainer", "BADMMetricsCallback", "find_badm", "split_micro_batch", "count_loss_items"]
+__all__ = ["LossItemsMixin", "BADMTrainerMixin", "BADMTrainer", "BADMMetricsCallback", "find_badm", "split_micro_batch", "count_loss_items"]
 
 SLOT_FILE = "badm_slots_rank{rank}-of-{world}.pt"
 
@@ -159,7 +159,28 @@ class BADMMetricsCallback(TrainerCallback):
             state.log_history[-1].update(missing)
 
 
-class BADMTrainerMixin:
+class LossItemsMixin:
+    """Put before a Trainer class: the loss of a causal LM is averaged over the tokens it predicts.
+
+    transformers' Trainer divides the summed loss by ``num_items_in_batch``, which it counts after the label shift
+    only from 5.10 and only for a model that names its ``loss_type``. GPT-2 leaves it unset: the Trainer then counts
+    every label, T per row of which T - 1 are predicted, and its training and evaluation losses are (T - 1) / T of
+    the mean (0.984 of it at T = 64). With this mixin they are the mean. BADMTrainer counts this way (fused BADM steps
+    on the mean gradient, per-sub-batch mode weights its slots by the same count), and ``hf-badm`` runs every
+    comparison optimizer's Trainer with it, so that their losses compare with BADM's.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._items_shift_labels = _loss_shifts_labels(self.model) or bool(getattr(self, "_loss_shifts_labels", False))
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
+        if self._items_shift_labels and not getattr(self, "_loss_shifts_labels", False):
+            batch_samples = [_shifted_labels(b) for b in batch_samples]
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+
+class BADMTrainerMixin(LossItemsMixin):
     """Put before a Trainer class: ``class BADMSFTTrainer(BADMTrainerMixin, SFTTrainer): ...``.
 
     Takes ``badm_config=BADMConfig(...)``. Creates BADM in ``create_optimizer`` (so the DeepSpeed and
@@ -180,9 +201,6 @@ class BADMTrainerMixin:
         self._badm_metrics = BADMMetricsCallback()
         super().__init__(*args, **kwargs)
         self.add_callback(self._badm_metrics)
-        # Per-sub-batch weights count loss items the way the model's loss really works: a causal LM whose config
-        # leaves loss_type unset (GPT-2) still shifts its labels, which the Trainer's own flag misses.
-        self._badm_shifts_labels = _loss_shifts_labels(self.model) or bool(getattr(self, "_loss_shifts_labels", False))
         self._check_badm_setup()
 
     # ------------------------------------------------------------------ set-up
@@ -300,7 +318,7 @@ class BADMTrainerMixin:
             self._sub_batch_norms, self._norms_step = [], self.state.global_step
         logged = torch.zeros((), device=self.args.device)
         for sub in split_micro_batch(inputs, cfg.sub_batches_per_micro_batch):
-            items = count_loss_items(sub, self._badm_shifts_labels) if cfg.sub_batch_weights == "items" else None
+            items = count_loss_items(sub, self._items_shift_labels) if cfg.sub_batch_weights == "items" else None
             if items == 0:  # no loss items: the mean loss is undefined, the sub-batch weighs nothing
                 opt.absorb_sub_batch(0.0)
                 continue
@@ -318,14 +336,6 @@ class BADMTrainerMixin:
                                                                  cfg.sub_batches_per_micro_batch)
             logged += losses[0].mean() * share
         return logged
-
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | int | None:
-        """Loss items of a causal LM counted after the label shift, as its loss averages them (the Trainer does so
-        itself only from transformers 5.10, and only for a model that names its loss_type): fused BADM steps on
-        the mean gradient, and per-sub-batch weights its sub-batches by the same count."""
-        if self._badm_shifts_labels and not getattr(self, "_loss_shifts_labels", False):
-            batch_samples = [_shifted_labels(b) for b in batch_samples]
-        return super()._get_num_items_in_batch(batch_samples, device)
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

@@ -315,18 +315,23 @@ def corpus_info(spec: str) -> dict[str, Any]:
     return json.loads(meta.read_text()) if spec != "builtin" and meta.exists() else {}
 
 
-def benchmark_tokenizer(out_dir: Path, dataset: str = "builtin") -> str:
-    """The benchmarks' BPE tokenizer (vocab 1024) of a corpus, trained on its training text, under ``out_dir``, once."""
+CHAR_SUFFIX = "-char"  # a corpus name with this suffix: the same text, byte-level tokens (no merges)
+
+
+def benchmark_tokenizer(out_dir: Path, dataset: str = "builtin", chars: bool = False) -> str:
+    """The benchmarks' BPE tokenizer (vocab 1024) of a corpus, trained on its training text, under ``out_dir``, once.
+    ``chars``: no merges (the 256 bytes and the 4 special tokens), i.e. character-level on ASCII text."""
     from hf_badm.app.data import build_tokenizer
 
     name = corpus_name(dataset)
-    tok_dir = out_dir / ("tokenizer" if name == "builtin" else f"tokenizer-{Path(dataset).name}")
+    tok_dir = out_dir / (("tokenizer" if name == "builtin" else f"tokenizer-{Path(dataset).name}")
+                         + (CHAR_SUFFIX if chars else ""))
     if not (tok_dir / "tokenizer.json").exists():
         texts = None
         if name != "builtin":
             source = Path(dataset) / "train.txt" if Path(dataset).is_dir() else Path(dataset)
             texts = [line for line in source.read_text().splitlines() if line.strip()]
-        build_tokenizer(texts, vocab_size=1024, save_dir=tok_dir)
+        build_tokenizer(texts, vocab_size=260 if chars else 1024, save_dir=tok_dir)
     return str(tok_dir)
 
 

@@ -46,6 +46,12 @@ LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_to
           "badm_ns_norm_r9": "BADM newton_schulz (elementwise normalized), rho = 9 sigma",
           "badm_nsisa": "BADM nsisa (the authors' NSISA, elementwise normalized)",
           "badm_normuon": "BADM normuon (elementwise normalized)",
+          "badm_ns_adam": "BADM newton_schulz (elementwise adam)",
+          "badm_nsisa_adam": "BADM nsisa (elementwise adam)",
+          "badm_nsisa_adam_sq": "BADM nsisa (elementwise adam), the authors' warm-down sigma_t = sigma/f_t^2",
+          "badm_ns_adam_s2": "BADM newton_schulz (elementwise adam), per-sub-batch S=2, no clipping",
+          "badm_nsisa_adam_s2": "BADM nsisa (elementwise adam), per-sub-batch S=2, no clipping, gamma = alpha",
+          "badm_nsisa_adam_s2_one": "BADM nsisa (elementwise adam), per-sub-batch S=2, no clipping, gamma = 1",
           "muon": "Muon (torch, + AdamW elsewhere)", "normuon": "NorMuon (+ AdamW elsewhere)"}
 PEERS = ("muon", "normuon")  # hf_badm.peers: a matrix optimizer with AdamW (lr muon_adamw_lr) on the other tensors
 # The BADM family (docs/preconditioners.md): recipe fields on top of optimizer=badm.
@@ -58,17 +64,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "badm_ns_norm": NS_NORM, "badm_ns_norm_s4": {**NS_NORM, **S4}, "badm_ns_norm_r3": NS_NORM, "badm_ns_norm_r9": NS_NORM,
     "badm_nsisa": {**NS_NORM, "preconditioner": "nsisa"}, "badm_normuon": {**NS_NORM, "preconditioner": "normuon"},
 }
+# Issue 20's search: the tensors Muon's peer gives AdamW take the adam solve at rho = sigma (AdamW itself), so that a
+# difference from Muon is the matrices'; large slots (S = 2 of 8 sequences) without clipping, as the authors run it.
+NS_ADAM = {"preconditioner": "newton_schulz", "elementwise_preconditioner": "adam"}
+NSISA_ADAM = {**NS_ADAM, "preconditioner": "nsisa"}
+S2 = {"mode": "per_sub_batch", "sub_batches_per_micro_batch": 2, "max_grad_norm": 0.0}
+VARIANTS.update(badm_ns_adam=NS_ADAM, badm_nsisa_adam=NSISA_ADAM,
+                badm_nsisa_adam_sq={**NSISA_ADAM, "solve_settings": "sigma_schedule=squared"},
+                badm_ns_adam_s2={**NS_ADAM, **S2}, badm_nsisa_adam_s2={**NSISA_ADAM, **S2},
+                badm_nsisa_adam_s2_one={**NSISA_ADAM, **S2, "solve_settings": "dual_scale=one"})
+ELEMENTWISE_RATIO = {"adam": 1.0}  # the elementwise solve's rho/sigma (else 9: beta 0.9)
 # Preconditioned variants sweep lr at one rho/sigma (second_moment: rho = 6000 sigma, i.e. sigma 0.1 with rho 600 at
 # lr 10; normalized: beta 0.9; newton_schulz: rho = sigma as in its prototype); per-sub-batch variants take their
 # fused variant's best rho/sigma. newton_schulz with normalized elementwise tensors gives those the best
 # normalized learning rate of the same size (elementwise_sigma = 1/lr, elementwise_rho = 9 elementwise_sigma).
-FIXED_RATIO = {name: RHO_OVER_SIGMA[VARIANTS[name]["preconditioner"]]
-               for name in ("badm_sm", "badm_norm", "badm_ns", "badm_ns_norm", "badm_nsisa", "badm_normuon")}
+FIXED_RATIO = {name: RHO_OVER_SIGMA[VARIANTS[name]["preconditioner"]] for name in VARIANTS if name.startswith("badm_")
+               and name not in ("badm_s4", "badm_ns_norm_s4")}
 FIXED_RATIO.update(badm_ns_norm_r3=3.0, badm_ns_norm_r9=9.0)  # rho != sigma: the dual as QH momentum over NS directions
 # Optimizers whose other tensors (embeddings, head, norms, biases) have a learning rate of their own, and the
 # optimizer whose best lr it starts from: BADM newton_schulz's normalized tensors from BADM normalized, Muon's
 # AdamW tensors from AdamW.
 ELEMENTWISE_FROM = {**{o: "badm_norm" for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "normalized"},
+                    **{o: "adamw_torch" for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "adam"},
                     **{o: "adamw_torch" for o in PEERS}}
 PER_SUB_BATCH_OF = {"badm_s4": "badm", "badm_ns_norm_s4": "badm_ns_norm"}
 GRIDS: dict[str, list[float]] = {
@@ -87,6 +104,9 @@ GRIDS: dict[str, list[float]] = {
     "badm_ns_norm_r9": [0.01, 0.03, 0.1],
     "badm_nsisa": [0.01, 0.03, 0.1],
     "badm_normuon": [0.03],  # Muon's default lr (hf_badm.optim.defaults.COMPARE_LEARNING_RATES)
+    **{o: [0.01, 0.03] for o in ("badm_ns_adam", "badm_nsisa_adam_sq", "badm_ns_adam_s2", "badm_nsisa_adam_s2",
+                                 "badm_nsisa_adam_s2_one")},
+    "badm_nsisa_adam": [0.003, 0.01, 0.03],
     "muon": [0.01, 0.03, 0.1],
     "normuon": [0.01, 0.03, 0.1],
 }
@@ -142,7 +162,8 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
     if opt in VARIANTS:
         r.update(optimizer="badm", rho=ratio / lr, **VARIANTS[opt])  # sigma = 1/lr (default), rho = ratio * sigma
         if elementwise_lr is not None:
-            r.update(elementwise_sigma=1.0 / elementwise_lr, elementwise_rho=9.0 / elementwise_lr)
+            ratio_e = ELEMENTWISE_RATIO.get(VARIANTS[opt].get("elementwise_preconditioner"), 9.0)
+            r.update(elementwise_sigma=1.0 / elementwise_lr, elementwise_rho=ratio_e / elementwise_lr)
     else:
         r["optimizer"] = opt
     if opt in PEERS and elementwise_lr is not None:
@@ -539,6 +560,8 @@ def cross_corpus(sweep: Sweep, corpora: list[str], size: str, summaries: dict[st
 
 
 def describe_corpus(name: str, spec: str, a: argparse.Namespace) -> str:
+    if name.endswith(bc.CHAR_SUFFIX):
+        return describe_corpus(name[:-len(bc.CHAR_SUFFIX)], spec, a) + " (byte-level tokens, no merges)"
     if name in CORPUS_TEXT:
         info = {"paragraphs": 0, "characters": 0, "python": "?", **bc.corpus_info(spec)}
         return CORPUS_TEXT[name].format(num_train=a.num_train, num_eval=a.num_eval, **info)
@@ -614,6 +637,12 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
     return "\n".join(text), summaries
 
 
+def corpora_of(specs: list[str], out_dir: Path, chars: bool) -> dict[str, tuple[str, str]]:
+    """name -> (dataset recipe value, tokenizer directory); ``chars``: byte-level tokens, names ending in -char."""
+    return {bc.corpus_name(spec) + (bc.CHAR_SUFFIX if chars else ""): (spec, bc.benchmark_tokenizer(out_dir, spec, chars))
+            for spec in specs}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", action="append", default=None, metavar="NAME",
@@ -638,6 +667,8 @@ def main(argv: list[str] | None = None) -> None:
                    "shared default and every optimizer's steps to tuned Muon's loss on every corpus")
     p.add_argument("--extend", type=int, default=3, help="at most this many grid extensions per optimizer and axis "
                    "while the best lies on the grid's edge (default 3)")
+    p.add_argument("--char", action="store_true", help="byte-level tokens (no merges: character-level on ASCII text); "
+                   "each corpus is then named NAME-char")
     p.add_argument("--num-train", type=int, default=3000)
     p.add_argument("--num-eval", type=int, default=100)
     bc.add_run_args(p, "convergence", results=bc.RESULTS / "convergence")
@@ -671,7 +702,7 @@ def main(argv: list[str] | None = None) -> None:
     base = {**bc.BASE_RECIPE, "num_train_examples": a.num_train, "num_eval_examples": a.num_eval}
     names = [*(a.corpus or ["builtin"]), *a.text]
     specs = [bc.corpus(n, a.out_dir) for n in names]
-    corpora = {bc.corpus_name(spec): (spec, bc.benchmark_tokenizer(a.out_dir, spec)) for spec in specs}
+    corpora = corpora_of(specs, a.out_dir, a.char)
     sweep = Sweep(a, bc.Results.merged([]), base, corpora)
     suffix = ("" if a.device == "cpu" else f"-{a.device}") + (f"-{a.shard}" if a.shard else "")
     if not a.report_only:

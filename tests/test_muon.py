@@ -11,7 +11,7 @@ from torch import nn
 
 from hf_badm import BADM
 from reference import LiteralBADM, LiteralMuon, NesterovNS
-from test_optimizer import SUBS, literal_grads, make_net, max_rel, mse, run_steps, sub_batches
+from test_optimizer import SUBS, literal_grads, make_net, max_rel, mse, optimizer_step, run_steps, sub_batches
 
 STEPS = 10
 
@@ -45,11 +45,18 @@ def test_newton_schulz_is_badm_over_nesterov_ns_directions(mode):
     NS momentum (unequal, changing weights); fused, every slot takes the direction of the mean gradient."""
     net = matrix_net()
     sigma, rho, wd = 20.0, 50.0, 0.05
+    opt = BADM(net.parameters(), sigma=sigma, rho=rho, weight_decay=wd, mode=mode, preconditioner="newton_schulz",
+               ns_dtype="float64")
+    assert literal_directions_run(net, opt, NesterovNS, sigma, rho, wd, mode) <= 1e-10
+
+
+def literal_directions_run(net, opt, direction_cls, sigma, rho, wd, mode) -> float:
+    """The literal slots of docs/algorithm.md §2 with a direction ``direction_cls(params)(grads)`` in place of g_s
+    (per-sub-batch: one per slot, unequal and changing weights; fused: the direction of the mean gradient for every
+    slot) against ``opt`` under a schedule: the largest relative difference of the weights after STEPS steps."""
     params = list(net.parameters())
     ref = LiteralBADM(params, sigma, rho, wd)
-    directions = [NesterovNS(params) for _ in range(SUBS if mode == "per_sub_batch" else 1)]
-    opt = BADM(params, sigma=sigma, rho=rho, weight_decay=wd, mode=mode, preconditioner="newton_schulz",
-               ns_dtype="float64")
+    directions = [direction_cls(params) for _ in range(SUBS if mode == "per_sub_batch" else 1)]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     for t in range(STEPS):
         sizes = [3 + (t + s) % 5 for s in range(SUBS)] if mode == "per_sub_batch" else [5] * SUBS
@@ -60,16 +67,9 @@ def test_newton_schulz_is_badm_over_nesterov_ns_directions(mode):
         else:
             ds = [directions[0]([sum(g[i] for g in grads) / SUBS for i in range(len(params))])] * SUBS
         ref.step(ds, [float(n) for n in sizes], factor=factor(t))
-        opt.zero_grad()
-        if mode == "fused":
-            sum(mse(net, x, y) for x, y in batches).div(SUBS).backward()
-        else:
-            for (x, y), n in zip(batches, sizes):
-                mse(net, x, y).backward()
-                opt.absorb_sub_batch(n)
-        opt.step()
+        optimizer_step(net, opt, batches, sizes, mode)
         sched.step()
-    assert max_rel(params, ref.w) <= 1e-10
+    return max_rel(params, ref.w)
 
 
 def fixed_gradient_run(shapes, opt_fn, steps: int = 10) -> list[torch.Tensor]:

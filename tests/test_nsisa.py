@@ -10,7 +10,7 @@ import torch
 from hf_badm import BADM
 from reference import LiteralNSISA
 from test_muon import factor, matrix_net
-from test_optimizer import SUBS, literal_grads, max_rel, mse, sub_batches
+from test_optimizer import SUBS, literal_grads, max_rel, optimizer_step, sub_batches
 
 STEPS = 5
 
@@ -38,14 +38,7 @@ def test_nsisa_equals_the_authors_step(mode, dual_scale, warm_down, foreach):
                      factor=factor(t))
         else:
             ref.step(grads, [float(n) for n in sizes], factor=factor(t))
-        opt.zero_grad()
-        if mode == "fused":
-            sum(n * mse(net, x, y) for (x, y), n in zip(batches, sizes)).div(sum(sizes)).backward()
-        else:
-            for (x, y), n in zip(batches, sizes):
-                mse(net, x, y).backward()
-                opt.absorb_sub_batch(n)
-        opt.step()
+        optimizer_step(net, opt, batches, sizes, mode)
         sched.step()
     assert max_rel(params, ref.w) <= 1e-10
 

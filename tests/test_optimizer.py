@@ -47,6 +47,18 @@ def mse(net, x, y):
     return ((net(x) - y) ** 2).mean()
 
 
+def optimizer_step(net, opt, batches, sizes, mode: str) -> None:
+    """One step of ``opt``: fused on the items-weighted mean loss, per-sub-batch one absorb per sub-batch."""
+    opt.zero_grad()
+    if mode == "fused":
+        sum(n * mse(net, x, y) for (x, y), n in zip(batches, sizes)).div(sum(sizes)).backward()
+    else:
+        for (x, y), n in zip(batches, sizes):
+            mse(net, x, y).backward()
+            opt.absorb_sub_batch(n)
+    opt.step()
+
+
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("schedule", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

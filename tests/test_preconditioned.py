@@ -157,7 +157,7 @@ def test_newton_schulz_uses_orthogonalised_momentum_on_matrices_only(mode):
     assert float(s.min()) > 0.5 and float(s.max()) < 1.3
 
 
-@pytest.mark.parametrize("kwargs, name", [(dict(preconditioner="adam"), "preconditioner"),
+@pytest.mark.parametrize("kwargs, name", [(dict(preconditioner="lamb"), "preconditioner"),
                                           (dict(beta2=1.0), "beta2"), (dict(beta2=-0.1), "beta2"),
                                           (dict(eps=0.0), "eps"), (dict(ns_momentum=1.0), "ns_momentum"),
                                           (dict(ns_steps=0), "ns_steps")])

@@ -342,3 +342,24 @@ def test_a_changed_private_trainer_hook_fails_at_start_up_naming_the_versions(tm
     assert "\n" not in message and f"transformers {transformers.__version__}" in message
     assert "supported: transformers>=" in message
     assert ("_get_num_items_in_batch" if change == "missing" else "_save_optimizer_and_scheduler(output_dir, state)") in message
+
+
+def test_loss_items_mixin_makes_the_trainers_losses_the_models_mean(tmp_path):
+    """GPT-2 as it ships (loss_type unset): with the mixin the Trainer's evaluation loss is the model's own mean over
+    the tokens it predicts, as BADMTrainer's is; hf-badm gives every comparison optimizer's Trainer the mixin."""
+    from hf_badm.app.run import _trainer_class
+    from hf_badm.trainer import LossItemsMixin
+
+    model = tiny_model("gpt2")
+    model.loss_type = None
+    data = chain_dataset(16)
+    with torch.no_grad():
+        own = sum(float(model(**{k: torch.tensor(data[i:i + 4][k]) for k in ("input_ids", "attention_mask", "labels")}).loss)
+                  for i in range(0, 16, 4)) / 4
+    trainer_cls = type("MeanLossTrainer", (LossItemsMixin, Trainer), {})
+    args = tiny_args(tmp_path, per_device_eval_batch_size=4)
+    assert trainer_cls(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"] == pytest.approx(own, rel=1e-6)
+    assert BADMTrainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"] == pytest.approx(own, rel=1e-6)
+    for optimizer in ("adamw_torch", "muon", "badm"):
+        assert issubclass(_trainer_class("pretrain", optimizer), LossItemsMixin)
+        assert issubclass(_trainer_class("sft", optimizer), LossItemsMixin)

@@ -34,7 +34,7 @@ from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
 from hf_badm.config import BADMConfig
 from hf_badm.factory import solve_report
 from hf_badm.optim.local_solve import LOCAL_SOLVES
-from hf_badm.trainer import BADMTrainer, BADMTrainerMixin
+from hf_badm.trainer import BADMTrainer, BADMTrainerMixin, LossItemsMixin
 
 
 def load_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedTokenizerBase, bool]:
@@ -78,11 +78,17 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) 
 
 
 def _trainer_class(task: str, optimizer: str) -> type[Trainer]:
+    """BADM's Trainer, or the same Trainer counting loss items as BADM's does (``LossItemsMixin``): every
+    optimizer's losses are then the same mean and compare."""
     if task in SFT_TASKS:
         from trl import SFTTrainer
 
-        return type("BADMSFTTrainer", (BADMTrainerMixin, SFTTrainer), {}) if optimizer == "badm" else SFTTrainer
-    return BADMTrainer if optimizer == "badm" else Trainer
+        base: type[Trainer] = SFTTrainer
+    else:
+        base = Trainer
+    if optimizer == "badm":
+        return BADMTrainer if base is Trainer else type(f"BADM{base.__name__}", (BADMTrainerMixin, base), {})
+    return type(f"MeanLoss{base.__name__}", (LossItemsMixin, base), {})
 
 
 def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> dict[str, Any]:
