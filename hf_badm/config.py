@@ -71,7 +71,8 @@ class BADMConfig:
     elementwise_preconditioner: str = field(
         default="normalized",
         metadata={"help": "newton_schulz: the preconditioner of the parameters that are not hidden weight matrices "
-                          "(embeddings, LM head, norms, biases). 'normalized' won the sweeps at both sizes.",
+                          "(embeddings, LM head, norms, biases). 'normalized' (QHAdam-like) won the sweeps at both "
+                          "sizes; 'adam' at its default rho = sigma is AdamW, what the Muon peer gives them.",
                   "choices": list(ELEMENTWISE)},
     )
     solve_settings: str = field(
@@ -83,12 +84,13 @@ class BADMConfig:
     elementwise_sigma: Optional[float] = field(
         default=None,
         metadata={"help": "newton_schulz: sigma of the parameters that are not hidden weight matrices (embeddings, "
-                          "LM head, norms, biases). Default: 10 (lr 0.1) for normalized, 0.1 for second_moment "
+                          "LM head, norms, biases). Default: 10 (lr 0.1) for normalized and adam, 0.1 for second_moment "
                           "(measured, docs/preconditioners.md)."},
     )
     elementwise_rho: Optional[float] = field(
         default=None,
         metadata={"help": "newton_schulz: rho of those parameters. Default: 9 * elementwise_sigma (beta 0.9) for normalized, "
+                          "elementwise_sigma for adam, "
                           "600 for second_moment (sigma << rho sqrt(v) works)."},
     )
     ns_dtype: str = field(

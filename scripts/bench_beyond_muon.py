@@ -3,20 +3,28 @@ stages that build on each other (one results file per corpus and size, shared wi
 
 - ``peers``: AdamW's lr grid; Muon's and NorMuon's lr grid at elementwise lr 0.1, then their AdamW lr at the best lr
   (each extended while its best lies on an edge).
-- ``badm``: newton_schulz at its shipped defaults; newton_schulz and nsisa with the ``adam`` solve on the tensors
+- ``badm``: newton_schulz at its shipped defaults (and lr 0.01); newton_schulz and nsisa with the ``adam`` solve on the tensors
   Muon's peer gives AdamW (at Muon's best AdamW lr), so that a difference from Muon is the matrices'; lr grids.
 - ``search`` (the ADMM parts): rho/sigma of newton_schulz 0.05-9 and of nsisa 0.3-9 at their best lr; the authors'
   warm-down; large slots (S = 2 of 8 sequences) without clipping, with the dual scaled by alpha_s or not.
-- ``seeds``: seed 1 of every optimizer's best point.
+- ``seeds``: the lr of Muon, NorMuon and the BADM candidates refined a quarter decade each side of its best (a
+  BADM setting whose effective step falls between two half-decade points of Muon's grid must not win by that), then
+  seed 1 of every optimizer's best point.
 
-The report is scripts/bench_convergence.py --report-only over the same results (scripts/bench_beyond_muon.sh).
+``--report`` writes the section of docs/benchmarks.md from the results: per tokenisation and size each optimizer's best
+point on every corpus (mean of its seeds) with its steps to tuned Muon's final loss as a fraction of Muon's steps;
+each variant's default chosen by the geometric mean of that fraction over every corpus, size and tokenisation, and
+how far each one's own best is from it; the ablation of the BADM settings on the BPE tiny runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
@@ -25,9 +33,25 @@ import bench_convergence as cv  # noqa: E402
 PEERS = ("muon", "normuon")
 BADM = ("badm_ns_adam", "badm_nsisa_adam")
 SEARCH = ("badm_nsisa_adam_sq", "badm_ns_adam_s2", "badm_nsisa_adam_s2", "badm_nsisa_adam_s2_one")
-NS_RATIOS = (0.05, 0.3, 3.0, 9.0)
+NS_RATIOS = (0.05, 0.3, 1.25, 3.0, 9.0)
 NSISA_RATIOS = (0.3, 3.0, 9.0)
 STAGES = ("peers", "badm", "search", "seeds")
+SECTION = "## Real corpora: BADM beyond Muon"
+CORPORA = ("stdlib_docs", "debian_changelogs", "licenses")
+SETTINGS = (("BPE", "tiny"), ("BPE", "small"), ("byte-level", "tiny"), ("byte-level", "small"))
+ROWS = ("adamw_torch", "muon", "normuon", "badm_ns_norm", "badm_ns_adam", "badm_nsisa", "badm_nsisa_adam", *SEARCH)
+# The ablation on the BPE tiny runs: (label, optimizer, rho/sigma or None for the optimizer's best point).
+ABLATION = (("Muon (torch; AdamW elsewhere), tuned", "muon", None),
+            ("BADM newton_schulz, adam elsewhere, rho = sigma (Muon's step, float32 Newton-Schulz)", "badm_ns_adam", 1.0),
+            ("+ rho = 1.25 sigma: BADM's dual as a look-back over the directions (scalar gain)", "badm_ns_adam", 1.25),
+            ("+ the gain from |d + pi| (the authors' NSISA, rho = 1.25 sigma)", "badm_nsisa_adam", 1.25),
+            ("NSISA, its best rho/sigma", "badm_nsisa_adam", None),
+            ("NSISA + the authors' warm-down sigma_t = sigma / f_t^2", "badm_nsisa_adam_sq", None),
+            ("NSISA, 2 slots of 8 sequences, no clipping, gamma = alpha (the authors' code)", "badm_nsisa_adam_s2", None),
+            ("NSISA, 2 slots, no clipping, gamma = 1 (the paper's algorithm)", "badm_nsisa_adam_s2_one", None),
+            ("newton_schulz, 2 slots, no clipping (per-slot momentum, averaged polar factors)", "badm_ns_adam_s2", None),
+            ("NSISA with normalized (not adam) elsewhere", "badm_nsisa", None),
+            ("newton_schulz at the shipped defaults (lr 0.03, normalized elsewhere at 0.1)", "badm_ns_norm", None))
 
 
 def peers(sw: cv.Sweep, size: str, c: str) -> None:
@@ -45,7 +69,8 @@ def peers(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def badm(sw: cv.Sweep, size: str, c: str) -> None:
-    sw.run("badm_ns_norm", 0.03, cv.FIXED_RATIO["badm_ns_norm"], 0, size, c, 0.1)  # the shipped defaults
+    for lr in (0.03, 0.01):  # the shipped defaults (0.03), and at Muon's usual best
+        sw.run("badm_ns_norm", lr, cv.FIXED_RATIO["badm_ns_norm"], 0, size, c, 0.1)
     elr = sw.best("muon", size, c)["elementwise_lr"]
     for o in BADM:
         for lr in cv.GRIDS[o]:
@@ -64,11 +89,164 @@ def search(sw: cv.Sweep, size: str, c: str) -> None:
             sw.run(o, lr, cv.FIXED_RATIO[o], 0, size, c, elr)
 
 
+def refine(sw: cv.Sweep, size: str, c: str) -> None:
+    """Muon's, NorMuon's and each BADM candidate's best point at lr x 10**(+-1/4), the other coordinates held."""
+    for o in (*PEERS, *BADM, *SEARCH):
+        best = sw.best(o, size, c)
+        if best is not None:
+            for factor in (10 ** -0.25, 10 ** 0.25):
+                sw.run(o, float(f"{best['learning_rate'] * factor:.3g}"), best["rho_over_sigma"], 0, size, c,
+                       best.get("elementwise_lr"))
+
+
 def seeds(sw: cv.Sweep, size: str, c: str) -> None:
+    refine(sw, size, c)
     for o in sorted({r["optimizer"] for r in sw.results.runs if (r["size"], r["corpus"]) == (size, c)}):
         b = sw.best(o, size, c)
         if b is not None:
             sw.run(o, b["learning_rate"], b["rho_over_sigma"], 1, size, c, b.get("elementwise_lr"))
+
+
+# ----------------------------------------------------------------------------- report
+
+def corpus_key(corpus: str, tokens: str) -> str:
+    return corpus + (bc.CHAR_SUFFIX if tokens == "byte-level" else "")
+
+
+def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The eval curve averaged over seeds (their evaluations fall on the same steps)."""
+    return [{"step": pts[0]["step"], "eval_loss": statistics.mean(p["eval_loss"] for p in pts)}
+            for pts in zip(*(r["curve"] for r in runs))]
+
+
+class Report:
+    def __init__(self, sw: cv.Sweep) -> None:
+        self.sw = sw
+
+    def runs(self, point: dict[str, Any]) -> list[dict[str, Any]]:
+        return cv.seeds_of(self.sw.results, point)
+
+    def point(self, o: str, size: str, c: str, ratio: float | None = None) -> dict[str, Any] | None:
+        """The optimizer's best seed-0 point (at ``ratio``, if given)."""
+        pts = [p for p in self.sw.points(o, size, c) if ratio is None or p["rho_over_sigma"] == ratio]
+        return min(pts, key=lambda p: p["final_eval_loss"]) if pts else None
+
+    def muon(self, size: str, c: str) -> tuple[float, list[dict[str, float]]] | None:
+        """Tuned Muon's mean final loss (the target) and mean curve."""
+        best = self.point("muon", size, c)
+        if best is None:
+            return None
+        curve = mean_curve(self.runs(best))
+        return curve[-1]["eval_loss"], curve
+
+    def fraction(self, curve: list[dict[str, float]], size: str, c: str) -> float | None:
+        """Steps to tuned Muon's final loss / Muon's steps; where never reached, Muon's budget over the steps Muon
+        needs for this curve's final loss (above 1: slower than Muon)."""
+        ref = self.muon(size, c)
+        if ref is None:
+            return None
+        target, muon_curve = ref
+        steps = self.sw.args.steps[size]
+        reach = bc.steps_to_reach(curve, target)
+        if reach is not None:
+            return reach / steps
+        theirs = bc.steps_to_reach(muon_curve, curve[-1]["eval_loss"])
+        return steps / theirs if theirs else None
+
+    def cell(self, point: dict[str, Any] | None, size: str, c: str, all_seeds: bool = True) -> tuple[str, float | None]:
+        if point is None:
+            return "–", None
+        runs = self.runs(point) if all_seeds else [point]
+        curve = mean_curve(runs)
+        frac = self.fraction(curve, size, c)
+        seeds = f", {len(runs)} seeds" if all_seeds and len(runs) != 2 else ""
+        return f"{curve[-1]['eval_loss']:.3f} ({bc.fmt(frac, '.2f')}x{seeds})", frac
+
+    @staticmethod
+    def describe(point: dict[str, Any]) -> str:
+        r = point["rho_over_sigma"]
+        elr = point.get("elementwise_lr")
+        return (f"lr {point['learning_rate']:g}" + (f", r {r:g}" if r is not None else "")
+                + (f", elr {elr:g}" if elr else ""))
+
+    def tables(self) -> str:
+        out = []
+        for tokens, size in SETTINGS:
+            keys = [corpus_key(c, tokens) for c in CORPORA]
+            if not any(self.muon(size, k) for k in keys):
+                continue
+            out += [f"### {tokens} tokens, GPT-2 {size} ({self.sw.args.steps[size]} steps): best point per corpus\n",
+                    "Cell: final held-out loss, mean of 2 seeds at the optimizer's best seed-0 point (its setting "
+                    "below), and in brackets its steps to tuned Muon's final loss as a fraction of Muon's steps "
+                    "(mean curve of the seeds; above 1x: it never gets there, and Muon reaches its final loss that "
+                    "much sooner). Target: <= 0.85x on every corpus.\n",
+                    "| optimizer | " + " | ".join(CORPORA) + " | geometric mean | its best settings |",
+                    "|---|" + "---:|" * len(CORPORA) + "---:|---|"]
+            for o in ROWS:
+                pts = [self.point(o, size, k) for k in keys]
+                if not any(pts):
+                    continue
+                cells = [self.cell(p, size, k) for p, k in zip(pts, keys)]
+                fracs = [f for _, f in cells]
+                gm = math.exp(statistics.mean(map(math.log, fracs))) if all(fracs) else None
+                where = "; ".join(f"{k.split('_')[0]}: {self.describe(p)}" for p, k in zip(pts, CORPORA) if p)
+                out.append(f"| {cv.LABELS[o]} | " + " | ".join(t for t, _ in cells) + f" | {bc.fmt(gm, '.2f')}x | "
+                           f"{where} |")
+            out.append("")
+        return "\n".join(out)
+
+    def defaults(self) -> str:
+        """Per optimizer, the setting with the lowest geometric mean of the seed-0 fraction over every corpus, size
+        and tokenisation where it ran, and each one's own best against it."""
+        places = [(corpus_key(c, t), size) for t, size in SETTINGS for c in CORPORA]
+        places = [(k, size) for k, size in places if self.muon(size, k)]
+        out = ["### Defaults chosen on real text: the geometric mean over corpora, sizes and tokenisations\n",
+               f"Over {len(places)} places (corpus x size x tokenisation), seed 0: per optimizer, of the settings run "
+               "at every place, the one with the lowest geometric mean of the steps-to-Muon fraction; then at each "
+               "place its own best setting and how much lower its final loss is than the chosen one's.\n",
+               "| optimizer | chosen setting | geometric mean | settings run everywhere | largest loss gap to a place's own best |",
+               "|---|---|---:|---:|---|"]
+        for o in ROWS:
+            by_setting: dict[tuple, list[float]] = {}
+            for k, size in places:
+                for p in self.sw.points(o, size, k):
+                    key = (p["learning_rate"], p["rho_over_sigma"], p.get("elementwise_lr"))
+                    frac = self.fraction(p["curve"], size, k)
+                    if frac is not None:
+                        by_setting.setdefault(key, []).append(frac)
+            full = {key: v for key, v in by_setting.items() if len(v) == len(places)}
+            if not full:
+                continue
+            gms = {key: math.exp(statistics.mean(map(math.log, v))) for key, v in full.items()}
+            chosen = min(gms, key=gms.get)
+            gaps = []
+            for k, size in places:
+                pts = self.sw.points(o, size, k)
+                at = next(p for p in pts if (p["learning_rate"], p["rho_over_sigma"], p.get("elementwise_lr")) == chosen)
+                best = min(pts, key=lambda p: p["final_eval_loss"])
+                gaps.append((at["final_eval_loss"] - best["final_eval_loss"], k, size, best))
+            gap, k, size, best = max(gaps, key=lambda g: g[0])
+            point = {"learning_rate": chosen[0], "rho_over_sigma": chosen[1], "elementwise_lr": chosen[2]}
+            worst = "none (the chosen one is best everywhere)" if gap <= 0 else (
+                f"{gap:.3f} on {k} {size} (its best there: {self.describe(best)})")
+            out.append(f"| {cv.LABELS[o]} | {self.describe(point)} | {gms[chosen]:.2f}x | {len(full)} | {worst} |")
+        return "\n".join(out) + "\n"
+
+    def ablation(self) -> str:
+        keys = list(CORPORA)
+        out = ["### Ablation on the BPE tiny runs: which part of BADM gives what\n",
+               "Each row at its best seed-0 lr (the others as its row says); cell: final held-out loss (seed 0) and its "
+               "steps to tuned Muon's final loss (mean of Muon's 2 seeds) as a fraction of Muon's steps.\n",
+               "| setting | " + " | ".join(keys) + " | geometric mean |", "|---|" + "---:|" * len(keys) + "---:|"]
+        for label, o, ratio in ABLATION:
+            pts = [self.point(o, "tiny", k, ratio) for k in keys]
+            if not any(pts):
+                continue
+            cells = [self.cell(p, "tiny", k, all_seeds=False) for p, k in zip(pts, keys)]
+            fracs = [f for _, f in cells]
+            gm = math.exp(statistics.mean(map(math.log, fracs))) if all(fracs) else None
+            out.append(f"| {label} | " + " | ".join(t for t, _ in cells) + f" | {bc.fmt(gm, '.2f')}x |")
+        return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("outputs/bench-realcorpora"))
     p.add_argument("--results", type=Path, default=bc.RESULTS / "real-corpora")
     p.add_argument("--extend", type=int, default=1)
+    p.add_argument("--report", action="store_true", help="write the docs section from the results (runs nothing)")
+    p.add_argument("--docs", type=Path, default=bc.DOCS)
+    p.add_argument("--note", type=Path, default=None, help="a markdown file: the verdict and reading, put first")
     a = p.parse_args(argv)
     a.steps, a.device, a.fixed, a.elementwise_lr = {"tiny": 300, "small": 150}, "cpu", [], None
     a.optimizers, a.threads = list(cv.LABELS), 1
@@ -87,6 +268,18 @@ def main(argv: list[str] | None = None) -> None:
     base = {**bc.BASE_RECIPE, "num_train_examples": 3000, "num_eval_examples": 100}
     corpora = cv.corpora_of([bc.corpus(n, a.out_dir) for n in a.corpus], a.out_dir, a.char)
     sw = cv.Sweep(a, bc.Results.merged([]), base, corpora)
+    if a.report:
+        sw.results = bc.Results.merged(sorted(a.results.glob("*.json")))
+        rep = Report(sw)
+        loads = [r["load_1min"] for r in sw.results.runs]
+        note = a.note.read_text().strip() + "\n" if a.note else ""
+        text = "\n".join([SECTION + "\n", note, bc.stamp(sw.results.meta, "bash scripts/bench_beyond_muon.sh", loads),
+                          "- every run (all points, all seeds, eval curves): "
+                          "[`results/real-corpora/`](results/real-corpora/)\n", rep.tables(), rep.defaults(),
+                          rep.ablation()])
+        print(text)
+        bc.write_section(a.docs, SECTION, text)
+        return
     stages = {"peers": peers, "badm": badm, "search": search, "seeds": seeds}
     for size in a.sizes:
         for c in corpora:
