@@ -34,6 +34,9 @@ Defaults, and why (``hf_badm.optim.defaults``):
 Muon's momentum and Newton-Schulz, then each row scaled by the inverse root of an EMA (beta2 = 0.95) of its mean
 square and the update's Frobenius norm restored; the peer of BADM's ``preconditioner="normuon"``, so that what BADM
 adds to NorMuon is measured apart from what NorMuon adds to Muon. Same learning rates and scale as Muon.
+
+``create_muon_qhadam_optimizer``: Muon with QHAdam (nu1 = 8/9, the nu of BADM's ``normalized`` solve at its rho/sigma 9)
+in place of AdamW on the other tensors: the peer of BADM newton_schulz with ``normalized`` there.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from hf_badm.optim.defaults import ELEMENTWISE_SIGMA
 from hf_badm.optim.preconditioned import orthogonalise, resolve_ns_dtype
 
 __all__ = ["MUON_ADAMW_LR", "MuonWithAdamW", "NorMuon", "NorMuonWithAdamW", "create_muon_optimizer",
-           "create_normuon_optimizer", "muon_param_groups"]
+           "create_normuon_optimizer", "muon_param_groups", "QHAdam", "MuonWithQHAdam", "create_muon_qhadam_optimizer"]
 
 # The AdamW lr of the tensors Muon does not orthogonalise: BADM newton_schulz's elementwise lr on the same tensors.
 MUON_ADAMW_LR = 1.0 / ELEMENTWISE_SIGMA["normalized"]
@@ -127,6 +130,49 @@ class NorMuon(torch.optim.Optimizer):
         return loss
 
 
+# BADM's normalized solve at rho/sigma = r is, in fused mode, quasi-hyperbolic momentum with beta = r / (r + 1) and
+# nu = (r - 1) / r over RMS-normalised gradients (docs/preconditioners.md): at its r = 9, nu = 8/9.
+QHADAM_NU = 8.0 / 9.0
+
+
+class QHAdam(torch.optim.Optimizer):
+    """QHAdam (Ma & Yarats, ICLR 2019) with decoupled weight decay, as the paper writes it::
+
+        m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g**2;  m^ = m / (1 - b1**t);  v^ = v / (1 - b2**t)
+        w <- w (1 - lr wd) - lr ((1 - nu1) g + nu1 m^) / (sqrt((1 - nu2) g**2 + nu2 v^) + eps)
+
+    ``nus=(1, 1)`` is AdamW. The peer that tells a gain of BADM's ``normalized`` solve on the tensors newton_schulz
+    leaves (QH momentum over RMS-normalised gradients) from what QHAdam itself gives there."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 nus: tuple[float, float] = (QHADAM_NU, 1.0), eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        for name, value in (("betas", betas), ("nus", nus)):
+            if not all(0.0 <= x <= 1.0 for x in value) or (name == "betas" and max(value) >= 1.0):
+                raise ValueError(f"QHAdam {name} must lie in [0, 1{')' if name == 'betas' else ']'}, got {value}")
+        super().__init__(params, dict(lr=lr, betas=betas, nus=nus, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch's signature
+        loss = _closure_loss(closure)
+        for group in self.param_groups:
+            (b1, b2), (nu1, nu2), lr = group["betas"], group["nus"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                t = state["step"]
+                state["exp_avg"].lerp_(g, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                num = (state["exp_avg"] / (1 - b1**t)).mul_(nu1).add_(g, alpha=1 - nu1)
+                den = (state["exp_avg_sq"] / (1 - b2**t)).mul_(nu2).addcmul_(g, g, value=1 - nu2).sqrt_().add_(group["eps"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.addcdiv_(num, den, value=-lr)
+        return loss
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """``torch.optim.Muon`` on ``hidden`` groups and ``torch.optim.AdamW`` on ``rest`` groups, as one optimizer.
 
@@ -138,20 +184,24 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """
 
     matrix_optimizer = "muon"
+    elementwise_optimizer = "adamw"
 
     def _matrices(self, hidden: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
         return torch.optim.Muon(hidden, **kwargs)
+
+    def _elementwise(self, rest: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(rest, **kwargs)
 
     def __init__(self, hidden: list[dict], rest: list[dict], *, lr: float, adamw_lr: float,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str | None = None,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, foreach: bool | None = None) -> None:
         hidden = [{**g, "optimizer": self.matrix_optimizer} for g in hidden if g["params"]]
-        rest = [{**g, "optimizer": "adamw"} for g in rest if g["params"]]
+        rest = [{**g, "optimizer": self.elementwise_optimizer} for g in rest if g["params"]]
         if not hidden and not rest:
             raise ValueError("no parameters to optimize")
         self._muon = (self._matrices(hidden, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                      adjust_lr_fn=adjust_lr_fn, weight_decay=0.0) if hidden else None)
-        self._adamw = (torch.optim.AdamW(rest, lr=adamw_lr, betas=betas, eps=eps, weight_decay=0.0, foreach=foreach)
+        self._adamw = (self._elementwise(rest, lr=adamw_lr, betas=betas, eps=eps, weight_decay=0.0, foreach=foreach)
                        if rest else None)
         inner = [o for o in (self._muon, self._adamw) if o is not None]
         super().__init__([g for o in inner for g in o.param_groups], {})
@@ -191,6 +241,28 @@ class NorMuonWithAdamW(MuonWithAdamW):
 
     def _matrices(self, hidden: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
         return NorMuon(hidden, beta2=self._beta2, **kwargs)
+
+
+class MuonWithQHAdam(MuonWithAdamW):
+    """Muon on ``hidden`` groups and :class:`QHAdam` (``nu``: its nu1) on ``rest``, as one optimizer."""
+
+    elementwise_optimizer = "qhadam"
+
+    def __init__(self, hidden: list[dict], rest: list[dict], *, nu: float = QHADAM_NU, **kwargs: Any) -> None:
+        self._nu = nu
+        super().__init__(hidden, rest, **kwargs)
+
+    def _elementwise(self, rest: list[dict], foreach: bool | None = None, **kwargs: Any) -> torch.optim.Optimizer:
+        return QHAdam(rest, nus=(self._nu, 1.0), **kwargs)
+
+
+def create_muon_qhadam_optimizer(model: nn.Module, args: TrainingArguments, num_training_steps: int | None = None, *,
+                                 adamw_lr: float | None = None,
+                                 **kwargs: Any) -> tuple[MuonWithQHAdam, torch.optim.lr_scheduler.LRScheduler | None]:
+    """:func:`create_muon_optimizer` with :class:`QHAdam` (nu1 = ``nu``, default 8/9) in place of AdamW on the other
+    tensors (``adamw_lr`` is its lr)."""
+    return create_muon_optimizer(model, args, num_training_steps, adamw_lr=adamw_lr, optimizer_cls=MuonWithQHAdam,
+                                 **kwargs)
 
 
 def create_normuon_optimizer(model: nn.Module, args: TrainingArguments, num_training_steps: int | None = None, *,

@@ -3,13 +3,13 @@ stages that build on each other (one results file per corpus and size, shared wi
 
 - ``peers``: AdamW's lr grid; Muon's and NorMuon's lr grid at elementwise lr 0.1, then their AdamW lr at the best lr
   (each extended while its best lies on an edge).
-- ``badm``: newton_schulz at its shipped defaults (and lr 0.01); newton_schulz and nsisa with the ``adam`` solve on the tensors
-  Muon's peer gives AdamW (at Muon's best AdamW lr), so that a difference from Muon is the matrices'; lr grids.
+- ``badm``: newton_schulz at its shipped defaults (and lr 0.01) with Muon + QHAdam beside it; newton_schulz and
+  nsisa with the ``adam`` solve on the tensors Muon's peer gives AdamW (at Muon's best AdamW lr), so that a difference from Muon is the matrices'; lr grids.
 - ``search`` (the ADMM parts): rho/sigma of newton_schulz 0.05-9 and of nsisa 0.3-9 at their best lr; the authors'
   warm-down; large slots (S = 2 of 8 sequences) without clipping, with the dual scaled by alpha_s or not.
 - ``seeds``: the lr of Muon, NorMuon and the BADM candidates refined a quarter decade each side of its best (a
-  BADM setting whose effective step falls between two half-decade points of Muon's grid must not win by that), then
-  seed 1 of every optimizer's best point.
+  BADM setting whose effective step falls between two half-decade points of Muon's grid must not win by that), the
+  peers' AdamW lr too, then seed 1 of every optimizer's best point.
 
 ``--report`` writes the section of docs/benchmarks.md from the results: per tokenisation and size each optimizer's best
 point on every corpus (mean of its seeds) with its steps to tuned Muon's final loss as a fraction of Muon's steps;
@@ -39,19 +39,24 @@ STAGES = ("peers", "badm", "search", "seeds")
 SECTION = "## Real corpora: BADM beyond Muon"
 CORPORA = ("stdlib_docs", "debian_changelogs", "licenses")
 SETTINGS = (("BPE", "tiny"), ("BPE", "small"), ("byte-level", "tiny"), ("byte-level", "small"))
-ROWS = ("adamw_torch", "muon", "normuon", "badm_ns_norm", "badm_ns_adam", "badm_nsisa", "badm_nsisa_adam", *SEARCH)
-# The ablation on the BPE tiny runs: (label, optimizer, rho/sigma or None for the optimizer's best point).
-ABLATION = (("Muon (torch; AdamW elsewhere), tuned", "muon", None),
-            ("BADM newton_schulz, adam elsewhere, rho = sigma (Muon's step, float32 Newton-Schulz)", "badm_ns_adam", 1.0),
-            ("+ rho = 1.25 sigma: BADM's dual as a look-back over the directions (scalar gain)", "badm_ns_adam", 1.25),
-            ("+ the gain from |d + pi| (the authors' NSISA, rho = 1.25 sigma)", "badm_nsisa_adam", 1.25),
-            ("NSISA, its best rho/sigma", "badm_nsisa_adam", None),
-            ("NSISA + the authors' warm-down sigma_t = sigma / f_t^2", "badm_nsisa_adam_sq", None),
-            ("NSISA, 2 slots of 8 sequences, no clipping, gamma = alpha (the authors' code)", "badm_nsisa_adam_s2", None),
-            ("NSISA, 2 slots, no clipping, gamma = 1 (the paper's algorithm)", "badm_nsisa_adam_s2_one", None),
-            ("newton_schulz, 2 slots, no clipping (per-slot momentum, averaged polar factors)", "badm_ns_adam_s2", None),
-            ("NSISA with normalized (not adam) elsewhere", "badm_nsisa", None),
-            ("newton_schulz at the shipped defaults (lr 0.03, normalized elsewhere at 0.1)", "badm_ns_norm", None))
+ROWS = ("adamw_torch", "muon", "normuon", "muon_qhadam", "badm_ns_norm", "badm_ns_adam", "badm_nsisa", "badm_nsisa_adam",
+        *SEARCH)
+# The ablation on the BPE tiny runs: (label, optimizer, rho/sigma, lr; None: the optimizer's best seed-0 point's).
+ABLATION = (("Muon (torch; AdamW elsewhere), tuned", "muon", None, None),
+            ("BADM newton_schulz, adam elsewhere, rho = sigma (Muon's step, float32 Newton-Schulz)", "badm_ns_adam",
+             1.0, None),
+            ("+ rho = 1.25 sigma: BADM's dual as a look-back over the directions (scalar gain)", "badm_ns_adam", 1.25, None),
+            ("+ the gain from |d + pi| (the authors' NSISA, rho = 1.25 sigma)", "badm_nsisa_adam", 1.25, None),
+            ("NSISA, its best rho/sigma", "badm_nsisa_adam", None, None),
+            ("NSISA + the authors' warm-down sigma_t = sigma / f_t^2", "badm_nsisa_adam_sq", None, None),
+            ("NSISA, 2 slots of 8 sequences, no clipping, gamma = alpha (the authors' code)", "badm_nsisa_adam_s2",
+             None, None),
+            ("NSISA, 2 slots, no clipping, gamma = 1 (the paper's algorithm)", "badm_nsisa_adam_s2_one", None, None),
+            ("newton_schulz, 2 slots, no clipping (per-slot momentum, averaged polar factors)", "badm_ns_adam_s2", None, None),
+            ("NSISA with normalized (not adam) elsewhere", "badm_nsisa", None, None),
+            ("newton_schulz, normalized elsewhere (QH momentum over RMS-normalised gradients)", "badm_ns_norm", None, None),
+            ("Muon with QHAdam (nu 8/9) elsewhere, the peer of the row above", "muon_qhadam", None, None),
+            ("newton_schulz at the shipped defaults (lr 0.03, normalized elsewhere at 0.1)", "badm_ns_norm", 1.0, 0.03))
 
 
 def peers(sw: cv.Sweep, size: str, c: str) -> None:
@@ -69,8 +74,9 @@ def peers(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def badm(sw: cv.Sweep, size: str, c: str) -> None:
-    for lr in (0.03, 0.01):  # the shipped defaults (0.03), and at Muon's usual best
+    for lr in (0.03, 0.01):  # the shipped defaults (0.03), and at Muon's usual best; with QHAdam's peer beside it
         sw.run("badm_ns_norm", lr, cv.FIXED_RATIO["badm_ns_norm"], 0, size, c, 0.1)
+        sw.run("muon_qhadam", lr, None, 0, size, c, 0.1)
     elr = sw.best("muon", size, c)["elementwise_lr"]
     for o in BADM:
         for lr in cv.GRIDS[o]:
@@ -90,13 +96,20 @@ def search(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def refine(sw: cv.Sweep, size: str, c: str) -> None:
-    """Muon's, NorMuon's and each BADM candidate's best point at lr x 10**(+-1/4), the other coordinates held."""
-    for o in (*PEERS, *BADM, *SEARCH):
+    """Muon's, NorMuon's and each BADM candidate's best point at lr x 10**(+-1/4), the other coordinates held; the
+    peers' AdamW lr likewise (BADM's elementwise lr stays at 0.1: any doubt goes to the peers)."""
+    quarter = (10 ** -0.25, 10 ** 0.25)
+    for o in (*PEERS, *BADM, *SEARCH, "badm_ns_norm", "muon_qhadam"):
         best = sw.best(o, size, c)
-        if best is not None:
-            for factor in (10 ** -0.25, 10 ** 0.25):
-                sw.run(o, float(f"{best['learning_rate'] * factor:.3g}"), best["rho_over_sigma"], 0, size, c,
-                       best.get("elementwise_lr"))
+        if best is None:
+            continue
+        for f in quarter:
+            sw.run(o, float(f"{best['learning_rate'] * f:.3g}"), best["rho_over_sigma"], 0, size, c,
+                   best.get("elementwise_lr"))
+        if o in PEERS:
+            best = sw.best(o, size, c)
+            for f in quarter:
+                sw.run(o, best["learning_rate"], None, 0, size, c, float(f"{best['elementwise_lr'] * f:.3g}"))
 
 
 def seeds(sw: cv.Sweep, size: str, c: str) -> None:
@@ -126,9 +139,11 @@ class Report:
     def runs(self, point: dict[str, Any]) -> list[dict[str, Any]]:
         return cv.seeds_of(self.sw.results, point)
 
-    def point(self, o: str, size: str, c: str, ratio: float | None = None) -> dict[str, Any] | None:
-        """The optimizer's best seed-0 point (at ``ratio``, if given)."""
-        pts = [p for p in self.sw.points(o, size, c) if ratio is None or p["rho_over_sigma"] == ratio]
+    def point(self, o: str, size: str, c: str, ratio: float | None = None,
+              lr: float | None = None) -> dict[str, Any] | None:
+        """The optimizer's best seed-0 point (at ``ratio`` and ``lr``, if given)."""
+        pts = [p for p in self.sw.points(o, size, c) if (ratio is None or p["rho_over_sigma"] == ratio)
+               and (lr is None or math.isclose(p["learning_rate"], lr))]
         return min(pts, key=lambda p: p["final_eval_loss"]) if pts else None
 
     def muon(self, size: str, c: str) -> tuple[float, list[dict[str, float]]] | None:
@@ -238,8 +253,8 @@ class Report:
                "Each row at its best seed-0 lr (the others as its row says); cell: final held-out loss (seed 0) and its "
                "steps to tuned Muon's final loss (mean of Muon's 2 seeds) as a fraction of Muon's steps.\n",
                "| setting | " + " | ".join(keys) + " | geometric mean |", "|---|" + "---:|" * len(keys) + "---:|"]
-        for label, o, ratio in ABLATION:
-            pts = [self.point(o, "tiny", k, ratio) for k in keys]
+        for label, o, ratio, lr in ABLATION:
+            pts = [self.point(o, "tiny", k, ratio, lr) for k in keys]
             if not any(pts):
                 continue
             cells = [self.cell(p, "tiny", k, all_seeds=False) for p, k in zip(pts, keys)]

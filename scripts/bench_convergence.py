@@ -52,8 +52,9 @@ LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_to
           "badm_ns_adam_s2": "BADM newton_schulz (elementwise adam), per-sub-batch S=2, no clipping",
           "badm_nsisa_adam_s2": "BADM nsisa (elementwise adam), per-sub-batch S=2, no clipping, gamma = alpha",
           "badm_nsisa_adam_s2_one": "BADM nsisa (elementwise adam), per-sub-batch S=2, no clipping, gamma = 1",
-          "muon": "Muon (torch, + AdamW elsewhere)", "normuon": "NorMuon (+ AdamW elsewhere)"}
-PEERS = ("muon", "normuon")  # hf_badm.peers: a matrix optimizer with AdamW (lr muon_adamw_lr) on the other tensors
+          "muon": "Muon (torch, + AdamW elsewhere)", "normuon": "NorMuon (+ AdamW elsewhere)",
+          "muon_qhadam": "Muon (torch, + QHAdam nu 8/9 elsewhere)"}
+PEERS = ("muon", "normuon", "muon_qhadam")  # hf_badm.peers: a matrix optimizer with AdamW (lr muon_adamw_lr) on the other tensors
 # The BADM family (docs/preconditioners.md): recipe fields on top of optimizer=badm.
 S4 = {"mode": "per_sub_batch", "sub_batches_per_micro_batch": 4}
 NS_NORM = {"preconditioner": "newton_schulz", "elementwise_preconditioner": "normalized"}
@@ -109,6 +110,7 @@ GRIDS: dict[str, list[float]] = {
     "badm_nsisa_adam": [0.003, 0.01, 0.03],
     "muon": [0.01, 0.03, 0.1],
     "normuon": [0.01, 0.03, 0.1],
+    "muon_qhadam": [0.01, 0.03],
 }
 RATIOS = [1.5, 4.0, 9.0, 19.0]  # BADM rho/sigma: beta = 0.6, 0.8, 0.9, 0.95
 

@@ -158,3 +158,49 @@ def test_normuon_peer_steps_like_badm_normuon_and_trains(tmp_path):
     again.load_state_dict(trainer.optimizer.state_dict())
     assert all(torch.equal(a["second_momentum_buffer"], b["second_momentum_buffer"])
                for a, b in zip(trainer.optimizer.state.values(), again.state.values()) if "second_momentum_buffer" in a)
+
+
+def test_qhadam_equals_its_formula_and_is_adamw_at_nu_one():
+    """QHAdam against the paper's update written out (float64, decoupled decay, a changing lr); nus (1, 1) is torch's
+    AdamW; the Muon + QHAdam peer tags its groups and lowers a Trainer's loss."""
+    from hf_badm.peers import QHAdam
+
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3, dtype=torch.float64)
+    grads = [torch.randn(5, 3, dtype=torch.float64) for _ in range(6)]
+    b1, b2, nu1, nu2, eps, wd = 0.9, 0.99, 0.7, 0.8, 1e-8, 0.1
+    p = w0.clone().requires_grad_()
+    opt = QHAdam([p], lr=0.01, betas=(b1, b2), nus=(nu1, nu2), eps=eps, weight_decay=wd)
+    w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    for t, g in enumerate(grads, 1):
+        lr = 0.01 * (1 + 0.1 * t)
+        opt.param_groups[0]["lr"] = lr
+        p.grad = g.clone()
+        opt.step()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        num = (1 - nu1) * g + nu1 * m / (1 - b1**t)
+        den = ((1 - nu2) * g * g + nu2 * v / (1 - b2**t)).sqrt() + eps
+        w = w * (1 - lr * wd) - lr * num / den
+    assert torch.allclose(p.detach(), w, rtol=1e-12, atol=1e-14)
+    a, b = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    qh, adamw = QHAdam([a], lr=0.01, nus=(1.0, 1.0), weight_decay=wd), torch.optim.AdamW([b], lr=0.01, weight_decay=wd)
+    for g in grads:
+        a.grad, b.grad = g.clone(), g.clone()
+        qh.step()
+        adamw.step()
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="nus"):
+        QHAdam([a], nus=(1.5, 1.0))
+
+
+def test_muon_qhadam_peer_trains(tmp_path):
+    from hf_badm.peers import MuonWithQHAdam, QHADAM_NU, create_muon_qhadam_optimizer
+
+    model = tiny_model("gpt2")
+    args = tiny_args(tmp_path, max_steps=30, learning_rate=0.03, lr_scheduler_type="cosine", warmup_steps=3)
+    opt, sched = create_muon_qhadam_optimizer(model, args, adamw_lr=1e-2)
+    assert isinstance(opt, MuonWithQHAdam) and {g["optimizer"] for g in opt.param_groups} == {"muon", "qhadam"}
+    assert all(g["nus"] == (QHADAM_NU, 1.0) for g in opt.param_groups if g["optimizer"] == "qhadam")
+    trainer = Trainer(model=model, args=args, train_dataset=chain_dataset(), optimizers=(opt, sched))
+    trainer.train()
+    assert_loss_falls(trainer, min_steps=30, ratio=0.85)

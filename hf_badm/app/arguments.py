@@ -56,11 +56,12 @@ class TaskArguments:
         "help": "Built-in instruction tasks, comma-separated (add,sub,mul,copy,reverse,lookup,sort); default all."})
     block_size: int = field(default=128, metadata={"help": "Tokens per training sequence."})
     optimizer: str = field(default="badm", metadata={
-        "help": "'badm', 'muon' (torch's Muon + AdamW, hf_badm.peers), or any Trainer optim name for comparison "
+        "help": "'badm', 'muon' (torch's Muon + AdamW, hf_badm.peers), 'normuon', 'muon_qhadam' (Muon + QHAdam), or "
+                "any Trainer optim name for comparison "
                 "(adamw_torch, sgd, adafactor, lion_32bit, ...)."})
     muon_adamw_lr: Optional[float] = field(default=None, metadata={
-        "help": "optimizer muon: learning rate of AdamW on the tensors Muon does not orthogonalise (embeddings, LM "
-                "head, norms, biases). Default: hf_badm.peers.MUON_ADAMW_LR (0.1)."})
+        "help": "optimizer muon, normuon, muon_qhadam: learning rate of AdamW (QHAdam) on the tensors Muon does not "
+                "orthogonalise (embeddings, LM head, norms, biases). Default: hf_badm.peers.MUON_ADAMW_LR (0.1)."})
     exact_match_examples: int = field(default=64, metadata={"help": "Held-out prompts scored by exact match (sft tasks)."})
     allow_partial_resume: bool = field(default=False, metadata={
         "help": "Resume from a checkpoint that lacks some files (scheduler.pt, rng_state*.pth, optimizer or slot "

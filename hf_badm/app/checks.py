@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
     from hf_badm.config import BADMConfig
 
-# The peers of hf_badm.peers (create_<name>_optimizer): Muon and NorMuon, each with AdamW on the other tensors.
-PEERS = ("muon", "normuon")
+# The peers of hf_badm.peers (create_<name>_optimizer): Muon and NorMuon, each with AdamW on the other tensors, and
+# Muon with QHAdam there.
+PEERS = ("muon", "normuon", "muon_qhadam")
 # BADM's penalties outside this range overflow or stall in float32 (sigma 1e-300 overflows at step 1;
 # rho 1e308 never moves the weights); the tuned values lie between 1e-2 and 1e4.
 PENALTY_RANGE = (1e-12, 1e12)
@@ -124,7 +125,7 @@ def _check_optimizer(name: str) -> None:
     from transformers.training_args import OptimizerNames
 
     if name != "badm" and name not in PEERS and name not in {o.value for o in OptimizerNames}:
-        raise RecipeError(f"optimizer {name!r} is not badm, muon, normuon or a Trainer optim name (adamw_torch, sgd, "
+        raise RecipeError(f"optimizer {name!r} is not badm, muon, normuon, muon_qhadam or a Trainer optim name (adamw_torch, sgd, "
                           "adafactor, lion_32bit, ...)")
 
 

@@ -92,7 +92,8 @@ def _compare_parser(prog: str) -> argparse.ArgumentParser:
     if not prog.endswith("demo"):
         p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--optimizers", default="badm,adamw", help="comma-separated: badm, badm-<preconditioner> (e.g. "
-                   "badm-newton_schulz), muon (torch's Muon + AdamW, hf_badm.peers), normuon (NorMuon + AdamW) and "
+                   "badm-newton_schulz), muon (torch's Muon + AdamW, hf_badm.peers), normuon (NorMuon + AdamW), muon_qhadam (Muon + "
+                   "QHAdam) and "
                    "Trainer optim names")
     p.add_argument("--learning_rates", default="", help="per optimizer, e.g. adamw=1e-3,sgd=0.05 "
                    f"(defaults: {DEFAULT_LEARNING_RATES}; badm uses the recipe's learning_rate)")

@@ -23,7 +23,7 @@ ELEMENTWISE_SIGMA: dict[str, float] = {name: solve.elementwise_sigma for name, s
 COMPARE_LEARNING_RATES: dict[str, float] = {"badm": 3.0,
     "adamw_torch": 3e-3, "adamw_torch_fused": 3e-3, "sgd": 0.3, "adafactor": 1e-3, "lion_32bit": 1e-4,
     "schedule_free_adamw": 3e-3, "badm-newton_schulz": 0.03, "badm-normalized": 3e-3, "badm-second_moment": 10.0, "muon": 0.03,
-    "normuon": 0.03, "badm-normuon": 0.03, "badm-nsisa": 0.03,
+    "normuon": 0.03, "badm-normuon": 0.03, "badm-nsisa": 0.03, "muon_qhadam": 0.03,
 }
 # The demo trains the tiny GPT-2, where AdamW's optimum was 1e-2: the demo compares tuned against tuned.
 DEMO_LEARNING_RATES: dict[str, float] = {"adamw_torch": 1e-2}
