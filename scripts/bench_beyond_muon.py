@@ -60,13 +60,17 @@ ABLATION = (("Muon (torch; AdamW elsewhere), tuned", "muon", None, None),
 
 
 def peers(sw: cv.Sweep, size: str, c: str) -> None:
-    for lr in (0.001, 0.003, 0.01, 0.03):
+    lean = sw.args.lean
+    for lr in (0.003, 0.01) if lean else (0.001, 0.003, 0.01, 0.03):
         sw.run("adamw_torch", lr, None, 0, size, c)
     sw.widen("adamw_torch", size, c, "learning_rate")
     for o in PEERS:
+        elr = sw.best("muon", size, c)["elementwise_lr"] if lean and o != "muon" else 0.1
         for lr in (0.003, 0.01, 0.03):
-            sw.run(o, lr, None, 0, size, c, 0.1)
+            sw.run(o, lr, None, 0, size, c, elr)
         sw.widen(o, size, c, "learning_rate")
+        if lean and o != "muon":
+            continue
         best = sw.best(o, size, c)
         for elr in (0.03, 0.3):
             sw.run(o, best["learning_rate"], None, 0, size, c, elr)
@@ -74,14 +78,18 @@ def peers(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def badm(sw: cv.Sweep, size: str, c: str) -> None:
+    lean = sw.args.lean
     for lr in (0.03, 0.01):  # the shipped defaults (0.03), and at Muon's usual best; with QHAdam's peer beside it
         sw.run("badm_ns_norm", lr, cv.FIXED_RATIO["badm_ns_norm"], 0, size, c, 0.1)
-        sw.run("muon_qhadam", lr, None, 0, size, c, 0.1)
-    elr = sw.best("muon", size, c)["elementwise_lr"]
+        if not lean:
+            sw.run("muon_qhadam", lr, None, 0, size, c, 0.1)
+    muon = sw.best("muon", size, c)
     for o in BADM:
-        for lr in cv.GRIDS[o]:
-            sw.run(o, lr, cv.FIXED_RATIO[o], 0, size, c, elr)
-        sw.widen(o, size, c, "learning_rate")
+        grid = [muon["learning_rate"]] if lean and o == "badm_ns_adam" else (0.01, 0.03) if lean else cv.GRIDS[o]
+        for lr in grid:
+            sw.run(o, lr, cv.FIXED_RATIO[o], 0, size, c, muon["elementwise_lr"])
+        if not lean:
+            sw.widen(o, size, c, "learning_rate")
 
 
 def search(sw: cv.Sweep, size: str, c: str) -> None:
@@ -96,25 +104,32 @@ def search(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def refine(sw: cv.Sweep, size: str, c: str) -> None:
-    """Muon's, NorMuon's and each BADM candidate's best point at lr x 10**(+-1/4), the other coordinates held; the
-    peers' AdamW lr likewise (BADM's elementwise lr stays at 0.1: any doubt goes to the peers)."""
+    """Each candidate's best point at lr x 10**(+-1/4), the other coordinates held; Muon's AdamW lr likewise (BADM's
+    elementwise lr stays at 0.1: any doubt goes to the peers); Muon + QHAdam at newton_schulz's best lr. ``--lean``:
+    Muon and newton_schulz (normalized elsewhere) only."""
     quarter = (10 ** -0.25, 10 ** 0.25)
-    for o in (*PEERS, *BADM, *SEARCH, "badm_ns_norm", "muon_qhadam"):
+    todo = ("muon", "badm_ns_norm") if sw.args.lean else (*PEERS, *BADM, *SEARCH, "badm_ns_norm", "muon_qhadam")
+    for o in todo:
         best = sw.best(o, size, c)
         if best is None:
             continue
         for f in quarter:
             sw.run(o, float(f"{best['learning_rate'] * f:.3g}"), best["rho_over_sigma"], 0, size, c,
                    best.get("elementwise_lr"))
-        if o in PEERS:
+        if o in PEERS and (o == "muon" or not sw.args.lean):
             best = sw.best(o, size, c)
             for f in quarter:
                 sw.run(o, best["learning_rate"], None, 0, size, c, float(f"{best['elementwise_lr'] * f:.3g}"))
+    sw.run("muon_qhadam", sw.best("badm_ns_norm", size, c)["learning_rate"], None, 0, size, c, 0.1)
+
+
+LEAN_SEEDS = ("adamw_torch", *PEERS, "muon_qhadam", "badm_ns_norm", *BADM)
 
 
 def seeds(sw: cv.Sweep, size: str, c: str) -> None:
     refine(sw, size, c)
-    for o in sorted({r["optimizer"] for r in sw.results.runs if (r["size"], r["corpus"]) == (size, c)}):
+    done = sorted({r["optimizer"] for r in sw.results.runs if (r["size"], r["corpus"]) == (size, c)})
+    for o in (o for o in done if o in LEAN_SEEDS or not sw.args.lean):
         b = sw.best(o, size, c)
         if b is not None:
             sw.run(o, b["learning_rate"], b["rho_over_sigma"], 1, size, c, b.get("elementwise_lr"))
@@ -273,6 +288,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, default=Path("outputs/bench-realcorpora"))
     p.add_argument("--results", type=Path, default=bc.RESULTS / "real-corpora")
     p.add_argument("--extend", type=int, default=1)
+    p.add_argument("--lean", action="store_true", help="fewer points where compute is short: AdamW 0.003/0.01, NorMuon "
+                   "at Muon's AdamW lr, newton_schulz with adam at Muon's best lr, nsisa 0.01/0.03, refined: Muon and "
+                   "newton_schulz only, seed 1 of the peers and BADM candidates only")
     p.add_argument("--report", action="store_true", help="write the docs section from the results (runs nothing)")
     p.add_argument("--docs", type=Path, default=bc.DOCS)
     p.add_argument("--note", type=Path, default=None, help="a markdown file: the verdict and reading, put first")
