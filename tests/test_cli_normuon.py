@@ -1,18 +1,25 @@
-"""`hf-badm compare` runs the NorMuon peer (normuon: NorMuon + AdamW, hf_badm.peers) beside BADM's normuon solve."""
+"""`hf-badm compare` runs each peer of hf_badm.peers beside the BADM solve it is the peer of: NorMuon + AdamW beside
+BADM's normuon, Muon + QHAdam beside newton_schulz with normalized elsewhere."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
+from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
 from test_cli import FAST, cli
 
 
-def test_compare_runs_normuon_and_badm_normuon(tmp_path):
-    done = cli("compare", "recipes/pretrain/tiny-gpt.yaml", "--optimizers", "normuon,badm-normuon", *FAST,
+@pytest.mark.parametrize("peer, solve", [("normuon", "normuon"), ("muon_qhadam", "newton_schulz")])
+def test_compare_runs_a_peer_beside_its_badm_solve(tmp_path, peer, solve):
+    ours = f"badm-{solve}"
+    done = cli("compare", "recipes/pretrain/tiny-gpt.yaml", "--optimizers", f"{peer},{ours}", *FAST,
                "--output_dir", str(tmp_path / "cmp"))
     assert done.returncode == 0, done.stderr[-3000:]
     table = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| normuon | 0.03 |" in table and "| badm-normuon | 0.03 |" in table
+    assert f"| {peer} | {COMPARE_LEARNING_RATES[peer]:g} |" in table
+    assert f"| {ours} | {COMPARE_LEARNING_RATES[ours]:g} |" in table
     runs = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert runs["normuon"]["optimizer"] == "normuon" and runs["badm-normuon"]["recipe"]["badm"]["preconditioner"] == "normuon"
+    assert runs[peer]["optimizer"] == peer and runs[ours]["recipe"]["badm"]["preconditioner"] == solve
     assert all(r["eval_loss"] > 0 for r in runs.values())
