@@ -123,7 +123,7 @@ def test_compare_writes_table_and_plot(tmp_path):
 
 
 def test_compare_rejects_an_unknown_badm_variant_before_training(tmp_path):
-    done = cli("compare", "recipes/pretrain/tiny-gpt.yaml", "--optimizers", "adamw,badm-adam", *FAST,
+    done = cli("compare", "recipes/pretrain/tiny-gpt.yaml", "--optimizers", "adamw,badm-lamb", *FAST,
                "--output_dir", str(tmp_path / "cmp"))
     assert done.returncode == 2 and "preconditioner" in done.stderr and not (tmp_path / "cmp" / "adamw_torch").exists()
 
