@@ -1,5 +1,5 @@
 """Issue 20's search on real corpora: tuned AdamW, Muon and NorMuon against the BADM family's Muon-like settings, in
-stages that build on each other (one results file per corpus and size, shared with scripts/bench_real_corpora.sh).
+stages that build on each other (one results file per corpus and size; scripts/bench_beyond_muon.sh runs them all).
 
 - ``peers``: AdamW's lr grid; Muon's and NorMuon's lr grid at elementwise lr 0.1, then their AdamW lr at the best lr
   (each extended while its best lies on an edge).
@@ -281,7 +281,7 @@ class Report:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--corpus", action="append", required=True, choices=sorted(bc.GATHERED))
+    p.add_argument("--corpus", action="append", default=[], choices=sorted(bc.GATHERED))
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     p.add_argument("--char", action="store_true", help="byte-level tokens (no merges)")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated, in order: " + ",".join(STAGES))
@@ -295,24 +295,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--docs", type=Path, default=bc.DOCS)
     p.add_argument("--note", type=Path, default=None, help="a markdown file: the verdict and reading, put first")
     a = p.parse_args(argv)
+    if not a.report and not a.corpus:
+        p.error("--corpus is needed to run points (or --report to write the section)")
     a.steps, a.device, a.fixed, a.elementwise_lr = {"tiny": 300, "small": 150}, "cpu", [], None
     a.optimizers, a.threads = list(cv.LABELS), 1
     bc.setup(a)
     base = {**bc.BASE_RECIPE, "num_train_examples": 3000, "num_eval_examples": 100}
-    corpora = cv.corpora_of([bc.corpus(n, a.out_dir) for n in a.corpus], a.out_dir, a.char)
-    sw = cv.Sweep(a, bc.Results.merged([]), base, corpora)
-    if a.report:
+    if a.report:  # reads the results only: no corpus is gathered
+        sw = cv.Sweep(a, bc.Results.merged([]), base, {})
         sw.results = bc.Results.merged(sorted(a.results.glob("*.json")))
         rep = Report(sw)
         loads = [r["load_1min"] for r in sw.results.runs]
         note = a.note.read_text().strip() + "\n" if a.note else ""
-        text = "\n".join([SECTION + "\n", note, bc.stamp(sw.results.meta, "bash scripts/bench_beyond_muon.sh", loads),
+        stamp = bc.stamp(sw.results.meta, "bash scripts/bench_beyond_muon.sh", loads) if loads else ""
+        text = "\n".join([SECTION + "\n", note, stamp,
                           "- every run (all points, all seeds, eval curves): "
                           "[`results/real-corpora/`](results/real-corpora/)\n", rep.tables(), rep.defaults(),
                           rep.ablation()])
         print(text)
         bc.write_section(a.docs, SECTION, text)
         return
+    corpora = cv.corpora_of([bc.corpus(n, a.out_dir) for n in a.corpus], a.out_dir, a.char)
+    sw = cv.Sweep(a, bc.Results.merged([]), base, corpora)
     stages = {"peers": peers, "badm": badm, "search": search, "seeds": seeds}
     for size in a.sizes:
         for c in corpora:

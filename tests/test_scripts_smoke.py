@@ -93,3 +93,15 @@ def test_gpu_check_names_what_is_missing(tmp_path):
     run = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, env={**__import__("os").environ, "PYTHON": str(fake)})
     assert run.returncode == 3 and "lacks torch" in run.stderr
+
+
+def test_bench_beyond_muon_report_from_the_recorded_runs(tmp_path):
+    """The real-corpus section is rebuilt from docs/results/real-corpora/ alone (no corpus gathered, nothing run)."""
+    docs = tmp_path / "benchmarks.md"
+    run = subprocess.run([sys.executable, "scripts/bench_beyond_muon.py", "--report", "--docs", str(docs)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = docs.read_text()
+    assert "## Real corpora: BADM beyond Muon" in text and "### Defaults chosen on real text" in text
+    assert "### BPE tokens, GPT-2 tiny (300 steps): best point per corpus" in text and "### Ablation" in text
+    assert "| Muon (torch, + AdamW elsewhere) | 3.9" in text

@@ -2,8 +2,10 @@
 
 Each number was measured by ``scripts/bench_convergence.py`` (tiny GPT-2 2x64, 300 steps, and small
 GPT-2 4x128, 150 steps, on the built-in corpus; every sweep point in docs/results/convergence/,
-the tables in docs/benchmarks.md and docs/preconditioners.md). Change a number here only with a
-new measurement recorded there.
+the tables in docs/benchmarks.md and docs/preconditioners.md). On real text (three corpora gathered at run time, BPE
+and byte-level tokens, both sizes: docs/benchmarks.md, "Real corpora: BADM beyond Muon") the geometric mean over the 12
+places chose the same learning rates for Muon (0.03, AdamW 0.1 elsewhere) and newton_schulz (0.03, normalized 0.1
+elsewhere). Change a number here only with a new measurement recorded there.
 """
 
 from __future__ import annotations

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Issue 20's search on real corpora (docs/benchmarks.md, "Real corpora: BADM beyond Muon"): three corpora gathered at
+# run time, BPE and byte-level tokens, GPT-2 tiny and small, 2 seeds. Every run is cached by its key in
+# docs/results/real-corpora/, so a rerun only fills what is missing. On 2 CPU cores: about 4 hours (two queues at
+# once, one torch thread each).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export OMP_NUM_THREADS=1
+py="${PYTHON:-.venv/bin/python}"
+corpora=(--corpus stdlib_docs --corpus debian_changelogs --corpus licenses)
+# BADM nsisa and normuon with normalized on the other tensors (the first pass's variants), BPE, both sizes.
+"$py" scripts/bench_convergence.py "${corpora[@]}" --sizes tiny small --optimizers badm_nsisa,badm_normuon \
+  --grid badm_normuon=0.03 --fixed badm_normuon --elementwise-lr 0.1 --extend 1 --seeds 2 \
+  --out-dir outputs/bench-realcorpora --results docs/results/real-corpora --no-write --no-figures
+# The staged search: full at BPE tiny; --lean elsewhere (the compute of 2 cores).
+"$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny
+"$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes small --lean --stages peers,badm,seeds
+"$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny small --char --lean --stages peers,badm,seeds
+"$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny --stages badm,search,seeds
+"$py" scripts/bench_beyond_muon.py "${corpora[@]}" --report --note docs/results/real-corpora/reading.md
