@@ -16,7 +16,7 @@ from torch import Tensor
 from hf_badm.optim.validation import fraction, positive
 
 __all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "SECOND_MOMENT_SETTINGS", "check_second_moment_settings", "NSSchedule",
-           "Iterations", "polar_express", "fold_second_moments", "rms_denominator", "second_moment_gain",
+           "Iterations", "polar_express", "fold_second_moments", "rms_denominator", "rms_denominators", "second_moment_gain",
            "gains_of_", "orthogonalised", "orthogonalise", "resolve_ns_dtype"]
 
 # Quintic Newton-Schulz coefficients (Muon's) that drive all singular values towards ~1 in five steps.
@@ -93,6 +93,16 @@ def fold_second_moments(grads: list[Tensor], states: list[dict[str, Any]], beta2
 def rms_denominator(v: Tensor, steps: int, beta2: float, eps: float) -> Tensor:
     """``q = sqrt(v / (1 - beta2**steps)) + eps`` (bias-corrected), a new tensor."""
     return (v / (1.0 - beta2**steps)).sqrt_().add_(eps)
+
+
+def rms_denominators(vs: list[Tensor], steps: list[int], beta2: float, eps: float, foreach: bool) -> list[Tensor]:
+    """:func:`rms_denominator` of each second moment (new tensors), with foreach kernels when ``foreach``."""
+    if not foreach:
+        return [rms_denominator(v, k, beta2, eps) for v, k in zip(vs, steps)]
+    denom = torch._foreach_div(vs, [1.0 - beta2**k for k in steps])
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    return denom
 
 
 def second_moment_gain(v: Tensor, steps: int, ratio: float, beta2: float, eps: float) -> Tensor:

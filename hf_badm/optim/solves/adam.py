@@ -19,7 +19,7 @@ from torch import Tensor
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
 from hf_badm.optim.preconditioned import (SECOND_MOMENT_SETTINGS, check_second_moment_settings, fold_second_moments,
-                                          rms_denominator)
+                                          rms_denominators)
 from hf_badm.optim.validation import fraction
 
 
@@ -46,17 +46,14 @@ class Adam(LocalSolve):
     def directions(self, grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any],
                    foreach: bool) -> tuple[list[Tensor], None]:
         vs, steps = fold_second_moments(grads, states, group["beta2"], foreach)
-        beta1, beta2, eps = group["beta1"], group["beta2"], group["eps"]
+        beta1 = group["beta1"]
         ms = [s["exp_avg"] for s in states]
+        denom = rms_denominators(vs, steps, group["beta2"], group["eps"], foreach)
+        corrections = [1.0 - beta1**k for k in steps]
         if not foreach:
-            out = []
-            for m, g, v, k in zip(ms, grads, vs, steps):
+            for m, g in zip(ms, grads):
                 m.lerp_(g, 1.0 - beta1)
-                out.append(m / rms_denominator(v, k, beta2, eps) / (1.0 - beta1**k))
-            return out, None
+            return [m / d.mul_(c) for m, d, c in zip(ms, denom, corrections)], None
         torch._foreach_lerp_(ms, grads, 1.0 - beta1)
-        denom = torch._foreach_div(vs, [1.0 - beta2**k for k in steps])
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(denom, [1.0 - beta1**k for k in steps])
+        torch._foreach_mul_(denom, corrections)
         return torch._foreach_div(ms, denom), None

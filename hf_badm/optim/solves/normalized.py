@@ -15,7 +15,7 @@ from torch import Tensor
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
 from hf_badm.optim.preconditioned import (SECOND_MOMENT_SETTINGS, check_second_moment_settings, fold_second_moments,
-                                          rms_denominator)
+                                          rms_denominators)
 
 # It steps like AdamW: at 0.03 the sweeps' eval loss was 3x its best (2.33 vs 0.78 on tiny, 4.5 on small), and from
 # 0.1 up it diverged: a learning rate from this one up warns.
@@ -47,10 +47,7 @@ class Normalized(LocalSolve):
     def directions(self, grads: list[Tensor], states: list[dict[str, Any]], group: dict[str, Any],
                    foreach: bool) -> tuple[list[Tensor], None]:
         vs, steps = fold_second_moments(grads, states, group["beta2"], foreach)
-        beta2, eps = group["beta2"], group["eps"]
+        denom = rms_denominators(vs, steps, group["beta2"], group["eps"], foreach)
         if not foreach:
-            return [g / rms_denominator(v, k, beta2, eps) for g, v, k in zip(grads, vs, steps)], None
-        denom = torch._foreach_div(vs, [1.0 - beta2**k for k in steps])
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
+            return [g / d for g, d in zip(grads, denom)], None
         return torch._foreach_div(grads, denom), None
