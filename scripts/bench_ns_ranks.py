@@ -68,7 +68,8 @@ def worker(a: argparse.Namespace) -> None:
            "min_ms": 1e3 * min(times), "flops": mode.get_total_flops(),
            "params": sum(p.numel() for p in params)}
     Path(a.out, f"w{world}-t{a.threads}-r{rank}.json").write_text(json.dumps(row))
-    if world > 1:
+    if world > 1:  # no rank drops its communicator while another still talks to it (gloo aborts)
+        dist.barrier()
         dist.destroy_process_group()
 
 
