@@ -32,7 +32,8 @@ from tiny import chain_dataset, losses, tiny_args, tiny_model
 # AdamW-scale step (lr 0.01) for normalized, whose RMS-normalised direction would make lr 1/3 chaotic: rounding
 # differences between engines would then grow instead of staying at rounding level.
 PENALTIES = {"none": {"sigma": 3.0, "rho": 4.5}, "newton_schulz": {"sigma": 3.0, "rho": 4.5},
-             "second_moment": {"sigma": 3.0, "rho": 4.5}, "normalized": {"sigma": 100.0, "rho": 900.0}}
+             "second_moment": {"sigma": 3.0, "rho": 4.5}, "normalized": {"sigma": 100.0, "rho": 900.0},
+             "adam": {"sigma": 100.0, "rho": 300.0}}
 
 
 def trainer_job(out: Path, job: dict) -> Trainer:

@@ -10,7 +10,6 @@ communication op (about 1.5 minutes, cached under ~/.cache/torch_extensions).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def ddp(tmp_path_factory, single_thread) -> Path:
         *(job(f"ddp_{wiring}", "fused", 2, wiring=wiring) for wiring in WIRINGS),
         *(job(f"ddp_ns_{mode}", mode, 2, preconditioner="newton_schulz") for mode in ("fused", "per_sub_batch")),
         *({"name": f"fsdp2_{pre}", "fsdp2": True, "steps": 10, "preconditioner": pre, "meter": pre == "newton_schulz"}
-          for pre in ("newton_schulz", "normalized", "second_moment")),
+          for pre in ("newton_schulz", *ELEMENTWISE)),
         *(job(f"ddp_ns_{family}", "fused", 2, preconditioner="newton_schulz", family=family) for family in MOE),
     ], launcher="accelerate")
     return out
@@ -94,6 +93,7 @@ def ddp(tmp_path_factory, single_thread) -> Path:
 # Every way the README wires BADM into a Trainer besides BADMTrainer (tests/dist_worker.py builds each one).
 WIRINGS = ("optimizers", "cls_kwargs", "mixin")
 MOE = ("mixtral", "qwen2_moe")  # MoE families whose experts transformers fuses into 3-D tensors
+ELEMENTWISE = ("normalized", "second_moment", "adam")  # the elementwise local solves, each on every engine
 # transformers 4.x keeps experts as a ModuleList: an expert that gets no token on one rank fires no gradient hook there,
 # and DeepSpeed ZeRO's gradient reduction then differs between the ranks (a collective-size mismatch in its reduce,
 # before any optimizer step, whatever the optimizer). MoE under ZeRO is claimed and tested on transformers 5 only.
@@ -187,7 +187,7 @@ def test_newton_schulz_under_fsdp2_equals_unsharded(ddp):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("preconditioner", ["normalized", "second_moment"])
+@pytest.mark.parametrize("preconditioner", ELEMENTWISE)
 def test_elementwise_local_solves_under_fsdp2_equal_unsharded(ddp, preconditioner):
     sharded = result(ddp, f"fsdp2_{preconditioner}")["params"]
     single, _ = fsdp2_run(steps=10, preconditioner=preconditioner)
@@ -205,7 +205,6 @@ def test_fused_under_fsdp2_sharding_equals_one_rank(ddp):
 # ---------------------------------------------------------------------------------------------- DeepSpeed
 # optimizers= is refused under DeepSpeed (the Trainer would replace the optimizer); the other wirings must train right.
 ZERO_WIRINGS = ("cls_kwargs", "mixin")
-ELEMENTWISE = ("normalized", "second_moment")
 
 
 def zero_config(stage: int) -> dict:
