@@ -7,6 +7,11 @@ stages that build on each other (one results file per corpus and size; scripts/b
   nsisa with the ``adam`` solve on the tensors Muon's peer gives AdamW (at Muon's best AdamW lr), so that a difference from Muon is the matrices'; lr grids.
 - ``search`` (the ADMM parts): rho/sigma of newton_schulz 0.05-9 and of nsisa 0.3-9 at their best lr; the authors'
   warm-down; large slots (S = 2 of 8 sequences) without clipping, with the dual scaled by alpha_s or not.
+- ``cross`` (at every place, what the first stages left to one place or fixed): the ``normalized`` solve's own lr
+  (0.03 / 0.3 beside 0.1) at newton_schulz's lr 0.01 and 0.03, and its rho/sigma (4 and 19 beside 9: beta 0.8 / 0.95) at
+  the best point; Muon + QHAdam's lr grid and its QHAdam lr; the
+  directions users pick after Muon crossed with BADM's other-tensor solve (normuon, Polar Express coefficients, the
+  match_rms_adamw lr scale, nsisa), each on its lr grid.
 - ``seeds``: the lr of Muon, NorMuon and the BADM candidates refined a quarter decade each side of its best (a
   BADM setting whose effective step falls between two half-decade points of Muon's grid must not win by that), the
   peers' AdamW lr too, then seed 1 of every optimizer's best point.
@@ -35,12 +40,14 @@ BADM = ("badm_ns_adam", "badm_nsisa_adam")
 SEARCH = ("badm_nsisa_adam_sq", "badm_ns_adam_s2", "badm_nsisa_adam_s2", "badm_nsisa_adam_s2_one")
 NS_RATIOS = (0.05, 0.3, 1.25, 3.0, 9.0)
 NSISA_RATIOS = (0.3, 3.0, 9.0)
-STAGES = ("peers", "badm", "search", "seeds")
+CROSS = ("badm_nsisa", "badm_normuon", "badm_ns_norm_pe", "badm_ns_norm_rms")
+STAGES = ("peers", "badm", "search", "cross", "seeds")
 SECTION = "## Real corpora: BADM beyond Muon"
 CORPORA = ("stdlib_docs", "debian_changelogs", "licenses")
 SETTINGS = (("BPE", "tiny"), ("BPE", "small"), ("byte-level", "tiny"), ("byte-level", "small"))
-ROWS = ("adamw_torch", "muon", "normuon", "muon_qhadam", "badm_ns_norm", "badm_ns_adam", "badm_nsisa", "badm_nsisa_adam",
-        *SEARCH)
+ROWS = ("adamw_torch", "muon", "normuon", "muon_qhadam", "badm_ns_norm", "badm_ns_norm_e4", "badm_ns_norm_e19",
+        "badm_ns_norm_pe", "badm_ns_norm_rms",
+        "badm_normuon", "badm_ns_adam", "badm_nsisa", "badm_nsisa_adam", *SEARCH)
 # The ablation on the BPE tiny runs: (label, optimizer, rho/sigma, lr; None: the optimizer's best seed-0 point's).
 ABLATION = (("Muon (torch; AdamW elsewhere), tuned", "muon", None, None),
             ("BADM newton_schulz, adam elsewhere, rho = sigma (Muon's step, float32 Newton-Schulz)", "badm_ns_adam",
@@ -56,7 +63,10 @@ ABLATION = (("Muon (torch; AdamW elsewhere), tuned", "muon", None, None),
             ("NSISA with normalized (not adam) elsewhere", "badm_nsisa", None, None),
             ("newton_schulz, normalized elsewhere (QH momentum over RMS-normalised gradients)", "badm_ns_norm", None, None),
             ("Muon with QHAdam (nu 8/9) elsewhere, the peer of the row above", "muon_qhadam", None, None),
-            ("newton_schulz at the shipped defaults (lr 0.03, normalized elsewhere at 0.1)", "badm_ns_norm", 1.0, 0.03))
+            ("newton_schulz at the shipped defaults (lr 0.03, normalized elsewhere at 0.1)", "badm_ns_norm", 1.0, 0.03),
+            ("newton_schulz with Polar Express coefficients, normalized elsewhere", "badm_ns_norm_pe", None, None),
+            ("newton_schulz with the match_rms_adamw lr scale, normalized elsewhere", "badm_ns_norm_rms", None, None),
+            ("normuon (NorMuon's row normalisation after NS), normalized elsewhere", "badm_normuon", None, None))
 
 
 def peers(sw: cv.Sweep, size: str, c: str) -> None:
@@ -103,12 +113,32 @@ def search(sw: cv.Sweep, size: str, c: str) -> None:
             sw.run(o, lr, cv.FIXED_RATIO[o], 0, size, c, elr)
 
 
+def cross(sw: cv.Sweep, size: str, c: str) -> None:
+    for lr in (0.01, 0.03):
+        for elr in (0.03, 0.3):
+            sw.run("badm_ns_norm", lr, cv.FIXED_RATIO["badm_ns_norm"], 0, size, c, elr)
+        sw.run("muon_qhadam", lr, None, 0, size, c, 0.1)
+    sw.widen("badm_ns_norm", size, c, "elementwise_lr")
+    best = sw.best("badm_ns_norm", size, c)
+    for o in ("badm_ns_norm_e4", "badm_ns_norm_e19"):  # the normalized solve's own rho/sigma (beta, nu) at that point
+        sw.run(o, best["learning_rate"], best["rho_over_sigma"], 0, size, c, best["elementwise_lr"])
+    sw.widen("muon_qhadam", size, c, "learning_rate")
+    best = sw.best("muon_qhadam", size, c)
+    for elr in (0.03, 0.3):
+        sw.run("muon_qhadam", best["learning_rate"], None, 0, size, c, elr)
+    sw.widen("muon_qhadam", size, c, "elementwise_lr")
+    for o in CROSS:
+        for lr in cv.GRIDS[o][:2] if o == "badm_nsisa" else cv.GRIDS[o]:
+            sw.run(o, lr, cv.FIXED_RATIO[o], 0, size, c, 0.1)
+        sw.widen(o, size, c, "learning_rate")
+
+
 def refine(sw: cv.Sweep, size: str, c: str) -> None:
     """Each candidate's best point at lr x 10**(+-1/4), the other coordinates held; Muon's AdamW lr likewise (BADM's
     elementwise lr stays at 0.1: any doubt goes to the peers); Muon + QHAdam at newton_schulz's best lr. ``--lean``:
-    Muon and newton_schulz (normalized elsewhere) only."""
+    Muon, newton_schulz (normalized elsewhere) and Muon + QHAdam only."""
     quarter = (10 ** -0.25, 10 ** 0.25)
-    todo = ("muon", "badm_ns_norm") if sw.args.lean else (*PEERS, *BADM, *SEARCH, "badm_ns_norm", "muon_qhadam")
+    todo = ("muon", "badm_ns_norm", "muon_qhadam") if sw.args.lean else (*PEERS, *BADM, *SEARCH, "badm_ns_norm", "muon_qhadam")
     for o in todo:
         best = sw.best(o, size, c)
         if best is None:
@@ -123,7 +153,7 @@ def refine(sw: cv.Sweep, size: str, c: str) -> None:
     sw.run("muon_qhadam", sw.best("badm_ns_norm", size, c)["learning_rate"], None, 0, size, c, 0.1)
 
 
-LEAN_SEEDS = ("adamw_torch", *PEERS, "muon_qhadam", "badm_ns_norm", *BADM)
+LEAN_SEEDS = ("adamw_torch", *PEERS, "muon_qhadam", "badm_ns_norm", "badm_ns_norm_e4", "badm_ns_norm_e19", *BADM, *CROSS)
 
 
 def seeds(sw: cv.Sweep, size: str, c: str) -> None:
@@ -289,8 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", type=Path, default=bc.RESULTS / "real-corpora")
     p.add_argument("--extend", type=int, default=1)
     p.add_argument("--lean", action="store_true", help="fewer points where compute is short: AdamW 0.003/0.01, NorMuon "
-                   "at Muon's AdamW lr, newton_schulz with adam at Muon's best lr, nsisa 0.01/0.03, refined: Muon and "
-                   "newton_schulz only, seed 1 of the peers and BADM candidates only")
+                   "at Muon's AdamW lr, newton_schulz with adam at Muon's best lr, nsisa 0.01/0.03, refined: Muon, "
+                   "newton_schulz and Muon + QHAdam only, seed 1 of the peers and BADM candidates only")
     p.add_argument("--report", action="store_true", help="write the docs section from the results (runs nothing)")
     p.add_argument("--docs", type=Path, default=bc.DOCS)
     p.add_argument("--note", type=Path, default=None, help="a markdown file: the verdict and reading, put first")
@@ -317,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     corpora = cv.corpora_of([bc.corpus(n, a.out_dir) for n in a.corpus], a.out_dir, a.char)
     sw = cv.Sweep(a, bc.Results.merged([]), base, corpora)
-    stages = {"peers": peers, "badm": badm, "search": search, "seeds": seeds}
+    stages = {"peers": peers, "badm": badm, "search": search, "cross": cross, "seeds": seeds}
     for size in a.sizes:
         for c in corpora:
             sw.results = bc.Results(a.results / f"{c}-{size}.json")

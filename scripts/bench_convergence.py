@@ -46,6 +46,10 @@ LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_to
           "badm_ns_norm_r9": "BADM newton_schulz (elementwise normalized), rho = 9 sigma",
           "badm_nsisa": "BADM nsisa (the authors' NSISA, elementwise normalized)",
           "badm_normuon": "BADM normuon (elementwise normalized)",
+          "badm_ns_norm_pe": "BADM newton_schulz, Polar Express coefficients (elementwise normalized)",
+          "badm_ns_norm_rms": "BADM newton_schulz, match_rms_adamw lr scale (elementwise normalized)",
+          "badm_ns_norm_e4": "BADM newton_schulz (elementwise normalized at rho/sigma 4: beta 0.8, nu 3/4)",
+          "badm_ns_norm_e19": "BADM newton_schulz (elementwise normalized at rho/sigma 19: beta 0.95, nu 18/19)",
           "badm_ns_adam": "BADM newton_schulz (elementwise adam)",
           "badm_nsisa_adam": "BADM nsisa (elementwise adam)",
           "badm_nsisa_adam_sq": "BADM nsisa (elementwise adam), the authors' warm-down sigma_t = sigma/f_t^2",
@@ -64,6 +68,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "badm_ns": {"preconditioner": "newton_schulz", "elementwise_preconditioner": "second_moment"},
     "badm_ns_norm": NS_NORM, "badm_ns_norm_s4": {**NS_NORM, **S4}, "badm_ns_norm_r3": NS_NORM, "badm_ns_norm_r9": NS_NORM,
     "badm_nsisa": {**NS_NORM, "preconditioner": "nsisa"}, "badm_normuon": {**NS_NORM, "preconditioner": "normuon"},
+    "badm_ns_norm_pe": {**NS_NORM, "solve_settings": "ns_coefficients=polar_express"},
+    "badm_ns_norm_rms": {**NS_NORM, "solve_settings": "ns_lr_scale=match_rms_adamw"},
+    "badm_ns_norm_e4": NS_NORM, "badm_ns_norm_e19": NS_NORM,
 }
 # Issue 20's search: the tensors Muon's peer gives AdamW take the adam solve at rho = sigma (AdamW itself), so that a
 # difference from Muon is the matrices'; large slots (S = 2 of 8 sequences) without clipping, as the authors run it.
@@ -75,6 +82,7 @@ VARIANTS.update(badm_ns_adam=NS_ADAM, badm_nsisa_adam=NSISA_ADAM,
                 badm_ns_adam_s2={**NS_ADAM, **S2}, badm_nsisa_adam_s2={**NSISA_ADAM, **S2},
                 badm_nsisa_adam_s2_one={**NSISA_ADAM, **S2, "solve_settings": "dual_scale=one"})
 ELEMENTWISE_RATIO = {"adam": 1.0}  # the elementwise solve's rho/sigma (else 9: beta 0.9)
+ELEMENTWISE_RATIO_OF = {"badm_ns_norm_e4": 4.0, "badm_ns_norm_e19": 19.0}  # the normalized solve's own rho/sigma
 # Preconditioned variants sweep lr at one rho/sigma (second_moment: rho = 6000 sigma, i.e. sigma 0.1 with rho 600 at
 # lr 10; normalized: beta 0.9; newton_schulz: rho = sigma as in its prototype); per-sub-batch variants take their
 # fused variant's best rho/sigma. newton_schulz with normalized elementwise tensors gives those the best
@@ -104,7 +112,9 @@ GRIDS: dict[str, list[float]] = {
     "badm_ns_norm_r3": [0.01, 0.03, 0.1],
     "badm_ns_norm_r9": [0.01, 0.03, 0.1],
     "badm_nsisa": [0.01, 0.03, 0.1],
-    "badm_normuon": [0.03],  # Muon's default lr (hf_badm.optim.defaults.COMPARE_LEARNING_RATES)
+    "badm_normuon": [0.01, 0.03],
+    "badm_ns_norm_pe": [0.01, 0.03],
+    "badm_ns_norm_rms": [0.003, 0.01],  # 0.2 sqrt(max(rows, cols)): 1.6-3.2x the original scale on these matrices
     **{o: [0.01, 0.03] for o in ("badm_ns_adam", "badm_nsisa_adam_sq", "badm_ns_adam_s2", "badm_nsisa_adam_s2",
                                  "badm_nsisa_adam_s2_one")},
     "badm_nsisa_adam": [0.003, 0.01, 0.03],
@@ -164,7 +174,8 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
     if opt in VARIANTS:
         r.update(optimizer="badm", rho=ratio / lr, **VARIANTS[opt])  # sigma = 1/lr (default), rho = ratio * sigma
         if elementwise_lr is not None:
-            ratio_e = ELEMENTWISE_RATIO.get(VARIANTS[opt].get("elementwise_preconditioner"), 9.0)
+            ratio_e = ELEMENTWISE_RATIO_OF.get(opt) or ELEMENTWISE_RATIO.get(VARIANTS[opt].get("elementwise_preconditioner"),
+                                                                            9.0)
             r.update(elementwise_sigma=1.0 / elementwise_lr, elementwise_rho=ratio_e / elementwise_lr)
     else:
         r["optimizer"] = opt
