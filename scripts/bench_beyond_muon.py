@@ -8,10 +8,10 @@ stages that build on each other (one results file per corpus and size; scripts/b
 - ``search`` (the ADMM parts): rho/sigma of newton_schulz 0.05-9 and of nsisa 0.3-9 at their best lr; the authors'
   warm-down; large slots (S = 2 of 8 sequences) without clipping, with the dual scaled by alpha_s or not.
 - ``cross`` (at every place, what the first stages left to one place or fixed): the ``normalized`` solve's own lr
-  (0.03 / 0.3 beside 0.1) at newton_schulz's lr 0.01 and 0.03, and its rho/sigma (4 and 19 beside 9: beta 0.8 / 0.95) at
-  the best point; Muon + QHAdam's lr grid and its QHAdam lr; the
-  directions users pick after Muon crossed with BADM's other-tensor solve (normuon, Polar Express coefficients, the
-  match_rms_adamw lr scale, nsisa), each on its lr grid.
+  (0.03 / 0.3 beside 0.1) at newton_schulz's lr 0.01 and 0.03, and its rho/sigma (4 and 19 beside 9: beta 0.8 /
+  0.95) at the best point; Muon + QHAdam's lr grid and its QHAdam lr, then at its best point QHAdam with the beta1
+  and nu of rho/sigma 4 (0.8, 3/4); the directions users pick after Muon crossed with BADM's other-tensor solve
+  (normuon, Polar Express coefficients, the match_rms_adamw lr scale, nsisa), each on its lr grid.
 - ``seeds``: the lr of Muon, NorMuon and the BADM candidates refined a quarter decade each side of its best (a
   BADM setting whose effective step falls between two half-decade points of Muon's grid must not win by that), the
   peers' AdamW lr too, then seed 1 of every optimizer's best point.
@@ -45,7 +45,8 @@ STAGES = ("peers", "badm", "search", "cross", "seeds")
 SECTION = "## Real corpora: BADM beyond Muon"
 CORPORA = ("stdlib_docs", "debian_changelogs", "licenses")
 SETTINGS = (("BPE", "tiny"), ("BPE", "small"), ("byte-level", "tiny"), ("byte-level", "small"))
-ROWS = ("adamw_torch", "muon", "normuon", "muon_qhadam", "badm_ns_norm", "badm_ns_norm_e4", "badm_ns_norm_e19",
+ROWS = ("adamw_torch", "muon", "normuon", "muon_qhadam", "muon_qhadam_b8", "badm_ns_norm", "badm_ns_norm_e4",
+        "badm_ns_norm_e19",
         "badm_ns_norm_pe", "badm_ns_norm_rms",
         "badm_normuon", "badm_ns_adam", "badm_nsisa", "badm_nsisa_adam", *SEARCH)
 # The ablation on the BPE tiny runs: (label, optimizer, rho/sigma, lr; None: the optimizer's best seed-0 point's).
@@ -127,6 +128,8 @@ def cross(sw: cv.Sweep, size: str, c: str) -> None:
     for elr in (0.03, 0.3):
         sw.run("muon_qhadam", best["learning_rate"], None, 0, size, c, elr)
     sw.widen("muon_qhadam", size, c, "elementwise_lr")
+    best = sw.best("muon_qhadam", size, c)  # the peer of rho/sigma 4: QHAdam at its beta1 0.8 and nu 3/4
+    sw.run("muon_qhadam_b8", best["learning_rate"], None, 0, size, c, best["elementwise_lr"])
     for o in CROSS:
         for lr in cv.GRIDS[o][:2] if o == "badm_nsisa" else cv.GRIDS[o]:
             sw.run(o, lr, cv.FIXED_RATIO[o], 0, size, c, 0.1)
@@ -153,7 +156,8 @@ def refine(sw: cv.Sweep, size: str, c: str) -> None:
     sw.run("muon_qhadam", sw.best("badm_ns_norm", size, c)["learning_rate"], None, 0, size, c, 0.1)
 
 
-LEAN_SEEDS = ("adamw_torch", *PEERS, "muon_qhadam", "badm_ns_norm", "badm_ns_norm_e4", "badm_ns_norm_e19", *BADM, *CROSS)
+LEAN_SEEDS = ("adamw_torch", *PEERS, "muon_qhadam", "muon_qhadam_b8", "badm_ns_norm", "badm_ns_norm_e4",
+              "badm_ns_norm_e19", *BADM, *CROSS)
 
 
 def seeds(sw: cv.Sweep, size: str, c: str) -> None:

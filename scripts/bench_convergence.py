@@ -57,8 +57,11 @@ LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_to
           "badm_nsisa_adam_s2": "BADM nsisa (elementwise adam), per-sub-batch S=2, no clipping, gamma = alpha",
           "badm_nsisa_adam_s2_one": "BADM nsisa (elementwise adam), per-sub-batch S=2, no clipping, gamma = 1",
           "muon": "Muon (torch, + AdamW elsewhere)", "normuon": "NorMuon (+ AdamW elsewhere)",
-          "muon_qhadam": "Muon (torch, + QHAdam nu 8/9 elsewhere)"}
-PEERS = ("muon", "normuon", "muon_qhadam")  # hf_badm.peers: a matrix optimizer with AdamW (lr muon_adamw_lr) on the other tensors
+          "muon_qhadam": "Muon (torch, + QHAdam nu 8/9 elsewhere)",
+          "muon_qhadam_b8": "Muon (torch, + QHAdam beta1 0.8, nu 3/4 elsewhere)"}
+PEERS = ("muon", "normuon", "muon_qhadam", "muon_qhadam_b8")  # hf_badm.peers: a matrix optimizer with AdamW (lr
+# muon_adamw_lr) on the other tensors; muon_qhadam_b8 is the peer of BADM's normalized solve at rho/sigma 4
+PEER_RECIPES = {"muon_qhadam_b8": {"optimizer": "muon_qhadam", "adam_beta1": 0.8, "qhadam_nu": 0.75}}
 # The BADM family (docs/preconditioners.md): recipe fields on top of optimizer=badm.
 S4 = {"mode": "per_sub_batch", "sub_batches_per_micro_batch": 4}
 NS_NORM = {"preconditioner": "newton_schulz", "elementwise_preconditioner": "normalized"}
@@ -178,7 +181,7 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
                                                                             9.0)
             r.update(elementwise_sigma=1.0 / elementwise_lr, elementwise_rho=ratio_e / elementwise_lr)
     else:
-        r["optimizer"] = opt
+        r.update(PEER_RECIPES.get(opt, {"optimizer": opt}))
     if opt in PEERS and elementwise_lr is not None:
         r[MUON_ADAMW_LR_FIELD] = elementwise_lr
     if opt == "sgd":

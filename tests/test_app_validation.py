@@ -45,6 +45,7 @@ def write(tmp_path: Path, name: str, content: str | bytes) -> Path:
     ("weight_decay: -1\n", "weight_decay"),
     ("max_grad_norm: .nan\n", "max_grad_norm"),
     ("optimizer: muon\nmuon_adamw_lr: -0.1\n", "muon_adamw_lr"),
+    ("optimizer: muon_qhadam\nqhadam_nu: 1.5\n", "qhadam_nu"),
     ("sigma: 1.0e+308\n", "sigma"),
     ("sigma: 1.0e-300\n", "sigma"),
     ("rho: 1.0e+308\n", "rho"),

@@ -23,3 +23,18 @@ def test_compare_runs_a_peer_beside_its_badm_solve(tmp_path, peer, solve):
     runs = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert runs[peer]["optimizer"] == peer and runs[ours]["recipe"]["badm"]["preconditioner"] == solve
     assert all(r["eval_loss"] > 0 for r in runs.values())
+
+
+def test_qhadam_nu_and_adam_beta1_reach_the_muon_qhadam_peer(tmp_path):
+    """`hf-badm train --optimizer muon_qhadam` hands qhadam_nu and adam_beta1 to QHAdam on the other tensors (the peer
+    of BADM's normalized solve at another rho/sigma); the checkpoint's optimizer state says what ran."""
+    import torch
+
+    from test_cli import train_here
+
+    out = tmp_path / "run"
+    assert train_here(out, "--optimizer", "muon_qhadam", "--qhadam_nu", "0.75", "--adam_beta1", "0.8", "--max_steps",
+                      "1", "--save_steps", "1") == 0
+    groups = torch.load(out / "checkpoint-1" / "optimizer.pt", weights_only=True)["param_groups"]
+    qhadam = [g for g in groups if g["optimizer"] == "qhadam"]
+    assert qhadam and all(tuple(g["nus"]) == (0.75, 1.0) and tuple(g["betas"])[0] == 0.8 for g in qhadam)

@@ -62,6 +62,9 @@ class TaskArguments:
     muon_adamw_lr: Optional[float] = field(default=None, metadata={
         "help": "optimizer muon, normuon, muon_qhadam: learning rate of AdamW (QHAdam) on the tensors Muon does not "
                 "orthogonalise (embeddings, LM head, norms, biases). Default: hf_badm.peers.MUON_ADAMW_LR (0.1)."})
+    qhadam_nu: Optional[float] = field(default=None, metadata={
+        "help": "optimizer muon_qhadam: QHAdam's nu1 on the other tensors (its beta1 is adam_beta1). Default: "
+                "hf_badm.peers.QHADAM_NU (8/9, the nu of BADM's normalized solve at its rho/sigma 9)."})
     exact_match_examples: int = field(default=64, metadata={"help": "Held-out prompts scored by exact match (sft tasks)."})
     allow_partial_resume: bool = field(default=False, metadata={
         "help": "Resume from a checkpoint that lacks some files (scheduler.pt, rng_state*.pth, optimizer or slot "

@@ -51,6 +51,9 @@ def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: BAD
     muon_lr = task_args.muon_adamw_lr
     if muon_lr is not None and not (math.isfinite(muon_lr) and muon_lr > 0):
         raise RecipeError(f"muon_adamw_lr must be a finite number > 0, got {muon_lr}")
+    nu = task_args.qhadam_nu
+    if nu is not None and not 0 <= nu <= 1:
+        raise RecipeError(f"qhadam_nu must lie in [0, 1] (0: Adam's step from the gradient alone, 1: Adam), got {nu}")
     for name, least in (("num_train_examples", 2), ("num_eval_examples", 1), ("block_size", 2)):
         if getattr(task_args, name) < least:
             raise RecipeError(f"{name} must be at least {least}, got {getattr(task_args, name)}")

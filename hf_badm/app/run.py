@@ -109,7 +109,8 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
         from hf_badm import peers
 
         create = getattr(peers, f"create_{task_args.optimizer}_optimizer")
-        kwargs["optimizers"] = _start_up(create, model, args, adamw_lr=task_args.muon_adamw_lr)
+        nu = {"nu": task_args.qhadam_nu} if task_args.optimizer == "muon_qhadam" and task_args.qhadam_nu is not None else {}
+        kwargs["optimizers"] = _start_up(create, model, args, adamw_lr=task_args.muon_adamw_lr, **nu)
     out = Path(args.output_dir)
     lock = OutputDirLock(out) if args.process_index == 0 else nullcontext()
     stop, stuck = StopOnSignal(), StopWhenStuck(task_args.max_skipped_steps)
