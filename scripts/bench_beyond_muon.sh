@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20's search on real corpora (docs/benchmarks.md, "Real corpora: BADM beyond Muon"): three corpora gathered at
 # run time, BPE and byte-level tokens, GPT-2 tiny and small, 2 seeds. Every run is cached by its key in
-# docs/results/real-corpora/, so a rerun only fills what is missing. On 2 CPU cores: about 4 hours (two queues at
+# docs/results/real-corpora/, so a rerun only fills what is missing. On 2 CPU cores: about 5.5 hours (two queues at
 # once, one torch thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +17,8 @@ corpora=(--corpus stdlib_docs --corpus debian_changelogs --corpus licenses)
 "$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes small --lean --stages peers,badm,seeds
 "$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny small --char --lean --stages peers,badm,seeds
 "$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny --stages badm,search,seeds
+# What the stages above left to one place or fixed, at every place: the normalized solve's own lr and rho/sigma (with
+# its QHAdam peer), Muon + QHAdam's lrs, and newton_schulz's directions crossed with normalized elsewhere.
+"$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny small --lean --stages cross,seeds
+"$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny small --char --lean --stages cross,seeds
 "$py" scripts/bench_beyond_muon.py "${corpora[@]}" --report --note docs/results/real-corpora/reading.md
