@@ -84,8 +84,9 @@ VARIANTS.update(badm_ns_adam=NS_ADAM, badm_nsisa_adam=NSISA_ADAM,
                 badm_nsisa_adam_sq={**NSISA_ADAM, "solve_settings": "sigma_schedule=squared"},
                 badm_ns_adam_s2={**NS_ADAM, **S2}, badm_nsisa_adam_s2={**NSISA_ADAM, **S2},
                 badm_nsisa_adam_s2_one={**NSISA_ADAM, **S2, "solve_settings": "dual_scale=one"})
-ELEMENTWISE_RATIO = {"adam": 1.0}  # the elementwise solve's rho/sigma (else 9: beta 0.9)
-ELEMENTWISE_RATIO_OF = {"badm_ns_norm_e4": 4.0, "badm_ns_norm_e19": 19.0}  # the normalized solve's own rho/sigma
+# Each variant's elementwise rho/sigma (else 9: beta 0.9): adam at rho = sigma (AdamW); normalized at 4 and 19.
+ELEMENTWISE_RATIO = {**{o: 1.0 for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "adam"},
+                     "badm_ns_norm_e4": 4.0, "badm_ns_norm_e19": 19.0}
 # Preconditioned variants sweep lr at one rho/sigma (second_moment: rho = 6000 sigma, i.e. sigma 0.1 with rho 600 at
 # lr 10; normalized: beta 0.9; newton_schulz: rho = sigma as in its prototype); per-sub-batch variants take their
 # fused variant's best rho/sigma. newton_schulz with normalized elementwise tensors gives those the best
@@ -177,8 +178,7 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
     if opt in VARIANTS:
         r.update(optimizer="badm", rho=ratio / lr, **VARIANTS[opt])  # sigma = 1/lr (default), rho = ratio * sigma
         if elementwise_lr is not None:
-            ratio_e = ELEMENTWISE_RATIO_OF.get(opt) or ELEMENTWISE_RATIO.get(VARIANTS[opt].get("elementwise_preconditioner"),
-                                                                            9.0)
+            ratio_e = ELEMENTWISE_RATIO.get(opt, 9.0)
             r.update(elementwise_sigma=1.0 / elementwise_lr, elementwise_rho=ratio_e / elementwise_lr)
     else:
         r.update(PEER_RECIPES.get(opt, {"optimizer": opt}))
