@@ -12,6 +12,7 @@ from hf_badm.optim.defaults import default_rho
 from hf_badm.optim.local_solve import LOCAL_SOLVES, check_settings, elementwise_solves, setting_defaults
 from hf_badm.optim.preconditioned import NS_DTYPES
 from hf_badm.parallel.orthogonalize import COMM_DTYPES, DEFAULT_BUCKET_NUMEL, check_parallel_settings
+from hf_badm.roles import SPLITS, parse_overrides
 
 WEIGHTINGS = ("items", "uniform")
 ELEMENTWISE = elementwise_solves()  # the built-in solves offered for the tensors an orthogonalising solve leaves
@@ -93,6 +94,20 @@ class BADMConfig:
                           "elementwise_sigma for adam, "
                           "600 for second_moment (sigma << rho sqrt(v) works)."},
     )
+    ns_split: str = field(
+        default="parts",
+        metadata={"help": "newton_schulz: how a fused projection (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj, "
+                          "GPT-NeoX's query_key_value, fused expert gate_up_proj...) is orthogonalised. 'parts': each "
+                          "part (Q, K, V; gate, up) on its own, as separate layers would be; 'heads': attention parts "
+                          "per head; 'none': the whole weight as one matrix.", "choices": list(SPLITS)},
+    )
+    solve_overrides: str = field(
+        default="",
+        metadata={"help": "newton_schulz: route tensors by name, ';'-separated regex=action (the regex searched in each "
+                          "parameter name; the last match wins): 'matrix' (orthogonalise, with ns_split), 'whole', "
+                          "'parts', 'heads' (orthogonalise so split) or 'elementwise'. A pattern that matches no "
+                          "trainable parameter stops the run at start-up. E.g. 'router|\\.gate\\.=elementwise'."},
+    )
     ns_dtype: str = field(
         default="auto",
         metadata={"help": "newton_schulz: the dtype of the Newton-Schulz iterations. 'auto': bfloat16 on CUDA (as "
@@ -118,10 +133,14 @@ class BADMConfig:
         for name, allowed in (("mode", MODES), ("sub_batch_weights", WEIGHTINGS), ("nonfinite", NONFINITE),
                               ("preconditioner", tuple(LOCAL_SOLVES)),
                               ("elementwise_preconditioner", elementwise_solves()),
-                              ("ns_dtype", tuple(NS_DTYPES))):
+                              ("ns_dtype", tuple(NS_DTYPES)), ("ns_split", SPLITS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"BADMConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_parallel_settings(self.ns_bucket_numel, self.ns_comm_dtype, prefix="BADMConfig.ns_")
+        try:
+            parse_overrides(self.solve_overrides)
+        except ValueError as e:
+            raise ValueError(f"BADMConfig.{e}") from None
         k = self.sub_batches_per_micro_batch
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"BADMConfig.sub_batches_per_micro_batch must be an integer >= 1, got {k!r}")

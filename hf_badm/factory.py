@@ -13,7 +13,9 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from hf_badm.config import BADMConfig
 from hf_badm.optim import BADM, LOCAL_SOLVES
+from hf_badm.optim.solves.newton_schulz import register_matrix_view
 from hf_badm.parallel import full_shape, prepare_for_ranks
+from hf_badm.roles import TensorRole, tensor_roles
 
 __all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups", "decay_parameter_names",
            "split_by_solve", "ModelGroupedBADM", "SolveReport", "solve_report"]
@@ -40,7 +42,7 @@ def badm_param_groups(model: nn.Module, weight_decay: float, decay_names: list[s
     ``require_matrix=False``: the Muon peer then takes AdamW alone)."""
     decay = set(decay_parameter_names(model) if decay_names is None else decay_names)
     solves = _assign_solves(model, config, require_matrix)
-    named = [(n, p) for n, (p, _) in solves.items()]
+    named = [(role.name, p) for role, (p, _) in solves.items()]
     groups = [{"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
               {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
     return split_by_solve(groups, {id(p): solve for p, solve in solves.values()}, config)
@@ -56,35 +58,50 @@ def split_by_solve(groups: list[dict], solve_of: dict[int, str], config: BADMCon
 
 @dataclass(frozen=True)
 class SolveReport:
-    """What went where: per local solve the count of tensors and of parameters, and the names of the 2-D/3-D
-    weights that took an elementwise solve although a matrix solve was asked for (embeddings, the LM head, or
-    anything a user expected orthogonalised). ``str()`` is the one line the CLI prints and BADMTrainer logs."""
+    """What went where: per local solve the count of tensors and of parameters, the names of the 2-D/3-D weights
+    that took an elementwise solve although a matrix solve was asked for (embeddings, the LM head, convolution
+    kernels, state-space tables, and ``unrecognised``: tensors no rule of :mod:`hf_badm.roles` knows), and every
+    tensor's :class:`~hf_badm.roles.TensorRole` with its solve (``routes``). ``str()`` is the one line the CLI prints
+    and BADMTrainer logs; :meth:`listing` the full table."""
 
     tensors: dict[str, int]
     parameters: dict[str, int]
     elementwise_matrices: tuple[str, ...]
+    unrecognised: tuple[str, ...] = ()
+    routes: tuple[tuple[TensorRole, str], ...] = ()
 
     def __str__(self) -> str:
         solves = ", ".join(f"{name} {self.tensors[name]} tensors ({self.parameters[name]:,} parameters)"
                            for name in self.tensors)
         line = f"hf_badm: local solves: {solves}"
+        split = sum(bool(role.parts) for role, _ in self.routes)
+        if split:
+            line += f"; {split} fused projections split into their parts"
         if self.elementwise_matrices:
             line += f"; matrices left elementwise: {', '.join(self.elementwise_matrices)}"
+        if self.unrecognised:
+            line += f"; {len(self.unrecognised)} not recognised (left elementwise): {', '.join(self.unrecognised)}"
         return line
+
+    def listing(self) -> str:
+        """Every trainable tensor, one tab-separated line each: name, shape, role, solve, parts (a header first)."""
+        rows = ["name\tshape\trole\tsolve\tparts"]
+        rows += [f"{r.name}\t{'x'.join(map(str, r.shape))}\t{r.role}\t{solve}\t{','.join(r.parts)}"
+                 for r, solve in self.routes]
+        return "\n".join(rows) + "\n"
 
 
 def solve_report(model: nn.Module, config: BADMConfig | None = None) -> SolveReport:
     """The :class:`SolveReport` of the groups ``badm_param_groups(model, ..., config=config)`` makes."""
     tensors = dict.fromkeys(_solve_settings(config), 0)
     parameters = dict.fromkeys(_solve_settings(config), 0)
-    left = []
     asked = LOCAL_SOLVES[(config or BADMConfig()).preconditioner]
-    for name, (p, solve) in _assign_solves(model, config).items():
+    routes = [(role, solve) for role, (_, solve) in _assign_solves(model, config, register=False).items()]
+    for role, solve in routes:
         tensors[solve] += 1
-        parameters[solve] += math.prod(full_shape(p))
-        if asked.orthogonalises and solve != asked.name and len(full_shape(p)) > 1:
-            left.append(name)
-    return SolveReport(tensors, parameters, tuple(left))
+        parameters[solve] += math.prod(role.shape)
+    left = tuple(r.name for r, solve in routes if asked.orthogonalises and solve != asked.name and len(r.shape) > 1)
+    return SolveReport(tensors, parameters, left, tuple(r.name for r, _ in routes if r.role == "unknown"), tuple(routes))
 
 
 def _solve_settings(config: BADMConfig | None) -> dict[str, dict[str, Any]]:
@@ -95,22 +112,30 @@ def _solve_settings(config: BADMConfig | None) -> dict[str, dict[str, Any]]:
     return {config.preconditioner: {"strict": True}, overrides["preconditioner"]: overrides}
 
 
-def _assign_solves(model: nn.Module, config: BADMConfig | None,
-                   require_matrix: bool = True) -> dict[str, tuple[nn.Parameter, str]]:
-    """Each trainable parameter's local solve, by the solve's rule on its whole shape (embeddings excluded)."""
+def _assign_solves(model: nn.Module, config: BADMConfig | None, require_matrix: bool = True, *,
+                   register: bool = True) -> dict[TensorRole, tuple[nn.Parameter, str]]:
+    """Each trainable parameter's role and local solve: the orthogonalising solve for the linear maps
+    (:func:`hf_badm.roles.tensor_roles`), whose maps are registered for the orthogonaliser (``register``), the
+    elementwise one for the rest."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere): "
                          "unfreeze some, or add PEFT adapters, before creating the optimizer")
     first, *rest = _solve_settings(config)
     if not rest:
-        return {n: (p, first) for n, p in named}
+        return {TensorRole(n, tuple(full_shape(p)), "any", False): (p, first) for n, p in named}
     _refuse_expert_parallel(model)
-    solve, embeddings = LOCAL_SOLVES[first], _embedding_ids(model)
-    out = {n: (p, first if solve.takes_shape(full_shape(p)) and id(p) not in embeddings else rest[0]) for n, p in named}
+    roles = tensor_roles(model, config.ns_split, config.solve_overrides)
+    out = {}
+    for n, p in named:
+        role = roles[n]
+        out[role] = (p, first if role.matrix else rest[0])
+        if register and role.matrix:
+            register_matrix_view(p, role.view)
     if require_matrix and all(s != first for _, s in out.values()):
-        raise ValueError(f"preconditioner={first!r} found no hidden weight matrix to act on among the trainable "
-                         f"parameters (all are embeddings, heads or 1-D): choose an elementwise preconditioner")
+        raise ValueError(f"preconditioner={first!r} found no hidden weight matrix (linear map) to act on among the "
+                         f"trainable parameters (all are embeddings, heads, norms, biases or other tensors): choose an elementwise "
+                         f"preconditioner")
     return out
 
 
@@ -121,19 +146,6 @@ def _refuse_expert_parallel(model: nn.Module) -> None:
         if getattr(module, "_is_expert_parallel", False):
             raise ValueError(f"{name} is expert-parallel (experts sharded across ranks): hf_badm's Newton-Schulz needs "
                              "whole expert stacks; run without expert parallelism or with an elementwise preconditioner")
-
-
-def _embedding_ids(model: nn.Module) -> set[int]:
-    """Input/output embedding matrices: 2-D, but rows are tokens, not a linear map to orthogonalise."""
-    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            module = getattr(model, getter)()
-        except (AttributeError, NotImplementedError):
-            continue
-        if module is not None and getattr(module, "weight", None) is not None:
-            ids.add(id(module.weight))
-    return ids
 
 
 def _split_config(badm_kwargs: dict[str, Any]) -> tuple[BADMConfig, dict[str, Any]]:

@@ -16,7 +16,7 @@ from hf_badm.optim import solves  # noqa: F401  (registers the built-in local so
 from hf_badm.optim.defaults import default_rho
 from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, keeps_dual, local_solve_for, setting_defaults
 from hf_badm.optim.preconditioned import NS_DTYPES, Iterations, orthogonalise, resolve_ns_dtype
-from hf_badm.optim.solves.newton_schulz import matrix_layout
+from hf_badm.optim.solves.newton_schulz import matrix_layout, matrix_view
 from hf_badm.optim.state_dict import checked_state_dict
 from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
 
@@ -31,12 +31,13 @@ Orthogonalizer = Callable[[list[Tensor], list[Tensor], Iterations, torch.dtype],
 
 def local_orthogonalizer(params: list[Tensor], inputs: list[Tensor], steps: Iterations,
                          dtype: torch.dtype) -> list[Tensor]:
-    """The orthogonaliser of one process: every input is a whole matrix (or a stack of expert matrices)."""
+    """The orthogonaliser of one process: every input is a whole matrix (or a stack of expert matrices), holding the
+    maps its parameter's :func:`~hf_badm.optim.solves.newton_schulz.matrix_view` says."""
     for p in params:
         if matrix_layout(p) is not None:
             raise ValueError("this parameter is a partition of several matrices (DeepSpeed ZeRO): Newton-Schulz needs the "
                              "orthogonaliser of hf_badm.parallel that gathers them (parallel.prepare_for_ranks)")
-    return orthogonalise(inputs, steps, dtype)
+    return orthogonalise(inputs, steps, dtype, views=[matrix_view(p) for p in params])
 
 
 class NonFiniteGradientError(FloatingPointError, ValueError):

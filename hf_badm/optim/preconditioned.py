@@ -16,7 +16,7 @@ from torch import Tensor
 from hf_badm.optim.validation import fraction, positive
 
 __all__ = ["NS_COEFFICIENTS", "NS_DTYPES", "SECOND_MOMENT_SETTINGS", "check_second_moment_settings", "NSSchedule",
-           "Iterations", "polar_express", "fold_second_moments", "rms_denominator", "rms_denominators", "second_moment_gain",
+           "Iterations", "MatrixView", "WHOLE", "NS_LR_SCALES", "lr_scale", "row_scales", "polar_express", "fold_second_moments", "rms_denominator", "rms_denominators", "second_moment_gain",
            "gains_of_", "orthogonalised", "orthogonalise", "resolve_ns_dtype"]
 
 # Quintic Newton-Schulz coefficients (Muon's) that drive all singular values towards ~1 in five steps.
@@ -47,10 +47,65 @@ def check_second_moment_settings(group: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class NSSchedule:
-    """Newton-Schulz with its own quintic per iteration, on the input scaled to Frobenius norm 1/``margin``."""
+    """Newton-Schulz with its own quintic per iteration, on the input scaled to Frobenius norm 1/``margin``, each
+    matrix's direction then scaled by the rule ``lr_scale`` (:func:`lr_scale`)."""
 
     coefficients: tuple[tuple[float, float, float], ...]
     margin: float = 1.0
+    lr_scale: str = "original"
+
+
+# How an orthogonalised (rows x cols) direction is scaled: "original" (Keller Jordan's, torch.optim.Muon's default)
+# sqrt(max(1, rows/cols)); "match_rms_adamw" (Moonshot's) 0.2 sqrt(max(rows, cols)), whose update RMS matches AdamW's.
+NS_LR_SCALES = ("original", "match_rms_adamw")
+
+
+def lr_scale(rows: int, cols: int, rule: str = "original") -> float:
+    """The factor of :data:`NS_LR_SCALES` rule ``rule`` for one (rows x cols) linear map (rows = outputs)."""
+    return 0.2 * math.sqrt(max(rows, cols)) if rule == "match_rms_adamw" else math.sqrt(max(1.0, rows / cols))
+
+
+@dataclass(frozen=True)
+class MatrixView:
+    """How a stored weight holds the linear maps Newton-Schulz acts on, one each. ``transposed``: stored as
+    (..., in, out) (transformers' ``Conv1D``, experts stored transposed), so the map is the transpose. ``order`` and
+    ``sizes``: a fused projection's parts (Q, K and V; gate and up): the output rows, permuted so that each part is
+    contiguous (None: in stored order), and each part's row count (None: one part). Every part is orthogonalised and
+    scaled as the (rows x in) map it is, as if it were a layer of its own. Read from what the module is
+    (``hf_badm.roles``), never guessed from the shape."""
+
+    transposed: bool = False
+    order: tuple[int, ...] | None = None
+    sizes: tuple[int, ...] | None = None
+
+    def maps(self, x: Tensor) -> list[Tensor]:
+        """The (..., rows, in) maps of stored ``x``, in part order (views where possible)."""
+        m = x.mT if self.transposed else x
+        if self.order is not None:
+            m = m.index_select(-2, torch.tensor(self.order, device=m.device))
+        return list(m.split(list(self.sizes), dim=-2)) if self.sizes is not None else [m]
+
+    def stored(self, maps: list[Tensor], like: Tensor) -> Tensor:
+        """The inverse of :meth:`maps`: the parts put back into ``like``'s stored layout (a new tensor)."""
+        m = torch.cat(maps, dim=-2) if len(maps) > 1 else maps[0]
+        if self.order is not None:
+            m = torch.empty_like(m).index_copy_(m.dim() - 2, torch.tensor(self.order, device=m.device), m)
+        return (m.mT if self.transposed else m).reshape(like.shape)
+
+
+WHOLE = MatrixView()
+
+
+def row_scales(shape: torch.Size, view: MatrixView, rule: str) -> Tensor:
+    """The :func:`lr_scale` of each output row of a weight of stored ``shape`` under ``view`` (rows in stored order),
+    as a float64 (rows, 1) column."""
+    cols = shape[-2] if view.transposed else shape[-1]
+    rows = shape[-1] if view.transposed else shape[-2]
+    sizes = view.sizes or (rows,)
+    scales = torch.cat([torch.full((n,), lr_scale(n, cols, rule), dtype=torch.float64) for n in sizes])
+    if view.order is not None:
+        scales = torch.empty_like(scales).index_copy_(0, torch.tensor(view.order), scales)
+    return scales.unsqueeze(-1)
 
 
 # What BADM.orthogonalizer takes as ``steps``: a count of Muon's quintic iterations, or a schedule.
@@ -65,11 +120,11 @@ def polar_express(steps: int) -> NSSchedule:
     return NSSchedule(tuple(chosen), POLAR_EXPRESS_SAFETY)
 
 
-def _plan(steps: Iterations) -> tuple[tuple[tuple[float, float, float], ...], float]:
-    """The coefficients of each iteration and the norm margin."""
+def _plan(steps: Iterations) -> tuple[tuple[tuple[float, float, float], ...], float, str]:
+    """The coefficients of each iteration, the norm margin and the lr-scale rule."""
     if isinstance(steps, NSSchedule):
-        return steps.coefficients, steps.margin
-    return (NS_COEFFICIENTS,) * steps, 1.0
+        return steps.coefficients, steps.margin, steps.lr_scale
+    return (NS_COEFFICIENTS,) * steps, 1.0, "original"
 # ns_dtype: "auto" is bfloat16 on CUDA (as torch.optim.Muon) and float32 elsewhere.
 NS_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
              "float64": torch.float64}
@@ -134,7 +189,7 @@ def orthogonalised(x: Tensor, steps: Iterations = 5, dtype: torch.dtype = torch.
 
 def _newton_schulz_2d(x: Tensor, steps: Iterations) -> Tensor:
     """The quintic iteration on one wide matrix, in its dtype (``orthogonalise``'s CPU form)."""
-    coefficients, margin = _plan(steps)
+    coefficients, margin, _ = _plan(steps)
     y = x / (torch.linalg.vector_norm(x) * margin + 1e-7)
     for a, b, c in coefficients:
         gram = y @ y.T
@@ -143,10 +198,11 @@ def _newton_schulz_2d(x: Tensor, steps: Iterations) -> Tensor:
 
 
 @torch.no_grad()
-def orthogonalise(inputs: list[Tensor], steps: Iterations, dtype: torch.dtype,
-                  batched: bool | None = None) -> list[Tensor]:
+def orthogonalise(inputs: list[Tensor], steps: Iterations, dtype: torch.dtype, batched: bool | None = None,
+                  views: list[MatrixView] | None = None) -> list[Tensor]:
     """:func:`orthogonalised` of each input, in ``dtype``: a 2-D input is one matrix, a 3-D input a stack of
-    matrices (MoE experts fused as ``(experts, out, in)``), each slice orthogonalised on its own::
+    matrices (MoE experts fused as ``(experts, out, in)``), each slice orthogonalised on its own, and each input's
+    :class:`MatrixView` (``views``, default whole and untransposed) says which maps it holds::
 
         X <- X / (||X||_F + 1e-7);  5 times: A = X X^T;  X <- a X + (b A + c A A) X
 
@@ -160,14 +216,17 @@ def orthogonalise(inputs: list[Tensor], steps: Iterations, dtype: torch.dtype,
             raise ValueError(f"Newton-Schulz needs whole matrices, got a {type(x).__name__} of shape {tuple(x.shape)}: a "
                              "sharded parameter (FSDP2, DeepSpeed ZeRO) needs the orthogonaliser of hf_badm.parallel, "
                              "which BADMTrainer and create_badm_optimizer install (parallel.prepare_for_ranks)")
-    coefficients, margin = _plan(steps)
-    out: list[Tensor | None] = [None] * len(inputs)
+    coefficients, margin, rule = _plan(steps)
+    views = views or [WHOLE] * len(inputs)
+    maps = [view.maps(x) for view, x in zip(views, inputs)]
+    flat = [m for ms in maps for m in ms]
+    out: list[Tensor | None] = [None] * len(flat)
     by_shape: dict[tuple[torch.Size, torch.device], list[int]] = {}
-    for i, x in enumerate(inputs):
+    for i, x in enumerate(flat):
         by_shape.setdefault((x.shape[-2:], x.device), []).append(i)
     for (shape, device), idx in by_shape.items():
         tall = shape[0] > shape[1]
-        stacks = [inputs[i].reshape(-1, *shape) for i in idx]  # every input as (matrices, rows, cols)
+        stacks = [flat[i].reshape(-1, *shape) for i in idx]  # every map as (matrices, rows, cols)
         wide = [(x.mT if tall else x).to(dtype) for x in stacks]  # iterate on the wide orientation
         if not (device.type != "cpu" if batched is None else batched):  # CPU: matrix by matrix, fused as addmm
             done = [torch.stack([_newton_schulz_2d(m, steps) for m in x]) if len(x) > 1
@@ -179,7 +238,11 @@ def orthogonalise(inputs: list[Tensor], steps: Iterations, dtype: torch.dtype,
                 gram = y @ y.mT
                 y = torch.baddbmm(y, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), y, beta=a)
             done = list(y.split([x.shape[0] for x in wide]))
-        scale = math.sqrt(max(1.0, shape[0] / shape[1]))
+        scale = lr_scale(shape[0], shape[1], rule)
         for i, d in zip(idx, done):
-            out[i] = (d.mT if tall else d).to(inputs[i].dtype).mul_(scale).reshape(inputs[i].shape)
-    return out  # type: ignore[return-value]
+            out[i] = (d.mT if tall else d).to(flat[i].dtype).mul_(scale).reshape(flat[i].shape)
+    directions, start = [], 0
+    for view, x, ms in zip(views, inputs, maps):
+        directions.append(view.stored(out[start:start + len(ms)], x))  # type: ignore[arg-type]
+        start += len(ms)
+    return directions

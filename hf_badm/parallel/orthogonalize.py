@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hf_badm.optim.preconditioned import orthogonalise
-from hf_badm.optim.solves.newton_schulz import matrix_layout
+from hf_badm.optim.preconditioned import MatrixView, orthogonalise
+from hf_badm.optim.solves.newton_schulz import matrix_layout, matrix_view
 
 __all__ = ["ParallelOrthogonalizer", "assign_owners", "ns_cost", "check_parallel_settings", "COMM_DTYPES", "DEFAULT_BUCKET_NUMEL"]
 
@@ -58,12 +58,14 @@ def assign_owners(shapes: list[torch.Size], world: int, load: list[int] | None =
 
 class ShardedMatrix(NamedTuple):
     """One whole matrix spread over the ranks: ``sizes[r]`` elements on rank r, in rank order (concatenated, they are
-    the matrix's row-major elements); ``piece`` is this rank's elements in the input and ``out`` where this rank's
-    elements of its direction go (1-D views)."""
+    the matrix's row-major elements); ``piece`` is this rank's elements in the input, ``view`` the maps the whole
+    matrix holds (its parts are cut on the owner, from the whole) and ``out`` where this rank's elements of its
+    direction go (1-D views)."""
 
     shape: torch.Size
     sizes: list[int]
     piece: Tensor
+    view: MatrixView
     out: Tensor
 
 
@@ -87,7 +89,7 @@ class ParallelOrthogonalizer:
         for i, (p, x) in enumerate(zip(params, inputs)):
             (sharded if matrix_layout(p) is not None or _is_dtensor(x) else replicated).append(i)
         if replicated:
-            done = self._split([inputs[i] for i in replicated], steps, dtype)
+            done = self._split([inputs[i] for i in replicated], [matrix_view(params[i]) for i in replicated], steps, dtype)
             for i, d in zip(replicated, done):
                 outputs[i] = d
         if sharded:
@@ -97,16 +99,17 @@ class ParallelOrthogonalizer:
         return outputs  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ replicated matrices (DDP)
-    def _split(self, full: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]:
+    def _split(self, full: list[Tensor], views: list[MatrixView], steps: int, dtype: torch.dtype) -> list[Tensor]:
         """Each rank orthogonalises its share; per (device, dtype) each packs its directions into one flat buffer
         padded to the largest rank's size, and one all_gather moves them all."""
         world = _world(self.group)
         if world == 1:
-            return orthogonalise(full, steps, dtype)
+            return orthogonalise(full, steps, dtype, views=views)
         owners = assign_owners([x.shape for x in full], world)
         rank = dist.get_rank(self.group)
         mine = [i for i, owner in enumerate(owners) if owner == rank]
-        done = dict(zip(mine, orthogonalise([full[i] for i in mine], steps, dtype))) if mine else {}
+        done = dict(zip(mine, orthogonalise([full[i] for i in mine], steps, dtype, views=[views[i] for i in mine]))) \
+            if mine else {}
         outputs: list[Tensor | None] = [None] * len(full)
         buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, x in enumerate(full):
@@ -131,7 +134,7 @@ class ParallelOrthogonalizer:
         """This rank's pieces of the directions of every sharded input, in the input's own form."""
         outputs, matrices, groups = [], [], set()
         for p, x in zip(params, inputs):
-            layout = matrix_layout(p) or DTensorLayout(x)
+            layout = matrix_layout(p) or DTensorLayout(x, matrix_view(p))
             out, out_pieces = layout.output(x)
             matrices += [ShardedMatrix(*m, o) for m, o in zip(layout.matrices(x), out_pieces)]
             outputs.append(out)
@@ -166,7 +169,8 @@ class ParallelOrthogonalizer:
             pieces_of.append([recv[starts[r]:starts[r] + m.sizes[r]] for r in range(world)])
             starts = [start + m.sizes[r] for r, start in enumerate(starts)]
         wholes = [torch.cat(pieces).view(m.shape).to(m.piece.dtype) for m, pieces in zip(mine, pieces_of)]
-        for pieces, direction in zip(pieces_of, orthogonalise(wholes, steps, dtype) if wholes else []):
+        directions = orthogonalise(wholes, steps, dtype, views=[m.view for m in mine]) if wholes else []
+        for pieces, direction in zip(pieces_of, directions):
             for piece, part in zip(pieces, direction.reshape(-1).split([piece.numel() for piece in pieces])):
                 piece.copy_(part)  # the direction's pieces go back where the input's came from
         _all_to_all(send, recv, send_splits, recv_splits, group, world)
@@ -207,7 +211,7 @@ class DTensorLayout:
     """An FSDP2 parameter: rows sharded over a 1-D mesh (``Shard(0)``, torch.chunk sizes), so the ranks' local
     shards, in rank order, are the matrix's row-major elements."""
 
-    def __init__(self, x: Any) -> None:
+    def __init__(self, x: Any, view: MatrixView) -> None:
         from torch.distributed.tensor import Shard
 
         if not _is_dtensor(x) or x.device_mesh.ndim != 1 or tuple(x.placements) != (Shard(0),):
@@ -217,9 +221,10 @@ class DTensorLayout:
         world, rows = x.device_mesh.size(), x.shape[0]
         chunk = -(-rows // world)
         self.sizes = [max(0, min(chunk, rows - r * chunk)) * math.prod(x.shape[1:]) for r in range(world)]
+        self.view = view
 
-    def matrices(self, x: Any) -> list[tuple[torch.Size, list[int], Tensor]]:
-        return [(x.shape, self.sizes, x.to_local().reshape(-1))]
+    def matrices(self, x: Any) -> list[tuple[torch.Size, list[int], Tensor, MatrixView]]:
+        return [(x.shape, self.sizes, x.to_local().reshape(-1), self.view)]
 
     @staticmethod
     def output(x: Any) -> tuple[Any, list[Tensor]]:

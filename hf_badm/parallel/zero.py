@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hf_badm.optim.badm import BADM
-from hf_badm.optim.solves.newton_schulz import register_matrix_layout
+from hf_badm.optim.preconditioned import MatrixView
+from hf_badm.optim.solves.newton_schulz import matrix_view, register_matrix_layout
 from hf_badm.parallel.orthogonalize import ParallelOrthogonalizer
 
 __all__ = ["ZeroMatrixLayout", "attach_zero_layouts", "attach_engine_layouts"]
@@ -22,13 +23,14 @@ class ZeroMatrixLayout:
     """Where the matrices of one ZeRO flat fp32 partition live. ZeRO-1/2 (``offsets``): the ranks' partitions are
     consecutive slices of one flat buffer holding the matrices at ``offsets``. ZeRO-3 (``pieces``): each matrix is
     partitioned on its own (``pieces[j]`` elements per rank, padded), and a rank's partition is its pieces of every
-    matrix, concatenated. Either way ``sizes[j][r]`` elements of matrix j sit on rank r, in rank order."""
+    matrix, concatenated. Either way ``sizes[j][r]`` elements of matrix j sit on rank r, in rank order; ``views[j]``
+    are the maps matrix j holds (its parameter's :func:`~hf_badm.optim.solves.newton_schulz.matrix_view`)."""
 
-    def __init__(self, shapes: list[torch.Size], group: dist.ProcessGroup | None, partition_numel: int, *,
-                 offsets: list[int] | None = None, pieces: list[int] | None = None) -> None:
+    def __init__(self, shapes: list[torch.Size], views: list[MatrixView], group: dist.ProcessGroup | None,
+                 partition_numel: int, *, offsets: list[int] | None = None, pieces: list[int] | None = None) -> None:
         if (offsets is None) == (pieces is None):
             raise ValueError("a ZeRO matrix layout takes offsets (stage 1/2) or pieces (stage 3)")
-        self.shapes, self.group = [torch.Size(s) for s in shapes], group
+        self.shapes, self.views, self.group = [torch.Size(s) for s in shapes], views, group
         world = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         numels = [s.numel() for s in self.shapes]
@@ -41,15 +43,15 @@ class ZeroMatrixLayout:
                           for o, n in zip(offsets, numels)]
             self.starts = [max(0, o - self.rank * P) for o in offsets]
 
-    def matrices(self, x: Tensor) -> list[tuple[torch.Size, list[int], Tensor]]:
-        """(shape, sizes, this rank's elements of it in ``x``) for each matrix."""
-        return [(shape, sizes, x[start:start + sizes[self.rank]])
-                for shape, sizes, start in zip(self.shapes, self.sizes, self.starts)]
+    def matrices(self, x: Tensor) -> list[tuple[torch.Size, list[int], Tensor, MatrixView]]:
+        """(shape, sizes, this rank's elements of it in ``x``, its maps) for each matrix."""
+        return [(shape, sizes, x[start:start + sizes[self.rank]], view)
+                for shape, sizes, start, view in zip(self.shapes, self.sizes, self.starts, self.views)]
 
     def output(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         """A partition for the directions (zero padding) and the views its pieces are written to."""
         out = torch.zeros_like(x)
-        return out, [piece for _, _, piece in self.matrices(out)]
+        return out, [piece for _, _, piece, _ in self.matrices(out)]
 
 
 def attach_zero_layouts(zero_optimizer: Any) -> int:
@@ -64,7 +66,8 @@ def attach_zero_layouts(zero_optimizer: Any) -> int:
             if badm.group_orthogonalises(badm.param_groups[zero_optimizer.sub_group_to_group_id[sub]]):
                 params = zero_optimizer.fp16_groups[sub]
                 register_matrix_layout(flat, ZeroMatrixLayout(
-                    [p.ds_shape for p in params], zero_optimizer.sub_group_process_groups[sub], flat.numel(),
+                    [p.ds_shape for p in params], [matrix_view(p) for p in params],
+                    zero_optimizer.sub_group_process_groups[sub], flat.numel(),
                     pieces=[p.partition_numel() for p in params]))
                 tagged += 1
     else:
@@ -72,6 +75,7 @@ def attach_zero_layouts(zero_optimizer: Any) -> int:
             if badm.group_orthogonalises(badm.param_groups[i]):
                 register_matrix_layout(flat, ZeroMatrixLayout(
                     [m.shape for m in zero_optimizer.round_robin_bit16_meta[i]],
+                    [matrix_view(p) for p in zero_optimizer.round_robin_bit16_groups[i]],
                     zero_optimizer.real_dp_process_group[i], flat.numel(),
                     offsets=list(zero_optimizer.round_robin_bit16_offsets[i])))
                 tagged += 1

@@ -18,22 +18,22 @@ weight decay). rho = sigma by default: at rho = sigma fused mode is Muon.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
-
-import math
 
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
-from hf_badm.optim.preconditioned import Iterations, polar_express
+from hf_badm.optim.preconditioned import (NS_COEFFICIENTS, NS_LR_SCALES, WHOLE, Iterations, MatrixView, NSSchedule,
+                                          polar_express)
 from hf_badm.optim.validation import count, fraction, one_of
 
-__all__ = ["NewtonSchulz", "ns_applies", "register_matrix_layout", "matrix_layout", "MATRIX_DIMS", "whole_matrices"]
+__all__ = ["NewtonSchulz", "ns_applies", "register_matrix_layout", "matrix_layout", "MATRIX_DIMS", "whole_matrices",
+           "register_matrix_view", "matrix_view"]
 
 NS_COEFFICIENT_SETS = ("muon", "polar_express")
-NS_LR_SCALES = ("original", "match_rms_adamw")
 
 
 # Flat tensors that hold (partitions of) several whole matrices, e.g. DeepSpeed ZeRO's fp32 partitions, each with the
@@ -50,6 +50,24 @@ def register_matrix_layout(p: Tensor, layout: Any) -> None:
 def matrix_layout(p: Tensor) -> Any:
     """The layout registered for ``p``, or None."""
     return _MATRIX_LAYOUTS.get(p)
+
+
+# Which linear maps each weight holds (transposed storage, a fused projection's parts), registered by whoever knows
+# what the weight is (``hf_badm.factory`` from ``hf_badm.roles``); kept weakly beside the tensors, as the layouts.
+_MATRIX_VIEWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def register_matrix_view(p: Tensor, view: MatrixView) -> None:
+    """Declare how ``p`` holds its linear maps (:class:`MatrixView`); the whole untransposed tensor is the default."""
+    if view == WHOLE:
+        _MATRIX_VIEWS.pop(p, None)
+    else:
+        _MATRIX_VIEWS[p] = view
+
+
+def matrix_view(p: Tensor) -> MatrixView:
+    """The :class:`MatrixView` registered for ``p`` (default: the whole tensor, as stored)."""
+    return _MATRIX_VIEWS.get(p, WHOLE)
 
 
 MATRIX_DIMS = (2, 3)  # a matrix, or a stack of expert matrices
@@ -92,8 +110,12 @@ class NewtonSchulz(LocalSolve):
             one_of("ns_lr_scale", group["ns_lr_scale"], NS_LR_SCALES)
 
     def iterations(self, group: dict[str, Any]) -> Iterations:
-        steps = group["ns_steps"]
-        return polar_express(steps) if group["ns_coefficients"] == "polar_express" else steps
+        """Muon's quintic ``ns_steps`` times (a count), or a schedule with Polar Express's polynomials and/or
+        another lr scale (the orthogonaliser scales every map, each part of a fused projection on its own)."""
+        steps, rule = group["ns_steps"], group["ns_lr_scale"]
+        if group["ns_coefficients"] == "polar_express":
+            return replace(polar_express(steps), lr_scale=rule)
+        return steps if rule == "original" else NSSchedule((NS_COEFFICIENTS,) * steps, 1.0, rule)
 
     @staticmethod
     def takes_shape(shape: torch.Size) -> bool:
@@ -113,22 +135,3 @@ class NewtonSchulz(LocalSolve):
         for m, g in zip(bufs, grads):
             m.mul_(mu).add_(g)
         return [g.add(m, alpha=mu) for g, m in zip(grads, bufs)], None
-
-    def finish(self, params: list[Tensor], directions: list[Tensor], gains: list[Tensor] | None,
-               duals: list[Tensor] | None, states: list[dict[str, Any]], group: dict[str, Any],
-               foreach: bool) -> tuple[list[Tensor], list[Tensor] | None]:
-        """``ns_lr_scale="match_rms_adamw"``: the orthogonaliser's sqrt(max(1, rows/cols)) becomes 0.2 sqrt(max(rows,
-        cols)), one number per matrix (a DTensor's shape is its global one; a flat ZeRO partition is refused)."""
-        if group["ns_lr_scale"] == "original":
-            return directions, gains
-        whole_matrices(params, 'ns_lr_scale="match_rms_adamw"')
-        scales = [match_rms_scale(p.shape) for p in params]
-        if foreach:
-            return torch._foreach_mul(directions, scales), gains
-        return [d.mul(s) for d, s in zip(directions, scales)], gains
-
-
-def match_rms_scale(shape: torch.Size) -> float:
-    """0.2 sqrt(max(rows, cols)) over the original sqrt(max(1, rows/cols)) already applied."""
-    rows, cols = shape[-2:]
-    return 0.2 * math.sqrt(max(rows, cols)) / math.sqrt(max(1.0, rows / cols))

@@ -12,14 +12,14 @@ a whole matrix's: on sharded engines (a DTensor shard, a flat ZeRO partition) it
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from hf_badm.optim.local_solve import register_local_solve
-from hf_badm.optim.solves.newton_schulz import NewtonSchulz, whole_matrices
+from hf_badm.optim.preconditioned import row_scales
+from hf_badm.optim.solves.newton_schulz import NewtonSchulz, matrix_view, whole_matrices
 from hf_badm.optim.validation import fraction
 
 ROW_EPS = 1e-10  # NorMuon's, in the row scale and the norm restoration
@@ -41,7 +41,10 @@ class NorMuon(NewtonSchulz):
         return {**super().new_state(p), "row_sq": p.new_zeros(self.state_shape("row_sq", p))}
 
     def state_shape(self, key: str, p: Tensor) -> torch.Size:
-        return p.shape[:-1] + (1,) if key == "row_sq" else p.shape
+        """``row_sq``: one number per output row (the last dimension of a weight stored transposed)."""
+        if key != "row_sq":
+            return p.shape
+        return p.shape[:-2] + (p.shape[-1], 1) if matrix_view(p).transposed else p.shape[:-1] + (1,)
 
     def finish(self, params: list[Tensor], directions: list[Tensor], gains: list[Tensor] | None,
                duals: list[Tensor] | None, states: list[dict[str, Any]], group: dict[str, Any],
@@ -53,13 +56,13 @@ class NorMuon(NewtonSchulz):
         beta = group["normuon_beta2"]
         out = []
         for p, d, state in zip(params, directions, states):
-            rows, cols = p.shape[-2:]
-            scale = math.sqrt(max(1.0, rows / cols))  # the orthogonaliser's: NorMuon acts on O before it
-            o = d / scale
+            view = matrix_view(p)
+            scale = row_scales(p.shape, view, group["ns_lr_scale"]).to(d)  # the orthogonaliser's, per output row
+            o = (d.mT if view.transposed else d) / scale  # NorMuon acts on O before the scale, rows = outputs
             v = state["row_sq"]
             v.lerp_((o * o).mean(dim=-1, keepdim=True), 1.0 - beta)
             scaled = o / (v.sqrt() + ROW_EPS)
             norms = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
-            out.append(scaled.mul_(norms / (torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) + ROW_EPS))
-                       .mul_(scale))
+            o = scaled.mul_(norms / (torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) + ROW_EPS)).mul_(scale)
+            out.append(o.mT if view.transposed else o)
         return super().finish(params, out, gains, duals, states, group, foreach)

@@ -1,0 +1,317 @@
+"""What each trainable tensor of a model is, read from its module and its name (the shape is a check, not the rule),
+and so which local solve it takes: the orthogonalising one (Newton-Schulz) acts on linear maps only.
+
+Roles. Linear maps: ``linear`` (the weight of an ``nn.Linear`` or transformers' ``Conv1D``, stored (in, out)),
+``experts`` (a stack of expert maps in a module transformers marks with ``is_transposed`` / ``is_concatenated``:
+``(E, out, in)`` or ``(E, in, out)``), ``router`` (an MoE router's weight: a linear map to the expert logits,
+orthogonalised as Moonlight's Muon does; ``solve_overrides`` moves it) and ``adapter`` (PEFT LoRA's A and B, each an
+``nn.Linear``). Everything else takes the elementwise solve: ``embedding`` (input and output embeddings, the LM
+head), ``norm``, ``bias`` (of any rank: gpt-oss's expert biases are 2-D), ``conv`` (convolution kernels, e.g. the
+depthwise ``conv1d`` of state-space and linear-attention layers), ``state_space`` (``A_log``, ``D``, ``dt_bias``...),
+``vector`` (any other 1-D tensor) and ``unknown``: a 2-D or 3-D tensor nothing here recognises (a position table, a
+custom module's weight) is never guessed into Newton-Schulz; the report names it.
+
+Fused projections (several maps in one weight: GPT-2's ``c_attn``, Phi-3's ``qkv_proj``, GPT-NeoX's per-head
+interleaved ``query_key_value``, gpt-oss's column-interleaved expert ``gate_up_proj``...) are split into their parts,
+each orthogonalised and scaled as the layer it would be in a model with separate projections (Llama's layout):
+:data:`FUSED` holds each family's layout, read from its modeling file; ``split="heads"`` cuts attention parts per
+head, ``split="none"`` keeps each weight whole. docs/families.md lists what is known of every family.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from hf_badm.optim.preconditioned import WHOLE, MatrixView
+from hf_badm.parallel.shapes import full_shape
+
+__all__ = ["TensorRole", "tensor_roles", "MATRIX_ROLES", "SPLITS", "OVERRIDE_ACTIONS", "parse_overrides", "FUSED"]
+
+MATRIX_ROLES = ("linear", "experts", "router", "adapter")  # linear maps: the orthogonalising solve takes them
+SPLITS = ("parts", "heads", "none")
+# solve_overrides actions: orthogonalise (with the run's split, or whole / by parts / by heads), or elementwise
+OVERRIDE_ACTIONS = ("matrix", "whole", "parts", "heads", "elementwise")
+STATE_SPACE = frozenset({"A_log", "A", "D", "dt_bias", "dt_proj_bias", "time_decay", "time_first", "time_faaaa"})
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """One trainable tensor: its name and whole shape, its role, whether it takes the orthogonalising solve
+    (``matrix``), the maps it holds (``view``) and the labels of its parts (empty: one map per matrix)."""
+
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    matrix: bool
+    view: MatrixView = WHOLE
+    parts: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------------ fused layouts
+Parts = list[tuple[str, list[int]]]  # each part's label and its output rows, in the order they are used
+
+
+def _grouped(groups: int, pattern: list[tuple[str, int]]) -> Parts:
+    """Output rows laid out as ``groups`` repeats of ``pattern`` (label, rows): each label's rows across the groups,
+    in group order. One group: concatenated parts; one per head: interleaved per head; one per column: gpt-oss."""
+    rows: dict[str, list[int]] = {label: [] for label, _ in pattern}
+    start = 0
+    for _ in range(groups):
+        for label, size in pattern:
+            rows[label] += range(start, start + size)
+            start += size
+    return list(rows.items())
+
+
+def _attention(q: int, kv: int, head_dim: int, groups: int = 1, labels: str = "qkv") -> tuple[Parts, int]:
+    """Q, K and V rows of ``q``, ``kv`` and ``kv`` per group (the order of ``labels``), cut per head by ``head_dim``."""
+    sizes = dict(zip("qkv", (q, kv, kv)))
+    return _grouped(groups, [(label, sizes[label]) for label in labels]), head_dim
+
+
+def _heads(config: Any) -> tuple[int, int, int]:
+    """(attention heads, key-value heads, head dim) of a config, by whichever names the family uses."""
+    hidden = _first(config, "hidden_size", "n_embd", "d_model")
+    heads = _first(config, "num_attention_heads", "n_head", "n_heads")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    return heads, kv, head_dim
+
+
+def _first(config: Any, *names: str) -> int:
+    return next(getattr(config, n) for n in names if getattr(config, n, None) is not None)
+
+
+def _gpt2_c_attn(config: Any, rows: int) -> tuple[Parts, int]:
+    """GPT-2/ImageGPT ``c_attn`` (Conv1D): ``split(embed_dim, dim=2)`` into q, k, v (self-attention) or k, v (the
+    cross-attention's), concatenated."""
+    heads, _, head_dim = _heads(config)
+    labels = "qkv" if rows == 3 * heads * head_dim else "kv"
+    return _grouped(1, [(label, heads * head_dim) for label in labels]), head_dim
+
+
+def _gpt_bigcode_c_attn(config: Any, rows: int) -> tuple[Parts, int]:
+    """GPT-BigCode ``c_attn``: ``split((embed_dim, 2 * kv_dim))`` with kv_dim = head_dim (multi-query) or embed_dim."""
+    heads, _, head_dim = _heads(config)
+    kv = head_dim if config.multi_query else heads * head_dim
+    return _attention(heads * head_dim, kv, head_dim)
+
+
+def _phi3_qkv(config: Any, rows: int) -> tuple[Parts, int]:
+    """Phi-3 ``qkv_proj``: ``[..., :q_pos]``, then ``num_key_value_heads * head_dim`` each for k and v."""
+    heads, kv, head_dim = _heads(config)
+    return _attention(heads * head_dim, kv * head_dim, head_dim)
+
+
+def _mpt_or_dbrx_qkv(config: Any, rows: int) -> tuple[Parts, int]:
+    """MPT ``Wqkv`` (``chunk(3)``) and DBRX ``Wqkv`` (``split([d_model, kv, kv])``): concatenated."""
+    attn = getattr(config, "attn_config", None)
+    kv_heads = getattr(attn, "kv_n_heads", None) or getattr(attn, "num_key_value_heads", None)
+    heads, _, head_dim = _heads(config)
+    return _attention(heads * head_dim, (kv_heads or heads) * head_dim, head_dim)
+
+
+def _per_head_qkv(config: Any, rows: int) -> tuple[Parts, int]:
+    """GPT-NeoX, Persimmon, Bloom ``query_key_value``: ``view(..., heads, 3 * head_dim)`` (or (heads, 3, head_dim)):
+    each head's q, k and v rows one after the other."""
+    heads, _, head_dim = _heads(config)
+    return _attention(head_dim, head_dim, head_dim, groups=heads)
+
+
+def _falcon_qkv(config: Any, rows: int) -> tuple[Parts, int]:
+    """Falcon ``query_key_value``, ``_split_heads``: new decoder architecture, per key-value group
+    ``[heads/kv q heads, k, v]``; multi-query ``[heads q; k; v]``; otherwise per head (q, k, v)."""
+    heads, _, head_dim = _heads(config)
+    if config.new_decoder_architecture:
+        kv = config.num_kv_heads
+        return _attention(heads // kv * head_dim, head_dim, head_dim, groups=kv)
+    if config.multi_query:
+        return _attention(heads * head_dim, head_dim, head_dim)
+    return _attention(head_dim, head_dim, head_dim, groups=heads)
+
+
+def _codegen_qkv(config: Any, rows: int) -> tuple[Parts, int]:
+    """CodeGen ``qkv_proj``: ``reshape(..., mp_num=4, -1)`` then ``split(local_dim)`` as query, value, key."""
+    heads, _, head_dim = _heads(config)
+    local = heads * head_dim // 4
+    return _attention(local, local, local, groups=4, labels="qvk")
+
+
+def _gate_up(config: Any, rows: int) -> tuple[Parts, int | None]:
+    """A fused MLP ``gate_up_proj``: ``chunk(2, dim=-1)``, gate then up, concatenated."""
+    return _grouped(1, [("gate", rows // 2), ("up", rows // 2)]), None
+
+
+# (model_type, the weight's name ending) -> its parts from the config and its output rows, and the head size
+FUSED: dict[tuple[str, str], Callable[[Any, int], tuple[Parts, int | None]]] = {
+    ("gpt2", "attn.c_attn.weight"): _gpt2_c_attn,
+    ("gpt2", "crossattention.c_attn.weight"): _gpt2_c_attn,
+    ("imagegpt", "attn.c_attn.weight"): _gpt2_c_attn,
+    ("gpt_bigcode", "attn.c_attn.weight"): _gpt_bigcode_c_attn,
+    ("phi3", "qkv_proj.weight"): _phi3_qkv,
+    ("phi3", "gate_up_proj.weight"): _gate_up,
+    ("glm", "gate_up_proj.weight"): _gate_up,
+    ("glm4", "gate_up_proj.weight"): _gate_up,
+    ("mpt", "attn.Wqkv.weight"): _mpt_or_dbrx_qkv,
+    ("dbrx", "attn.Wqkv.weight"): _mpt_or_dbrx_qkv,
+    ("gpt_neox", "query_key_value.weight"): _per_head_qkv,
+    ("persimmon", "query_key_value.weight"): _per_head_qkv,
+    ("bloom", "query_key_value.weight"): _per_head_qkv,
+    ("falcon", "query_key_value.weight"): _falcon_qkv,
+    ("codegen", "qkv_proj.weight"): _codegen_qkv,
+}
+
+
+def _experts_parts(module: nn.Module, attr: str, rows: int) -> tuple[Parts, None]:
+    """A fused expert ``gate_up_proj`` (transformers' ``has_gate``): gate and up halves, concatenated or, where the
+    module says ``is_concatenated=False`` (gpt-oss), interleaved column by column."""
+    if attr != "gate_up_proj" or not getattr(module, "has_gate", True):
+        return [], None
+    if getattr(module, "is_concatenated", True):
+        return _grouped(1, [("gate", rows // 2), ("up", rows // 2)]), None
+    return _grouped(rows // 2, [("gate", 1), ("up", 1)]), None
+
+
+def _view(transposed: bool, parts: Parts, head_dim: int | None, split: str) -> tuple[MatrixView, tuple[str, ...]]:
+    """The :class:`MatrixView` of a weight with these parts under ``split``, and the parts' labels."""
+    if split == "none" or len(parts) < 2:
+        return MatrixView(transposed=transposed), ()
+    if split == "heads" and head_dim:
+        parts = [(f"{label}{h}", rows[h * head_dim:(h + 1) * head_dim]) for label, rows in parts
+                 for h in range(len(rows) // head_dim)]
+    order = tuple(r for _, rows in parts for r in rows)
+    return (MatrixView(transposed=transposed, order=None if order == tuple(range(len(order))) else order,
+                       sizes=tuple(len(rows) for _, rows in parts)), tuple(label for label, _ in parts))
+
+
+# ------------------------------------------------------------------------------------------------ classification
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or \
+        "norm" in type(module).__name__.lower()
+
+
+def _is_conv1d_linear(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2 family): a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def _embedding_ids(model: nn.Module) -> set[int]:
+    """Input/output embedding matrices: 2-D, but rows are tokens, not a linear map to orthogonalise."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            continue
+        if module is not None and getattr(module, "weight", None) is not None:
+            ids.add(id(module.weight))
+    return ids
+
+
+def _role(name: str, module: nn.Module, attr: str, dims: int, embedding: bool) -> tuple[str, bool]:
+    """(role, stored transposed) of the tensor ``attr`` of ``module``."""
+    kind = type(module).__name__
+    if embedding or isinstance(module, nn.Embedding) or "Embedding" in kind:
+        return "embedding", False
+    if attr in STATE_SPACE:
+        return "state_space", False
+    if "bias" in attr:
+        return "bias", False
+    if _is_norm(module):
+        return "norm", False
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv", False
+    if attr == "weight" and dims == 2 and isinstance(module, nn.Linear):
+        return ("adapter" if re.search(r"\.lora_[AB]\.", name) else "linear"), False
+    if attr == "weight" and dims == 2 and _is_conv1d_linear(module):
+        return "linear", True
+    if attr == "weight" and dims == 2 and kind.endswith("Router"):
+        return "router", False
+    if dims == 3 and hasattr(module, "is_transposed") and attr in ("gate_up_proj", "up_proj", "down_proj"):
+        return "experts", bool(module.is_transposed)
+    return ("vector" if dims <= 1 else "unknown"), False
+
+
+def parse_overrides(text: str) -> list[tuple[str, str]]:
+    """``solve_overrides``: ``;``-separated ``regex=action`` (action one of :data:`OVERRIDE_ACTIONS`; the regex is
+    searched in each parameter name), checked here: a bad regex or action is a ValueError naming it."""
+    out = []
+    for item in (s.strip() for s in text.split(";")):
+        if not item:
+            continue
+        pattern, eq, action = (part.strip() for part in item.rpartition("="))
+        if not eq or not pattern or action not in OVERRIDE_ACTIONS:
+            raise ValueError(f"solve_overrides takes ';'-separated regex=action with action one of {OVERRIDE_ACTIONS}, "
+                             f"got {item!r}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"solve_overrides: {pattern!r} is not a regular expression ({err})") from None
+        out.append((pattern, action))
+    return out
+
+
+def tensor_roles(model: nn.Module, split: str = "parts", overrides: str = "") -> dict[str, TensorRole]:
+    """The :class:`TensorRole` of every trainable parameter of ``model`` (by name, in ``named_parameters`` order).
+    ``split``: how fused projections are cut (:data:`SPLITS`). ``overrides``: :func:`parse_overrides`'s text, applied
+    after the rules (the last matching pattern wins); a pattern that matches no trainable tensor, or that makes a
+    tensor that is not 2-D or 3-D a matrix, or splits one that has no known parts, is a ValueError naming it."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    modules = dict(model.named_modules())
+    embeddings = _embedding_ids(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    rules = parse_overrides(overrides)
+    matched = dict.fromkeys(pattern for pattern, _ in rules)
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner, _, attr = name.rpartition(".")
+        module, shape = modules[owner], tuple(full_shape(p))
+        role, transposed = _role(name, module, attr, len(shape), id(p) in embeddings)
+        rows = shape[-1] if transposed else (shape[-2] if len(shape) > 1 else 0)
+        parts, head_dim = _parts(model_type, config, name, module, attr, role, rows)
+        action = "matrix" if role in MATRIX_ROLES else "elementwise"
+        for pattern, chosen in rules:
+            if re.search(pattern, name):
+                matched[pattern], action = name, chosen
+        if action == "elementwise":
+            out[name] = TensorRole(name, shape, role, False)
+            continue
+        if len(shape) not in (2, 3):
+            raise ValueError(f"solve_overrides: {name} ({role}, shape {shape}) is not a matrix or a stack of matrices: "
+                             "it cannot be orthogonalised")
+        how = split if action == "matrix" else {"whole": "none"}.get(action, action)
+        if how != "none" and action != "matrix" and not parts:
+            raise ValueError(f"solve_overrides: {name} has no known fused parts to split ({action!r}): use 'whole'")
+        view, labels = _view(transposed, parts, head_dim, how)
+        out[name] = TensorRole(name, shape, role, True, view, labels)
+    unmatched = [pattern for pattern, hit in matched.items() if hit is None]
+    if unmatched:
+        raise ValueError(f"solve_overrides: {unmatched[0]!r} matches no trainable parameter name (see hf_badm."
+                         "solve_report(model, config).listing() for the names)")
+    return out
+
+
+def _parts(model_type: str | None, config: Any, name: str, module: nn.Module, attr: str, role: str,
+           rows: int) -> tuple[Parts, int | None]:
+    """A fused weight's parts (:data:`FUSED`, or the experts module's own flags), checked against its rows."""
+    if role == "experts":
+        parts, head_dim = _experts_parts(module, attr, rows)
+    else:
+        builder = next((b for (family, end), b in FUSED.items() if family == model_type and name.endswith(end)), None)
+        if builder is None or role != "linear":
+            return [], None
+        parts, head_dim = builder(config, rows)
+    if parts and sum(len(r) for _, r in parts) != rows:
+        raise ValueError(f"{name}: its family's fused layout gives {sum(len(r) for _, r in parts)} output rows, the "
+                         f"weight has {rows}: this transformers stores it differently; set ns_split='none'")
+    return parts, head_dim
+
