@@ -284,8 +284,10 @@ class BADMTrainerMixin(LossItemsMixin):
             groups = badm_param_groups(opt_model, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
                                        self.badm_config)
             self.optimizer = BADM(groups, **self.badm_config.optimizer_kwargs(self.args.learning_rate))
-            if self.args.should_log:  # what went where, once, before training
-                logger.info(str(solve_report(opt_model, self.badm_config)))
+            if self.args.should_log:  # what went where, once, before training: one line, and every tensor at debug
+                report = solve_report(opt_model, self.badm_config)
+                logger.info(str(report))
+                logger.debug("hf_badm: every trainable tensor's role and solve:\n%s", report.listing())
         opt = find_badm(self.optimizer)
         if opt is not None:
             prepare_for_ranks(opt, self.args.world_size, **self.badm_config.parallel_kwargs())
