@@ -125,8 +125,9 @@ class NorMuon(torch.optim.Optimizer):
                 scaled *= o.norm() / (scaled.norm() + 1e-10)
                 scale = (0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw"
                          else math.sqrt(max(1.0, rows / cols)))
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(scaled, alpha=-group["lr"] * scale)
+                lr = float(group["lr"])  # a tensor lr (torch's optimizers take one) as its number
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(scaled, alpha=-lr * scale)
         return loss
 
 
@@ -155,7 +156,7 @@ class QHAdam(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         loss = _closure_loss(closure)
         for group in self.param_groups:
-            (b1, b2), (nu1, nu2), lr = group["betas"], group["nus"], group["lr"]
+            (b1, b2), (nu1, nu2), lr = group["betas"], group["nus"], float(group["lr"])  # a tensor lr as its number
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -185,6 +186,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     matrix_optimizer = "muon"
     elementwise_optimizer = "adamw"
+    _INNER = ("_muon", "_adamw", "_beta2", "_nu")  # what __init__ keeps beyond torch's entries (subclasses' included)
 
     def _matrices(self, hidden: list[dict], **kwargs: Any) -> torch.optim.Optimizer:
         return torch.optim.Muon(hidden, **kwargs)
@@ -217,16 +219,40 @@ class MuonWithAdamW(torch.optim.Optimizer):
             self._adamw.param_groups = self.param_groups[n:]
             self._adamw.state = self.state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)  # replaces self.param_groups and self.state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's; a group added after construction joins the inner optimizer its ``"optimizer"`` names (default:
+        the elementwise one, which takes every shape), so that step() updates it."""
+        inner = {o.param_groups[0]["optimizer"]: o for o in (self._muon, self._adamw) if o is not None}
+        super().add_param_group(param_group)  # torch's checks over every group
+        if any(param_group is g for o in inner.values() for g in o.param_groups):
+            return  # __init__: the inner optimizers' own groups
+        group = self.param_groups.pop()
+        name = group.setdefault("optimizer", self.elementwise_optimizer)
+        if name not in inner:
+            raise ValueError(f"this optimizer has no {name!r} part to add a param group to (it has {sorted(inner)})")
+        inner[name].add_param_group(group)
+        self.param_groups[:] = [g for o in (self._muon, self._adamw) if o is not None for g in o.param_groups]
         self._link()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's three entries and the inner optimizers with their settings: a deepcopy or pickle steps."""
+        return {**super().__getstate__(), **{k: v for k, v in self.__dict__.items() if k in self._INNER}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, and torch's ``load_state_dict`` (which replaces param_groups and state): the inner optimizers
+        are pointed at them and fill what an older state's groups lack, as their own loads would."""
+        super().__setstate__(state)
+        self._link()
+        for opt in (self._muon, self._adamw):
+            if opt is not None:
+                opt.__setstate__({"state": self.state, "param_groups": opt.param_groups})
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001 - torch's signature
         loss = _closure_loss(closure)
         for opt in (self._muon, self._adamw):
-            if opt is not None:
-                opt.step()
+            if opt is not None:  # their steps unhooked: global step hooks see one step, this optimizer's
+                type(opt).step.__wrapped__(opt)
         return loss
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -142,7 +143,8 @@ class BADM(Optimizer):
         rho: proximal coefficient :math:`\rho > 0`; default :math:`9\sigma` (:math:`\beta = 0.9`) for the
             paper's BADM and ``normalized``, :math:`\sigma` for ``newton_schulz``, :math:`6000\sigma` for
             ``second_moment`` (``hf_badm.optim.defaults``, measured).
-        lr: alternative spelling of :math:`1/\sigma` (give one of ``sigma`` and ``lr``).
+        lr: alternative spelling of :math:`1/\sigma` (give one of ``sigma`` and ``lr``); a 1-element tensor is
+            taken as torch's optimizers take it (a scheduler fills it in place) and read at each step.
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
         mode: ``"fused"`` or ``"per_sub_batch"``.
         foreach: use the ``torch._foreach_*`` kernels (default: on, as torch decides for its optimizers).
@@ -174,7 +176,7 @@ class BADM(Optimizer):
         sigma: float | None = None,
         rho: float | None = None,
         *,
-        lr: float | None = None,
+        lr: float | Tensor | None = None,
         weight_decay: float = 0.0,
         mode: str = "fused",
         foreach: bool | None = None,
@@ -214,12 +216,38 @@ class BADM(Optimizer):
         self.orthogonalizer: Orthogonalizer = local_orthogonalizer
         super().__init__(params, defaults)
 
+    # ------------------------------------------------------------------ copies and pickles
+    _SEAMS = ("orthogonalizer", "aggregator")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Every setting and counter (torch's keeps only defaults, state and param_groups), without the hooks (as
+        torch) and the seams, which may hold the running processes' groups: unpickled, BADM is one process's."""
+        state = {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in self._SEAMS}
+        state["_dual_roles"] = dict(self._dual_roles.items())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, and torch's ``load_state_dict`` (with state and param_groups only: the rest stays)."""
+        super().__setstate__({k: v for k, v in state.items() if k != "_dual_roles"})
+        if "_dual_roles" in state:
+            self._dual_roles = WeakIdKeyDictionary(state["_dual_roles"])
+        self.__dict__.setdefault("orthogonalizer", local_orthogonalizer)
+        self.__dict__.setdefault("aggregator", None)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BADM:
+        """Settings, groups and state copied; the seams shared, so that the copy steps on the same ranks."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        clone.orthogonalizer, clone.aggregator = self.orthogonalizer, self.aggregator
+        return clone
+
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = dict(param_group)
         if "sigma" in group or "lr" in group:
             if "sigma" in group and "lr" in group:
-                sigma, lr = positive("sigma", group["sigma"]), positive("lr", group["lr"])
+                sigma, lr = positive("sigma", group["sigma"]), positive("lr", _lr_value(group["lr"]))
                 if not math.isclose(lr * sigma, 1.0, rel_tol=1e-9):
                     raise ValueError(f"param group gives sigma={sigma} and lr={lr}; lr means 1/sigma: give one")
             else:
@@ -234,6 +262,7 @@ class BADM(Optimizer):
         params = group["params"]
         params = [params] if isinstance(params, Tensor) else list(params)
         for p in params:
+            p = p[1] if isinstance(p, tuple) else p  # named parameters: torch keeps the names as "param_names"
             if not isinstance(p, Tensor):
                 raise ValueError(f"BADM takes tensors as parameters, got {type(p).__name__}")
             if p.is_complex():
@@ -312,7 +341,7 @@ class BADM(Optimizer):
         """One shared local-solve state from the reduced gradient (exact for the elementwise solves;
         for newton_schulz, an approximation of the per-slot form): directions of every group first, one
         orthogonalizer call, then the updates."""
-        work = [(g, self._params_to_update(g)) for g in self.param_groups]
+        work = [(_scalar_lr(g), self._params_to_update(g)) for g in self.param_groups]
         grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
         if not self._check_finite(grads, "gradient"):
             self.skipped_steps += 1
@@ -385,7 +414,7 @@ class BADM(Optimizer):
         weight = float(weight.item() if isinstance(weight, Tensor) else weight)
         non_negative("weight", weight)
         slot = len(self._step_weights)
-        work = [(g, self._params_to_update(g)) for g in self.param_groups]
+        work = [(_scalar_lr(g), self._params_to_update(g)) for g in self.param_groups]
         grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
         ok = self._check_finite(grads, f"sub-batch {slot}'s gradient")
         if ok:
@@ -480,7 +509,7 @@ class BADM(Optimizer):
             self.skipped_steps += 1  # every sub-batch of this step was non-finite
             return
         reduce = self._reduce
-        for group in self.param_groups:
+        for group in map(_scalar_lr, self.param_groups):
             for solve, params in _by_solve(group, [p for p in group["params"] if "aggregate" in self.state[p]]):
                 aggs = [self.state[p]["aggregate"] for p in params]
                 solve.end_step([self.state[p]["duals"] for p in params], aggs, self.slot_weights, weight_sum, group,
@@ -539,7 +568,7 @@ class BADM(Optimizer):
         at rho = sigma: Muon) logs neither β nor a dual norm."""
         main = self.defaults["preconditioner"]
         out: dict[str, float] = {}
-        groups = {g["preconditioner"]: g for g in reversed(self.param_groups)}  # the first group of each solve
+        groups = {g["preconditioner"]: _scalar_lr(g) for g in reversed(self.param_groups)}  # the first group of each solve
         # over self.state, not param_groups: ZeRO-3 swaps its partitions into param_groups only during step()
         key = "momentum" if self.mode == "fused" else "duals"
         duals: dict[str, list[Tensor]] = {}
@@ -636,14 +665,30 @@ class _Part(NamedTuple):
         return self._replace(directions=list(directions), gains=None if gains is None else list(gains))
 
 
-def _resolve_sigma_lr(sigma: float | None, lr: float | None, default_sigma: float) -> tuple[float, float]:
+def _resolve_sigma_lr(sigma: float | None, lr: float | Tensor | None,
+                      default_sigma: float) -> tuple[float, float | Tensor]:
+    """``(sigma, lr)`` from one of them; a tensor lr stays the group's tensor (a scheduler fills it in place)."""
     if sigma is not None and lr is not None:
         raise ValueError(f"give sigma or lr (lr means 1/sigma), not both: sigma={sigma!r}, lr={lr!r}")
     if lr is not None:
-        lr = positive("lr", lr)
-        return 1.0 / lr, lr
+        value = positive("lr", _lr_value(lr))
+        return 1.0 / value, lr if isinstance(lr, Tensor) else value
     sigma = default_sigma if sigma is None else positive("sigma", sigma)
     return sigma, 1.0 / sigma
+
+
+def _lr_value(lr: Any) -> Any:
+    """A tensor lr as its number, as torch's optimizers take one (1 element); anything else as it is."""
+    if not isinstance(lr, Tensor):
+        return lr
+    if lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    return lr.item()
+
+
+def _scalar_lr(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` as the local solves read it: a tensor lr (what a scheduler last filled in) as its number."""
+    return {**group, "lr": _lr_value(group["lr"])} if isinstance(group["lr"], Tensor) else group
 
 
 # ---------------------------------------------------------------------- kernels

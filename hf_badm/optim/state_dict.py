@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from hf_badm.optim.local_solve import LocalSolve, keeps_dual, local_solve_for, setting_defaults
+from hf_badm.optim.local_solve import LocalSolve, keeps_dual, local_solve_for
 from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
 
 __all__ = ["checked_state_dict"]
@@ -17,6 +17,7 @@ __all__ = ["checked_state_dict"]
 # State keys of the release before the local solves had their own files, and their names now.
 LEGACY_KEYS = {"fused": {"ns_momentum": "momentum_buffer"},
                "per_sub_batch": {"slot_sq": "exp_avg_sq", "slot_steps": "steps", "slot_ns": "momentum_buffer"}}
+CORE_KEYS = ("sigma", "rho", "lr", "weight_decay", "preconditioner")  # every release's groups have them
 BADM_ENTRY = ("mode", "step_weights", "slot_weights", "skipped_steps", "skipped_sub_batches", "sub_batches_last_step")
 
 
@@ -50,8 +51,9 @@ def _checked(sd: Any, mode: str, groups: list[dict[str, Any]]) -> dict[str, Any]
     for i, (saved, group) in enumerate(zip(saved_groups, groups)):
         if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
             raise _Misfit(f"param group {i} is not a dict with a 'params' list")
-        # a setting of a local solve newer than the state: the group's own value (its default, or what it was given)
-        saved = {**{k: group[k] for k in setting_defaults() if k in group and k not in saved}, **saved}
+        # a key added since the state was saved (``foreach``, a local solve's setting): the group's own value (its
+        # current default, or what it was given), as torch's optimizers setdefault new flags; the core ones are checked
+        saved = {**{k: v for k, v in group.items() if k not in CORE_KEYS}, **saved}
         filled.append(saved)
         if len(saved["params"]) != len(group["params"]):
             raise _Misfit(f"param group {i} has {len(saved['params'])} parameters in the state, {len(group['params'])} here")
@@ -94,12 +96,13 @@ def _check_badm_entry(extra: Any, mode: str) -> None:
 
 
 def _check_group(i: int, group: dict[str, Any]) -> None:
+    missing = [name for name in CORE_KEYS if name not in group]
+    if missing:
+        raise _Misfit(f"param group {i} has no {missing[0]!r}")
     for name, check in (("sigma", positive), ("rho", positive), ("lr", non_negative), ("weight_decay", non_negative)):
-        if name not in group:
-            raise _Misfit(f"param group {i} has no {name!r}")
-        _call(check, f"param group {i}: {name}", group[name])
-    if "preconditioner" not in group:
-        raise _Misfit(f"param group {i} has no 'preconditioner'")
+        value = group[name]
+        _call(check, f"param group {i}: {name}", value.item() if isinstance(value, Tensor) and value.numel() == 1
+              else value)
     try:
         check_hyper_parameters(group)
     except ValueError as e:
