@@ -8,7 +8,7 @@ parametrizer; ``instantiate_device_type_tests``) and writes those of ``TestOptim
 optimizers under the pytorch test's name (a docstring says where one differs). ``expecttest`` (dev extra) is needed by
 torch's ``common_utils``.
 
-Not run, and why (docs/algorithm.md, "torch's optimizer contract"): complex parameters (test_complex,
+Not run, and why (README, "Use in Python", "torch's optimizer contract"): complex parameters (test_complex,
 test_complex_2d) and sparse gradients (test_rosenbrock_sparse), which BADM refuses (test_errors checks the refusals);
 the fused, differentiable and capturable implementations (test_fused_*, test_differentiable*, test_grad_scaling*,
 test_cpu_load_state_dict), which BADM has none of; test_load_nontensor_step, about torch's ``step`` tensors, which
@@ -24,6 +24,7 @@ import copy
 import functools
 import io
 import pickle
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,7 @@ from torch.testing._internal.common_optimizers import (
 from torch.testing._internal.common_utils import TestCase
 
 from hf_badm.optim import BADM
+from hf_badm.optim.badm import local_orthogonalizer
 from hf_badm.optim.local_solve import setting_defaults
 from hf_badm.peers import MuonWithAdamW, MuonWithQHAdam, NorMuonWithAdamW
 
@@ -506,3 +508,58 @@ class TestOptimContract(TestCase):
 
 
 instantiate_device_type_tests(TestOptimContract, globals(), only_for="cpu")
+
+
+class _Seam:
+    """An orthogonalizer holding what can be neither copied nor pickled, as hf_badm.parallel's hold process groups."""
+
+    def __init__(self) -> None:
+        self.lock, self.calls = threading.Lock(), 0
+
+    def __call__(self, params, inputs, steps, dtype):  # noqa: ANN001 - BADM.orthogonalizer's signature
+        self.calls += 1
+        return local_orthogonalizer(params, inputs, steps, dtype)
+
+
+def _ns_badm() -> tuple[BADM, Tensor]:
+    weight, bias, x = _problem("cpu", torch.float64)
+    opt = badm_newton_schulz([weight, bias], lr=0.01, ns_dtype="float64", rho=0.02 * 100)
+    opt.orthogonalizer, opt.aggregator = _Seam(), lambda tensors, weight_sum: weight_sum
+    opt.step(functools.partial(_fwd_bwd, opt, weight, bias, x))
+    return opt, x
+
+
+def test_deepcopy_shares_the_seams_and_a_pickle_takes_the_local_ones() -> None:
+    opt, x = _ns_badm()
+    clone = copy.deepcopy(opt)
+    assert clone.orthogonalizer is opt.orthogonalizer and clone.aggregator is opt.aggregator
+    weight, bias = _params(clone)
+    clone.step(functools.partial(_fwd_bwd, clone, weight, bias, x))
+    assert opt.orthogonalizer.calls == 2
+    unpickled = pickle.loads(pickle.dumps(opt))
+    assert unpickled.orthogonalizer is local_orthogonalizer and unpickled.aggregator is None
+    assert (unpickled.mode, unpickled.ns_dtype, unpickled.skipped_steps) == (opt.mode, opt.ns_dtype, opt.skipped_steps)
+
+
+def test_load_state_dict_keeps_the_seams() -> None:
+    """torch's load_state_dict goes through __setstate__: it must not reset what hf_badm.parallel attached."""
+    opt, _ = _ns_badm()
+    seams = opt.orthogonalizer, opt.aggregator
+    opt.load_state_dict(opt.state_dict())
+    assert (opt.orthogonalizer, opt.aggregator) == seams
+
+
+def test_per_sub_batch_deepcopy_mid_step() -> None:
+    """A copy taken between absorbs keeps the running step's slots and weights and finishes it as the original."""
+    weight, bias, x = _problem("cpu", torch.float64)
+    opt = BADM([weight, bias], lr=0.01, mode="per_sub_batch", preconditioner="normalized")
+    _fwd_bwd(opt, weight, bias, x)
+    opt.absorb_sub_batch(2.0)
+    clone = copy.deepcopy(opt)
+    for o in (opt, clone):
+        w, b = _params(o)
+        _fwd_bwd(o, w, b, 2 * x)
+        o.absorb_sub_batch(1.0)
+        o.step()
+    assert all(torch.equal(a, b) for a, b in zip(_params(opt), _params(clone)))
+    assert clone.slot_weights == opt.slot_weights == [2.0, 1.0]
