@@ -5,8 +5,8 @@ and PyPI holds no torch 2.13 source distribution of, so it cannot be vendored he
 ships (``torch.testing._internal.common_optimizers``: ``OptimizerInfo``, ``OptimizerInput``, ``ErrorOptimizerInput``,
 ``get_error_inputs_for_all_optims``, ``_get_optim_inputs_including_global_cliquey_kwargs``, the ``optims``
 parametrizer; ``instantiate_device_type_tests``) and writes those of ``TestOptimRenewed``'s tests that apply to these
-optimizers under the pytorch test's name (a docstring says where one differs). ``expecttest`` (dev extra) is needed by
-torch's ``common_utils``.
+optimizers under the pytorch test's name, or with a docstring naming the pytorch tests it stands for and how it
+differs. torch's ``common_utils`` needs ``expecttest`` (in the dev extra).
 
 Not run, and why (README, "Use in Python", "torch's optimizer contract"): complex parameters (test_complex,
 test_complex_2d) and sparse gradients (test_rosenbrock_sparse), which BADM refuses (test_errors checks the refusals);
@@ -196,10 +196,11 @@ class TestOptimContract(TestCase):
                 with assertion(error.error_type, error.error_regex):
                     optim.step()
 
-    def _goes_right_direction(self, device, dtype, optim_info, schedulers=(), groups=False):
+    def _goes_right_direction(self, device, dtype, optim_info, schedulers=(), groups=None):
+        """pytorch's check that 20 steps lower the loss; ``groups``: the settings of a second group, the bias's."""
         for optim_input in _all_inputs(device, dtype, optim_info):
             weight, bias, x = _problem(device, dtype)
-            params = [{"params": [weight]}, {"params": [bias], "weight_decay": 0.0}] if groups else [weight, bias]
+            params = [weight, bias] if groups is None else [{"params": [weight]}, {"params": [bias], **groups}]
             optimizer = optim_info.optim_cls(params, **optim_input.kwargs)
             scheds = [s(optimizer) for s in schedulers]
             closure = functools.partial(_fwd_bwd, optimizer, weight, bias, x)
@@ -220,11 +221,15 @@ class TestOptimContract(TestCase):
     @optims(contract_db)
     def test_param_group_with_lrscheduler_goes_right_direction(self, device, dtype, optim_info):
         for schedulers in optim_info.scheduler_inputs:
-            self._goes_right_direction(device, dtype, optim_info, schedulers, groups=True)
+            self._goes_right_direction(device, dtype, optim_info, schedulers, groups={"weight_decay": 0.0})
 
     @optims(contract_db)
     def test_param_groups_weight_decay(self, device, dtype, optim_info):
-        self._goes_right_direction(device, dtype, optim_info, groups=True)
+        self._goes_right_direction(device, dtype, optim_info, groups={"weight_decay": 0.0})
+
+    @optims(contract_db)
+    def test_param_groups_lr(self, device, dtype, optim_info):
+        self._goes_right_direction(device, dtype, optim_info, groups={"lr": 0.005})
 
     @optims(contract_db)
     def test_tensor_lr(self, device, dtype, optim_info):
@@ -563,3 +568,18 @@ def test_per_sub_batch_deepcopy_mid_step() -> None:
         o.step()
     assert all(torch.equal(a, b) for a, b in zip(_params(opt), _params(clone)))
     assert clone.slot_weights == opt.slot_weights == [2.0, 1.0]
+
+
+def test_older_state_without_a_core_key_is_refused_before_loading() -> None:
+    """The keys every release's groups have (sigma, rho, lr, weight_decay, preconditioner) are not defaulted: a state
+    without one is not BADM's, and nothing of it is loaded."""
+    opt, _ = _ns_badm()
+    saved, before = opt.state_dict(), copy.deepcopy(opt.state_dict())
+    del saved["param_groups"][0]["rho"]
+    try:
+        opt.load_state_dict(saved)
+    except ValueError as e:
+        assert str(e) == "BADM.load_state_dict: param group 0 has no 'rho'; nothing was loaded"
+    else:
+        raise AssertionError("loaded a state without rho")
+    TestCase().assertEqual(opt.state_dict(), before)

@@ -540,7 +540,8 @@ class BADM(Optimizer):
         """Load a state saved by :meth:`state_dict` (this release's or an earlier one's keys). Everything is
         checked first (mode, the groups' settings, every state tensor's shape, dtype and finiteness, the
         per-slot structure and the ``badm`` entry): a state that does not fit raises ValueError naming what,
-        and leaves the optimizer unchanged."""
+        and leaves the optimizer unchanged. A group key added since the state was saved (``foreach``, a local
+        solve's setting) takes this optimizer's value for it, as torch's optimizers default new flags."""
         state_dict = checked_state_dict(state_dict, self.mode, self.param_groups)
         extra = state_dict.pop("badm", None)
         super().load_state_dict(state_dict)
