@@ -7,7 +7,7 @@ and construction raised. Trainer job keys: name, mode, ga (accumulation), steps,
 pad (unequal sub-batches), save_steps (0: none), resume (checkpoint), deepspeed (config dict), wiring (how BADM
 reaches the Trainer, as the README shows it: "badm_trainer" (default), "optimizers" (a plain Trainer with
 ``optimizers=create_badm_optimizer(...)``), "cls_kwargs" (``optimizer_cls_and_kwargs=``), "mixin" (TRL's
-SFTTrainer through BADMTrainerMixin)).
+SFTTrainer through BADMTrainerMixin)), noise_seed (gradients perturbed at rounding level: :class:`RoundingNoise`).
 ``{"name": ..., "fsdp2": True, "steps": n}`` runs :func:`fsdp2_run` instead.
 """
 
@@ -243,6 +243,23 @@ class NewtonSchulzFlops(TrainerCallback):
         self._running = 0
 
 
+class RoundingNoise(TrainerCallback):
+    """Each gradient perturbed at its dtype's rounding level before every optimizer step (a random relative change of
+    at most one unit in the last place per element, seeded): what reordering a reduction does to a sum. The 1-rank run with it
+    against the same run without it is the noise floor a multi-rank comparison is judged by (tests/test_distributed.py
+    ``noise_floor``), on whatever CPU and float kernels run the tests."""
+
+    def __init__(self, trainer: Trainer, seed: int) -> None:
+        self.trainer, self.generator = trainer, torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        for p in self.trainer.model.parameters():
+            if p.grad is not None:
+                u = torch.rand(p.grad.shape, generator=self.generator, dtype=torch.float64).mul_(2).sub_(1)
+                p.grad.add_(p.grad * u.to(p.grad.dtype) * torch.finfo(p.grad.dtype).eps)
+
+
 class MeterOnTrainBegin(TrainerCallback):
     """A :class:`CommMeter` around the BADM a Trainer steps, once the engine has partitioned it."""
 
@@ -290,6 +307,8 @@ def run_job(out: Path, job: dict) -> None:
             trainer.add_callback(counter)
         if job.get("meter"):
             trainer.add_callback(MeterOnTrainBegin(trainer, extra))
+        if job.get("noise_seed") is not None:
+            trainer.add_callback(RoundingNoise(trainer, job["noise_seed"]))
         trainer.train(resume_from_checkpoint=job.get("resume"))
         params, trace = full_params(trainer), losses(trainer)
         if counter is not None:

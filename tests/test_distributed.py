@@ -3,7 +3,7 @@ and elastic resume. Each launch runs several jobs of tests/dist_worker.py; the 1
 
 Exact comparisons use float64 models, so that 10 steps compare the algorithms, not float32 rounding.
 DeepSpeed keeps float32 master weights whatever the model dtype, so its runs are float32 and compared
-norm-wise at 1e-4. The first DeepSpeed launch on a machine JIT-builds DeepSpeed's CPU shared-memory
+norm-wise against the 1-rank run's own noise floor (``assert_within_noise``), not a constant. The first DeepSpeed launch on a machine JIT-builds DeepSpeed's CPU shared-memory
 communication op (about 1.5 minutes, cached under ~/.cache/torch_extensions).
 """
 
@@ -262,15 +262,51 @@ def one_rank_reference(out: Path, name: str, world: int = 2) -> dict:
     """The run ``name`` again on 1 rank without an engine, from the same start (a model built after ZeRO-3's
     arguments is initialised partitioned, so the reference loads the start the run recorded): accumulation x world,
     the same sequences per step."""
-    path = out / f"one_{name}" / "rank0.pt"
+    job = json.loads((out / name / "job.json").read_text())
+    job = {k: v for k, v in job.items() if k not in ("deepspeed", "meter", "save_steps", "resume")}
+    job.update(name=f"one_{name}", ga=job["ga"] * world)
+    if job.get("build", "before") != "before":
+        job["init_from"] = str(out / name / "rank0.pt")
+    return one_rank(out, job)
+
+
+def one_rank(out: Path, job: dict) -> dict:
+    """The 1-rank run ``job`` (run here once, then read back)."""
+    path = out / job["name"] / "rank0.pt"
     if not path.exists():
-        job = json.loads((out / name / "job.json").read_text())
-        job = {k: v for k, v in job.items() if k not in ("deepspeed", "meter", "save_steps", "resume")}
-        job.update(name=f"one_{name}", ga=job["ga"] * world)
-        if job.get("build", "before") != "before":
-            job["init_from"] = str(out / name / "rank0.pt")
         run_job(out, job)
     return torch.load(path, weights_only=True)
+
+
+# Float32 multi-rank runs (DeepSpeed keeps float32 master weights) differ from the 1-rank run by the order of their
+# reductions, and how far that rounding grows in 10-20 steps depends on the CPU's float kernels (Newton-Schulz and
+# these learning rates amplify it): a constant bound fitted on one CPU failed on another. So each comparison is judged
+# by the 1-rank run's own sensitivity: the same run with every gradient perturbed at float32 rounding before each
+# step (dist_worker.RoundingNoise, 2 seeds), the larger of the two distances, times NOISE_FACTOR. Measured: the ZeRO
+# runs sit at 0.4-1.4x their floor; a real difference (GPT-2's c_attn orthogonalised whole against split) was 1600x.
+NOISE_FACTOR = 10.0
+NOISE_SEEDS = (1, 2)
+
+
+def noise_floor(out: Path, reference_job: dict) -> float:
+    """norm_rel of the 1-rank run perturbed at float32 rounding to the unperturbed one (the larger over 2 seeds)."""
+    reference = one_rank(out, reference_job)["params"]
+    return max(norm_rel(one_rank(out, {**reference_job, "name": f"{reference_job['name']}_noise{seed}",
+                                       "noise_seed": seed})["params"], reference) for seed in NOISE_SEEDS)
+
+
+def assert_within_noise(params: dict[str, torch.Tensor], out: Path, reference_job: dict) -> None:
+    """``params`` (a float32 multi-rank run) equal the 1-rank ``reference_job`` within NOISE_FACTOR x its noise floor."""
+    floor = noise_floor(out, reference_job)
+    distance = norm_rel(params, one_rank(out, reference_job)["params"])
+    assert 0 < floor and distance <= NOISE_FACTOR * floor, (
+        f"{reference_job['name']}: distance {distance:.3g} to 1 rank, noise floor {floor:.3g} (bound {NOISE_FACTOR:g}x)")
+
+
+def assert_within_noise_of_name(params: dict[str, torch.Tensor], out: Path, name: str, world: int = 2) -> None:
+    """:func:`assert_within_noise` against :func:`one_rank_reference` of the run ``name``."""
+    one_rank_reference(out, name, world)
+    assert_within_noise(params, out, json.loads((out / f"one_{name}" / "job.json").read_text()))
 
 
 @pytest.mark.timeout(600)
@@ -281,10 +317,7 @@ def test_deepspeed_zero_with_fused_badm(zero, stage, single_thread):
     assert all(torch.equal(full[0]["params"][k], full[1]["params"][k]) for k in full[0]["params"])
     trace = full[0]["losses"]
     assert len(trace) == 20 and sum(trace[-5:]) < 0.95 * sum(trace[:5]), trace
-    reference = zero / "one_rank_fp32" / "rank0.pt"
-    if not reference.exists():
-        run_job(zero, {"name": "one_rank_fp32", "mode": "fused", "ga": 4, "steps": 20})
-    assert norm_rel(full[0]["params"], torch.load(reference, weights_only=True)["params"]) <= 1e-4
+    assert_within_noise(full[0]["params"], zero, {"name": "one_rank_fp32", "mode": "fused", "ga": 4, "steps": 20})
     resumed = result(zero, f"zero{stage}_resumed")["params"]  # DeepSpeed's checkpoint carries BADM's partitions
     assert all(torch.equal(resumed[k], full[0]["params"][k]) for k in resumed)
 
@@ -295,10 +328,8 @@ def test_deepspeed_zero_with_fused_badm(zero, stage, single_thread):
 def test_every_documented_wiring_under_zero_equals_one_rank(zero, stage, wiring, single_thread):
     """optimizer_cls_and_kwargs= and the mixin under ZeRO-1/2/3, 2 ranks, against the same wiring on 1 rank (float32)."""
     two = result(zero, f"zero{stage}_{wiring}")
-    reference = zero / f"one_rank_{wiring}" / "rank0.pt"
-    if not reference.exists():
-        run_job(zero, {"name": f"one_rank_{wiring}", "wiring": wiring, "mode": "fused", "ga": 4, "steps": 20})
-    assert norm_rel(two["params"], torch.load(reference, weights_only=True)["params"]) <= 1e-4
+    assert_within_noise(two["params"], zero, {"name": f"one_rank_{wiring}", "wiring": wiring, "mode": "fused", "ga": 4,
+                                              "steps": 20})
     assert sum(two["losses"][-5:]) < 0.95 * sum(two["losses"][:5])
 
 
@@ -308,11 +339,8 @@ def test_every_documented_wiring_under_zero_equals_one_rank(zero, stage, wiring,
 def test_elementwise_local_solves_under_zero_equal_one_rank(zero, stage, preconditioner, single_thread):
     ranks = [result(zero, f"zero{stage}_{preconditioner}", r)["params"] for r in (0, 1)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    reference = zero / f"one_rank_{preconditioner}" / "rank0.pt"
-    if not reference.exists():
-        run_job(zero, {"name": f"one_rank_{preconditioner}", "mode": "fused", "ga": 4, "steps": 10,
-                       "preconditioner": preconditioner})
-    assert norm_rel(ranks[0], torch.load(reference, weights_only=True)["params"]) <= 1e-4
+    assert_within_noise(ranks[0], zero, {"name": f"one_rank_{preconditioner}", "mode": "fused", "ga": 4, "steps": 10,
+                                         "preconditioner": preconditioner})
 
 
 @pytest.mark.timeout(600)
@@ -323,10 +351,8 @@ def test_newton_schulz_under_zero_equals_one_rank_and_resumes(zero, stage, singl
     and DeepSpeed's checkpoint at step 5 resumes bit for bit."""
     ranks = [result(zero, f"zero{stage}_ns", r) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
-    reference = zero / "one_rank_ns" / "rank0.pt"
-    if not reference.exists():
-        run_job(zero, {"name": "one_rank_ns", "mode": "fused", "ga": 4, "steps": 10, "preconditioner": "newton_schulz"})
-    assert norm_rel(ranks[0]["params"], torch.load(reference, weights_only=True)["params"]) <= 1e-3
+    assert_within_noise(ranks[0]["params"], zero, {"name": "one_rank_ns", "mode": "fused", "ga": 4, "steps": 10,
+                                                   "preconditioner": "newton_schulz"})
     resumed = result(zero, f"zero{stage}_ns_resumed")["params"]
     assert all(torch.equal(resumed[k], ranks[0]["params"][k]) for k in resumed)
 
@@ -348,7 +374,7 @@ def test_newton_schulz_under_zero_equals_one_rank_whatever_the_build_order_and_w
     ranks = [result(zero, name, r) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
     assert ranks[0]["report"] == {"tensors": {"newton_schulz": HIDDEN_GPT2, "normalized": 21}, "left": EMBEDDINGS_GPT2}
-    assert norm_rel(ranks[0]["params"], one_rank_reference(zero, name)["params"]) <= 1e-3
+    assert_within_noise_of_name(ranks[0]["params"], zero, name)
 
 
 @pytest.mark.timeout(600)
@@ -366,8 +392,10 @@ def test_newton_schulz_on_fused_experts_under_every_engine_equals_one_rank(ddp, 
     # transformers 5 fuses the experts into 3-D tensors, 4.x keeps a ModuleList of 2-D weights: orthogonalised either way
     experts = [n for n in ranks[0]["params"] if ".experts." in n]
     assert experts and not any(".experts." in n for n in ranks[0]["report"]["left"])
-    reference = one_rank_reference(out, name)["params"]
-    assert (max_rel if engine == "ddp" else norm_rel)(ranks[0]["params"], reference) <= (1e-5 if engine == "ddp" else 1e-3)
+    if engine == "ddp":  # float64
+        assert max_rel(ranks[0]["params"], one_rank_reference(out, name)["params"]) <= 1e-5
+    else:
+        assert_within_noise_of_name(ranks[0]["params"], out, name)
 
 
 @pytest.mark.timeout(600)
@@ -440,7 +468,7 @@ def test_newton_schulz_buckets_and_communication_dtype(four, single_thread):
 def test_newton_schulz_on_four_ranks_equals_one_rank(four, single_thread):
     zero3 = [result(four, "zero3_ns_four", r)["params"] for r in range(4)]
     assert all(torch.equal(zero3[0][k], other[k]) for other in zero3[1:] for k in zero3[0])
-    assert norm_rel(zero3[0], one_rank_reference(four, "zero3_ns_four", world=4)["params"]) <= 1e-3
+    assert_within_noise_of_name(zero3[0], four, "zero3_ns_four", world=4)
     single, _ = fsdp2_run(steps=10, preconditioner="newton_schulz")
     assert max_rel(result(four, "fsdp2_ns_four")["params"], single) <= 1e-6
 
