@@ -36,6 +36,10 @@ MATRIX_ROLES = ("linear", "experts", "router", "adapter")  # linear maps: the or
 SPLITS = ("parts", "heads", "none")
 # solve_overrides actions: orthogonalise (with the run's split, or whole / by parts / by heads), or elementwise
 OVERRIDE_ACTIONS = ("matrix", "whole", "parts", "heads", "elementwise")
+# Expert modules transformers does not mark (no ``use_experts_implementation``): class -> (stored transposed, gate and up
+# concatenated), read from their forward: Llama-4 ``bmm(x, gate_up_proj)`` then ``chunk(2)``; LongCat-Flash
+# ``F.linear(x, gate_up_proj[e]).chunk(2)``.
+UNMARKED_EXPERTS = {"Llama4TextExperts": (True, True), "LongcatFlashExperts": (False, True)}
 STATE_SPACE = frozenset({"A_log", "A", "D", "dt_bias", "dt_proj_bias", "time_decay", "time_first", "time_faaaa"})
 
 
@@ -172,7 +176,7 @@ def _experts_parts(module: nn.Module, attr: str, rows: int) -> tuple[Parts, None
     module says ``is_concatenated=False`` (gpt-oss), interleaved column by column."""
     if attr != "gate_up_proj" or not getattr(module, "has_gate", True):
         return [], None
-    if getattr(module, "is_concatenated", True):
+    if getattr(module, "is_concatenated", UNMARKED_EXPERTS.get(type(module).__name__, (None, True))[1]):
         return _grouped(1, [("gate", rows // 2), ("up", rows // 2)]), None
     return _grouped(rows // 2, [("gate", 1), ("up", 1)]), None
 
@@ -232,8 +236,11 @@ def _role(name: str, module: nn.Module, attr: str, dims: int, embedding: bool) -
         return "linear", True
     if attr == "weight" and dims == 2 and kind.endswith("Router"):
         return "router", False
-    if dims == 3 and hasattr(module, "is_transposed") and attr in ("gate_up_proj", "up_proj", "down_proj"):
-        return "experts", bool(module.is_transposed)
+    if dims == 3 and attr in ("gate_up_proj", "up_proj", "down_proj"):
+        if hasattr(module, "is_transposed"):
+            return "experts", bool(module.is_transposed)
+        if kind in UNMARKED_EXPERTS:
+            return "experts", UNMARKED_EXPERTS[kind][0]
     return ("vector" if dims <= 1 else "unknown"), False
 
 

@@ -41,7 +41,8 @@ SEARCH = ("badm_nsisa_adam_sq", "badm_ns_adam_s2", "badm_nsisa_adam_s2", "badm_n
 NS_RATIOS = (0.05, 0.3, 1.25, 3.0, 9.0)
 NSISA_RATIOS = (0.3, 3.0, 9.0)
 CROSS = ("badm_nsisa", "badm_normuon", "badm_ns_norm_pe", "badm_ns_norm_rms")
-STAGES = ("peers", "badm", "search", "cross", "seeds")
+SPLIT = ("muon_split", "badm_ns_norm_parts", "badm_ns_norm_whole", "badm_ns_norm_heads")
+STAGES = ("peers", "badm", "search", "cross", "seeds", "split")
 SECTION = "## Real corpora: BADM beyond Muon"
 CORPORA = ("stdlib_docs", "debian_changelogs", "licenses")
 SETTINGS = (("BPE", "tiny"), ("BPE", "small"), ("byte-level", "tiny"), ("byte-level", "small"))
@@ -158,6 +159,18 @@ def refine(sw: cv.Sweep, size: str, c: str) -> None:
     sw.run("muon_qhadam", sw.best("badm_ns_norm", size, c)["learning_rate"], None, 0, size, c, 0.1)
 
 
+def split(sw: cv.Sweep, size: str, c: str) -> None:
+    """Fused projections split into parts, whole, or per head (newton_schulz, normalized elsewhere at 0.1), and Muon +
+    AdamW with the same split (at tuned Muon's AdamW lr): each on its lr grid, then seed 1 at its best."""
+    for o in SPLIT:
+        elr = sw.best("muon", size, c)["elementwise_lr"] if o == "muon_split" else 0.1
+        for lr in cv.GRIDS[o]:
+            sw.run(o, lr, cv.FIXED_RATIO[o], 0, size, c, elr)
+        sw.widen(o, size, c, "learning_rate")
+        b = sw.best(o, size, c)
+        sw.run(o, b["learning_rate"], b["rho_over_sigma"], 1, size, c, b["elementwise_lr"])
+
+
 LEAN_SEEDS = ("adamw_torch", *PEERS, "muon_qhadam", "muon_qhadam_b8", "badm_ns_norm", "badm_ns_norm_e4",
               "badm_ns_norm_e19", *BADM, *CROSS)
 
@@ -261,6 +274,32 @@ class Report:
             out.append("")
         return "\n".join(out)
 
+    def split_table(self) -> str:
+        """Fused projections: torch's Muon as users run it, Muon with the split, and newton_schulz split, whole and per
+        head, beside the runs before hf_badm.roles (BPE tokens, both sizes)."""
+        out = ["### Fused projections: split into parts, whole, or per head (BPE tokens)\n",
+               "GPT-2's `c_attn` holds Q, K and V; since hf_badm.roles each is orthogonalised on its own by default. "
+               "Cell as above: mean of 2 seeds at each row's best lr, and steps to tuned torch Muon's final loss as a "
+               "fraction of its steps. 'before roles': the earlier runs of newton_schulz, c_attn whole and GPT-2's "
+               "Conv1D scaled by its stored (in, out) shape.\n"]
+        rows = ("muon", "muon_split", "badm_ns_norm", *SPLIT[1:])
+        for size in ("tiny", "small"):
+            keys = list(CORPORA)
+            if not any(self.point("muon_split", size, k) for k in keys):
+                continue
+            out += [f"GPT-2 {size}:\n", "| optimizer | " + " | ".join(keys) + " | geometric mean | its best lr |",
+                    "|---|" + "---:|" * len(keys) + "---:|---|"]
+            for o in rows:
+                pts = [self.point(o, size, k) for k in keys]
+                cells = [self.cell(p, size, k) for p, k in zip(pts, keys)]
+                fracs = [f for _, f in cells]
+                gm = math.exp(statistics.mean(map(math.log, fracs))) if all(fracs) else None
+                label = cv.LABELS[o] + (" (before roles)" if o == "badm_ns_norm" else "")
+                lrs = ", ".join(f"{p['learning_rate']:g}" for p in pts if p)
+                out.append(f"| {label} | " + " | ".join(t for t, _ in cells) + f" | {bc.fmt(gm, '.2f')}x | {lrs} |")
+            out.append("")
+        return "\n".join(out)
+
     def defaults(self) -> str:
         """Per optimizer, the setting with the lowest geometric mean of the seed-0 fraction over every corpus, size
         and tokenisation where it ran, and each one's own best against it."""
@@ -347,13 +386,13 @@ def main(argv: list[str] | None = None) -> None:
         text = "\n".join([SECTION + "\n", note, stamp,
                           "- every run (all points, all seeds, eval curves): "
                           "[`results/real-corpora/`](results/real-corpora/)\n", rep.tables(), rep.defaults(),
-                          rep.ablation()])
+                          rep.ablation(), rep.split_table()])
         print(text)
         bc.write_section(a.docs, SECTION, text)
         return
     corpora = cv.corpora_of([bc.corpus(n, a.out_dir) for n in a.corpus], a.out_dir, a.char)
     sw = cv.Sweep(a, bc.Results.merged([]), base, corpora)
-    stages = {"peers": peers, "badm": badm, "search": search, "cross": cross, "seeds": seeds}
+    stages = {"peers": peers, "badm": badm, "search": search, "cross": cross, "seeds": seeds, "split": split}
     for size in a.sizes:
         for c in corpora:
             sw.results = bc.Results(a.results / f"{c}-{size}.json")

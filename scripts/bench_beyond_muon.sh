@@ -21,4 +21,6 @@ corpora=(--corpus stdlib_docs --corpus debian_changelogs --corpus licenses)
 # its QHAdam peer), Muon + QHAdam's lrs, and newton_schulz's directions crossed with normalized elsewhere.
 "$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny small --lean --stages cross,seeds
 "$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny small --char --lean --stages cross,seeds
+# Fused projections (hf_badm.roles): split into parts / whole / per head, and Muon with the same split; BPE, both sizes.
+"$py" scripts/bench_beyond_muon.py "${corpora[@]}" --sizes tiny small --stages split
 "$py" scripts/bench_beyond_muon.py "${corpora[@]}" --report --note docs/results/real-corpora/reading.md

@@ -58,7 +58,11 @@ LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_to
           "badm_nsisa_adam_s2_one": "BADM nsisa (elementwise adam), per-sub-batch S=2, no clipping, gamma = 1",
           "muon": "Muon (torch, + AdamW elsewhere)", "normuon": "NorMuon (+ AdamW elsewhere)",
           "muon_qhadam": "Muon (torch, + QHAdam nu 8/9 elsewhere)",
-          "muon_qhadam_b8": "Muon (torch, + QHAdam beta1 0.8, nu 3/4 elsewhere)"}
+          "muon_qhadam_b8": "Muon (torch, + QHAdam beta1 0.8, nu 3/4 elsewhere)",
+          "muon_split": "Muon + AdamW with fused projections split (BADM newton_schulz, adam elsewhere, rho = sigma)",
+          "badm_ns_norm_parts": "BADM newton_schulz, fused projections split into parts (elementwise normalized)",
+          "badm_ns_norm_whole": "BADM newton_schulz, fused projections whole (elementwise normalized)",
+          "badm_ns_norm_heads": "BADM newton_schulz, attention parts split per head (elementwise normalized)"}
 PEERS = ("muon", "normuon", "muon_qhadam", "muon_qhadam_b8")  # hf_badm.peers: a matrix optimizer with AdamW (lr
 # muon_adamw_lr) on the other tensors; muon_qhadam_b8 is the peer of BADM's normalized solve at rho/sigma 4
 PEER_RECIPES = {"muon_qhadam_b8": {"optimizer": "muon_qhadam", "adam_beta1": 0.8, "qhadam_nu": 0.75}}
@@ -84,6 +88,10 @@ VARIANTS.update(badm_ns_adam=NS_ADAM, badm_nsisa_adam=NSISA_ADAM,
                 badm_nsisa_adam_sq={**NSISA_ADAM, "solve_settings": "sigma_schedule=squared"},
                 badm_ns_adam_s2={**NS_ADAM, **S2}, badm_nsisa_adam_s2={**NSISA_ADAM, **S2},
                 badm_nsisa_adam_s2_one={**NSISA_ADAM, **S2, "solve_settings": "dual_scale=one"})
+# Fused projections (issue 24): the runs named badm_ns_norm / badm_ns_adam above predate hf_badm.roles (c_attn
+# orthogonalised whole, GPT-2's Conv1D scaled by its stored (in, out) shape); these name their split.
+VARIANTS.update(muon_split={**NS_ADAM, "ns_split": "parts"}, badm_ns_norm_parts={**NS_NORM, "ns_split": "parts"},
+                badm_ns_norm_whole={**NS_NORM, "ns_split": "none"}, badm_ns_norm_heads={**NS_NORM, "ns_split": "heads"})
 # Each variant's elementwise rho/sigma (else 9: beta 0.9): adam at rho = sigma (AdamW); normalized at 4 and 19.
 ELEMENTWISE_RATIO = {**{o: 1.0 for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "adam"},
                      "badm_ns_norm_e4": 4.0, "badm_ns_norm_e19": 19.0}
@@ -125,6 +133,7 @@ GRIDS: dict[str, list[float]] = {
     "muon": [0.01, 0.03, 0.1],
     "normuon": [0.01, 0.03, 0.1],
     "muon_qhadam": [0.01, 0.03],
+    **{o: [0.01, 0.03, 0.1] for o in ("muon_split", "badm_ns_norm_parts", "badm_ns_norm_whole", "badm_ns_norm_heads")},
 }
 RATIOS = [1.5, 4.0, 9.0, 19.0]  # BADM rho/sigma: beta = 0.6, 0.8, 0.9, 0.95
 

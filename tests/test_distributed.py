@@ -92,7 +92,9 @@ def ddp(tmp_path_factory, single_thread) -> Path:
 
 # Every way the README wires BADM into a Trainer besides BADMTrainer (tests/dist_worker.py builds each one).
 WIRINGS = ("optimizers", "cls_kwargs", "mixin")
-MOE = ("mixtral", "qwen2_moe")  # MoE families whose experts transformers fuses into 3-D tensors
+# MoE families whose experts transformers fuses into 3-D tensors: (E, out, in) concatenated, and on transformers 5
+# gpt-oss's (E, in, out) with gate/up interleaved by column and 2-D expert biases (on 4.x its experts are not marked)
+MOE = ("mixtral", "qwen2_moe") + (("gpt_oss",) if int(transformers.__version__.split(".")[0]) >= 5 else ())
 ELEMENTWISE = ("normalized", "second_moment", "adam")  # the elementwise local solves, each on every engine
 # transformers 4.x keeps experts as a ModuleList: an expert that gets no token on one rank fires no gradient hook there,
 # and DeepSpeed ZeRO's gradient reduction then differs between the ranks (a collective-size mismatch in its reduce,
@@ -381,9 +383,9 @@ def test_newton_schulz_under_zero_equals_one_rank_whatever_the_build_order_and_w
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 @pytest.mark.parametrize("family", MOE)
 def test_newton_schulz_on_fused_experts_under_every_engine_equals_one_rank(ddp, zero, engine, family, single_thread):
-    """Mixtral and Qwen2-MoE (experts fused as 3-D tensors, each expert slice orthogonalised on its own: the 1-rank
-    step is checked against a literal per-expert Muon in tests/test_moe.py; 2-D per-expert weights on transformers
-    4.x): DDP (float64) and ZeRO-2/3 (float32)."""
+    """Mixtral, Qwen2-MoE and gpt-oss (experts fused as 3-D tensors, each expert slice orthogonalised part by part:
+    the 1-rank step is checked against a literal per-part Muon in tests/test_roles.py; 2-D per-expert weights on
+    transformers 4.x): DDP (float64) and ZeRO-2/3 (float32)."""
     if engine != "ddp" and family not in MOE_UNDER_ZERO:
         pytest.skip("MoE under DeepSpeed ZeRO needs transformers >= 5 (fused experts): see MOE_UNDER_ZERO")
     out, name = (ddp, f"ddp_ns_{family}") if engine == "ddp" else (zero, f"{engine}_ns_{family}")
@@ -403,7 +405,7 @@ def test_newton_schulz_on_fused_experts_under_every_engine_equals_one_rank(ddp, 
 @pytest.mark.parametrize("family", MOE)
 def test_first_step_of_each_expert_slice_under_zero_is_the_one_rank_step(zero, stage, family, single_thread):
     """Under ZeRO-2/3 the first fused step of every expert slice points where the 1-rank step does (cosine >= 0.99;
-    that step is NS5 of the slice's own gradient, checked against a literal per-expert Muon in tests/test_moe.py)."""
+    that step is NS5 of each part of the slice's own gradient, checked against a literal per-part Muon in tests/test_roles.py)."""
     if family not in MOE_UNDER_ZERO:
         pytest.skip("MoE under DeepSpeed ZeRO needs transformers >= 5 (fused experts): see MOE_UNDER_ZERO")
     name = f"zero{stage}_ns_{family}_first"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MixtralConfig,
-                          MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, TrainingArguments)
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, TrainingArguments)
 
 VOCAB, SEQ = 48, 24
 
@@ -34,6 +34,11 @@ def tiny_model(family: str = "gpt2", seed: int = 0) -> torch.nn.Module:
         return Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, num_key_value_heads=2, num_experts=8, num_experts_per_tok=1,
                                                   moe_intermediate_size=32, shared_expert_intermediate_size=32,
                                                   output_router_logits=True, router_aux_loss_coef=0.02))
+    if family == "gpt_oss":  # experts stored (E, in, out), gate_up_proj interleaved by column, 2-D expert biases
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "gpt_oss", **common, num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=1,
+            layer_types=["sliding_attention", "full_attention"], sliding_window=8, output_router_logits=True,
+            router_aux_loss_coef=0.02))
     raise ValueError(family)
 
 
