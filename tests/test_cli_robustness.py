@@ -106,16 +106,16 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path):
     assert not (out / LOCK_FILE).exists()  # released on the way out
 
 
-def test_a_stale_lock_is_replaced_and_a_live_one_refused(tmp_path, capsys):
+@pytest.mark.parametrize("content", ["", "abc", '{"pid": null}', '{"pid": "abc", "host": 7}', "[1, 2]", "{"])
+def test_a_left_lock_file_of_any_content_is_taken_and_a_held_one_refused(tmp_path, content):
+    """The lock is the kernel's (flock), not the file: whatever a dead run left in it, the next run takes it; a
+    lock held by a live run is refused naming its pid."""
     out = tmp_path / "run"
     out.mkdir()
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    (out / LOCK_FILE).write_text(json.dumps({"pid": gone.pid, "host": os.uname().nodename}))
+    (out / LOCK_FILE).write_text(content)
     with OutputDirLock(out):
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
-        assert "stale lock" in capsys.readouterr().out
-        with pytest.raises(RecipeError, match="in use"):
+        with pytest.raises(RecipeError, match=f"in use by another run \\(pid {os.getpid()} on "):
             OutputDirLock(out).acquire()
     assert not (out / LOCK_FILE).exists()
 
@@ -131,8 +131,8 @@ def unfinished(finished: Path, tmp_path: Path) -> Path:
     ("scheduler.pt", "scheduler.pt is missing"),
     ("rng_state.pth", "rng_state.pth is missing"),
     ("optimizer.pt", "optimizer.pt is missing"),
-    ("truncate optimizer.pt", "optimizer.pt is unreadable"),
-    ("garbage trainer_state.json", "trainer_state.json is unreadable"),
+    ("truncate optimizer.pt", "optimizer.pt is not as saved"),
+    ("garbage trainer_state.json", "trainer_state.json is not as saved"),
 ])
 def test_an_incomplete_or_damaged_checkpoint_is_refused_naming_the_file(finished, tmp_path, damage, needle):
     out = unfinished(finished, tmp_path)

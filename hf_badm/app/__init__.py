@@ -13,8 +13,9 @@ class RecipeError(ValueError):
 
 class RunEnded(Exception):
     """A run that ends early with one line and an exit code: nothing to do (0), stopped by a signal, or unable to
-    go on (non-finite steps, a full disk)."""
+    go on (non-finite steps, a full disk). ``resume``: None when there is nothing to continue, else whether the
+    command that continues it resumes from a checkpoint (the CLI appends that command to the line)."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, resume: bool | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.resume = code, resume

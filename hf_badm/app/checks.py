@@ -6,6 +6,7 @@ Each check raises ``RecipeError`` with one line naming the field or file and wha
 from __future__ import annotations
 
 import codecs
+import importlib.util
 import math
 import os
 from dataclasses import fields
@@ -34,6 +35,13 @@ COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient
           "eval_accumulation_steps", "save_total_limit")
 INTERVALS = ("logging_steps", "save_steps", "eval_steps")
 _TRUE = ("1", "true", "yes", "on")
+# The built-in corpus is generated in memory: beyond this many examples a run would grow without bound first.
+GENERATED_LIMIT = 1_000_000
+# report_to names and the packages their Trainer callbacks import (any one of them)
+REPORTERS = {"wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX"), "mlflow": ("mlflow",),
+             "comet_ml": ("comet_ml",), "clearml": ("clearml",), "neptune": ("neptune",), "dvclive": ("dvclive",),
+             "codecarbon": ("codecarbon",), "azure_ml": ("azureml",), "swanlab": ("swanlab",),
+             "trackio": ("trackio",), "flyte": ("flytekit",), "dagshub": ("dagshub",)}
 
 
 def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig,
@@ -57,10 +65,25 @@ def check_values(model_args: ModelArguments, task_args: TaskArguments, badm: BAD
     for name, least in (("num_train_examples", 2), ("num_eval_examples", 1), ("block_size", 2)):
         if getattr(task_args, name) < least:
             raise RecipeError(f"{name} must be at least {least}, got {getattr(task_args, name)}")
+        if name != "block_size" and task_args.dataset == "builtin" and getattr(task_args, name) > GENERATED_LIMIT:
+            raise RecipeError(f"{name}={getattr(task_args, name)}: the built-in corpus is generated in memory, at most "
+                              f"{GENERATED_LIMIT:,} examples (use a dataset file or hub dataset for more)")
+    if not str(args.output_dir or "").strip():
+        raise RecipeError("output_dir is empty: name the directory the run writes into")
+    _check_reporters(args.report_to)
     _check_optimizer(task_args.optimizer)
     if task_args.optimizer == "badm":
         _check_badm(badm, args)
     _check_decay(task_args, badm, args)
+
+
+def _check_reporters(report_to: list[str] | str | None) -> None:
+    """A named logger whose package is missing fails inside the Trainer with a traceback: named here."""
+    for name in [report_to] if isinstance(report_to, str) else report_to or []:
+        packages = REPORTERS.get(name, ())
+        if packages and not any(importlib.util.find_spec(p) for p in packages):
+            raise RecipeError(f"report_to {name}: the {packages[0]} package is not installed (pip install "
+                              f"{packages[0]}, or report_to: none)")
 
 
 def _check_finite(*settings: object) -> None:
@@ -180,6 +203,8 @@ def _check_pretrained(name: str, value: str) -> None:
 
 def _check_dataset(spec: str) -> None:
     path = Path(spec).expanduser()
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise RecipeError(f"dataset: {spec} is not a regular file or directory (a device, pipe or socket)")
     if path.is_file():
         check_data_file(path)
     elif path.is_dir():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import yaml
 
 from hf_badm.app import RecipeError, RunEnded
+from hf_badm.app.callbacks import Stopped
 from hf_badm.app.recipe import parse, read_recipe, recipe_parser
 from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
 from hf_badm.optim.defaults import DEMO_LEARNING_RATES as DEMO_DEFAULTS
@@ -75,14 +78,44 @@ def train(argv: list[str]) -> dict[str, Any] | None:
     model_args, task_args, badm, args = parse(read_recipe(recipe_path), overrides, recipe_path or "recipe")
     import torch.distributed as dist
 
+    from hf_badm.app.faults import install
+
+    install()
     try:
         result = run(model_args, task_args, badm, args)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # no rank tears its communicator down while another still talks to it
         return result
+    except RunEnded as err:
+        if err.resume is None:
+            raise
+        command = continue_command(argv, err.resume, args, task_args.overwrite_output_dir)
+        raise RunEnded(f"{err}; continue with: {command}", err.code) from None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def continue_command(argv: list[str], resume: bool, args: Any, overwrite: bool) -> str:
+    """The command that continues a stopped run: the same recipe and overrides, resuming from the latest complete
+    checkpoint when there is one (never overwriting then), else the same run from its start."""
+    kept, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip and not token.startswith("--"):
+            continue
+        skip = name in ("--resume_from_checkpoint", "--overwrite_output_dir") and "=" not in token
+        if skip or name in ("--resume_from_checkpoint", "--overwrite_output_dir"):
+            continue
+        kept.append(token)
+    if resume:
+        kept += ["--overwrite_output_dir", "false"] if overwrite else []
+        kept.append("--resume_from_checkpoint")
+    else:
+        kept += ["--overwrite_output_dir", "true"] if overwrite else []
+        kept += ["--resume_from_checkpoint", "false"] if args.resume_from_checkpoint else []
+    launcher = "hf-badm" if args.world_size <= 1 else f"<the same launcher, {args.world_size} processes> -m hf_badm"
+    return f"{launcher} train {shlex.join(kept)}"
 
 
 def _compare_parser(prog: str) -> argparse.ArgumentParser:
@@ -216,4 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunEnded as err:
         print(f"hf-badm: {'' if err.code == 0 else 'error: '}{err}", file=sys.stderr)
         return err.code
+    except (Stopped, KeyboardInterrupt) as err:  # a signal while the run was starting or ending: nothing half-written
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"hf-badm: error: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     return 0

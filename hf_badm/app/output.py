@@ -6,15 +6,20 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import shutil
 import socket
 import tempfile
+from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from hf_badm.app import RecipeError, RunEnded
 from hf_badm.app.arguments import TaskArguments
+from hf_badm.app.checkpoint import STAGING, incomplete, latest_checkpoint
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -50,10 +55,11 @@ def check_output_dir(args: TrainingArguments, task_args: TaskArguments) -> str |
     if resume is not None and str(resume).lower() in ("false", "no", "none", ""):
         resume = None
     if resume is not None and str(resume).lower() in _TRUE + ("latest",):
-        resume = latest_checkpoint(out)
+        resume = latest_checkpoint(out, partial=task_args.allow_partial_resume)
         if resume is None and not finished_files(out):
-            raise RecipeError(f"resume_from_checkpoint: no complete checkpoint in {out} (a checkpoint-N folder with "
-                              "trainer_state.json)")
+            newest = newest_checkpoint(out)
+            why = f": {incomplete(newest)}" if newest is not None else " (a checkpoint-N folder)"
+            raise RecipeError(f"resume_from_checkpoint: no complete checkpoint in {out}{why}")
     elif resume is not None and not (Path(resume) / "trainer_state.json").is_file():
         raise RecipeError(f"resume_from_checkpoint: {resume} is not a complete checkpoint (no trainer_state.json)")
     if task_args.overwrite_output_dir or not out.is_dir():
@@ -68,6 +74,12 @@ def check_output_dir(args: TrainingArguments, task_args: TaskArguments) -> str |
         raise RecipeError(f"output_dir {out} holds checkpoints of an unfinished run: --resume_from_checkpoint to "
                           "continue it, or --overwrite_output_dir true to start over")
     return resume
+
+
+def newest_checkpoint(out: Path) -> Path | None:
+    """The highest-numbered ``checkpoint-N`` folder, complete or not."""
+    return max((d for d in out.glob("checkpoint-*") if d.name.split("-")[-1].isdigit() and d.is_dir()),
+               key=lambda d: int(d.name.split("-")[-1]), default=None)
 
 
 def _resume_into_finished(out: Path, resume: str | None, max_steps: int) -> None:
@@ -85,6 +97,13 @@ def _resume_into_finished(out: Path, resume: str | None, max_steps: int) -> None
 
 
 def finished_files(out: Path) -> list[str]:
+    """What marks ``out`` as holding a finished run: metrics.json (written last), or a model with no checkpoints
+    beside it (a model directory). A model beside checkpoints without metrics.json is a run stopped while
+    writing its final files: resuming completes it."""
+    if (out / "metrics.json").exists():
+        return ["metrics.json"]
+    if any(out.glob("checkpoint-*")):
+        return []
     return [f for f in MODEL_FILES if (out / f).exists()]
 
 
@@ -97,77 +116,85 @@ def finished_step(out: Path) -> int | None:
         return None
 
 
-def latest_checkpoint(out: Path) -> str | None:
-    """The highest ``checkpoint-N`` whose trainer_state.json (the Trainer writes it last) exists."""
-    complete = [d for d in out.glob("checkpoint-*") if d.name.split("-")[-1].isdigit()
-                and (d / "trainer_state.json").is_file()]
-    return str(max(complete, key=lambda d: int(d.name.split("-")[-1]))) if complete else None
+def clear_replaced_run(out: Path) -> None:
+    """What ``--overwrite_output_dir`` replaces, before the new run writes: the old run's finished marker
+    (metrics.json) and checkpoints, which a later resume must not continue. Links are removed, not followed."""
+    for old in [out / "metrics.json", *out.glob("checkpoint-*")]:
+        if old.is_symlink() or old.is_file():
+            old.unlink()
+        elif old.is_dir():
+            shutil.rmtree(old)
 
 
-def _start_ticks(pid: int) -> str | None:
-    """When the process started (clock ticks since boot, Linux), so a reused pid is not taken for the owner."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(owner: dict[str, Any]) -> bool:
-    pid = int(owner.get("pid", -1))
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return pid > 0
-    ticks = owner.get("start_ticks")
-    return ticks is None or _start_ticks(pid) in (None, ticks)
+def clear_staging(out: Path) -> None:
+    """What a run killed mid-write left in the staging folder: never complete, never published. A link there is
+    removed, not followed."""
+    staging = out / STAGING
+    if staging.is_symlink() or staging.is_file():
+        staging.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 class OutputDirLock:
-    """``output_dir/.hf-badm.lock`` (pid, host, start time), created atomically: a second run into the same
-    output_dir is refused while the first lives. A lock left by a process that died (same host, pid gone or
-    reused) is stale: it is replaced, with a note. Removes the directory on release when it created it and
-    nothing else was written (a refused run leaves no empty output_dir)."""
+    """An exclusive ``flock`` on ``output_dir/.hf-badm.lock``: the kernel releases it when its holder ends in any
+    way (crash, SIGKILL, full disk), so no lock is ever stale; the pid and host written in the file only name
+    the holder to a refused run. Removes the directory on release when it created it and nothing else was
+    written (a refused run leaves no empty output_dir)."""
 
     def __init__(self, out: str | Path) -> None:
-        self.out, self.held = Path(out), False
+        self.out, self.fd = Path(out), None
         self.path = self.out / LOCK_FILE
         self.created_dir = not self.out.exists()
 
     def acquire(self) -> OutputDirLock:
         self.out.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "start_ticks": _start_ticks(os.getpid())}
-        for _ in range(2):
+        while self.fd is None:
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner.get("host") != me["host"] or _alive(owner):
-                    self.release()
-                    raise RecipeError(f"output_dir {self.out} is in use by another run (pid {owner.get('pid', '?')} on "
-                                      f"{owner.get('host', '?')}); if that run is gone, delete {self.path}") from None
-                print(f"hf-badm: note: replacing the stale lock of pid {owner.get('pid', '?')} (no longer running) in "
-                      f"{self.out}", flush=True)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return self
-        raise RecipeError(f"output_dir {self.out}: could not take {self.path} (another run took it meanwhile)")
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as err:
+                self.release()
+                raise RecipeError(f"output_dir {self.out}: cannot open {self.path} ({err.strerror}"
+                                  f"{'; it is a symbolic link: remove it' if err.errno == errno.ELOOP else ''})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self.release()
+                raise RecipeError(f"output_dir {self.out} is in use by another run ({self._holder()})") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:  # its holder removed the file meanwhile: lock the one there now
+                os.close(fd)
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode()
+        try:
+            os.ftruncate(self.fd, 0)
+            if os.write(self.fd, info) != len(info):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as err:
+            free = shutil.disk_usage(self.out).free
+            self.release()
+            raise RunEnded(f"cannot write {self.path} ({err.strerror}; {free >> 10} KiB free, it needs "
+                           f"{len(info)} bytes): free some space and run again", 1) from None
+        return self
 
-    def _owner(self) -> dict[str, Any]:
+    def _holder(self) -> str:
         try:
             owner = json.loads(self.path.read_text())
-            return owner if isinstance(owner, dict) else {}
-        except (OSError, ValueError):
-            return {}  # unreadable or being written: no host matches, so it counts as alive
+            return f"pid {int(owner['pid'])} on {owner['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"it has not written its pid in {self.path} yet"
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self.fd is not None:
+            with suppress(OSError):
+                (self.out / STAGING).rmdir()  # when empty: nothing is being written any more
+            self.path.unlink(missing_ok=True)  # while still held: a run that opened it meanwhile sees it gone
+            os.close(self.fd)
+            self.fd = None
         if self.created_dir and self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
 

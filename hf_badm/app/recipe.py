@@ -53,6 +53,10 @@ def read_recipe(path: str | None) -> dict[str, Any]:
     if path is None:
         return {}
     file = Path(path)
+    if file.is_dir():
+        raise RecipeError(f"recipe {path} is a directory, not a YAML file")
+    if file.exists() and not file.is_file():
+        raise RecipeError(f"recipe {path} is not a regular file (a device, pipe or socket)")
     if not file.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     if file.stat().st_size > MAX_RECIPE_BYTES:
@@ -63,6 +67,8 @@ def read_recipe(path: str | None) -> dict[str, Any]:
         raise RecipeError(f"{path}, {err}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise RecipeError(f"{path} nests lists or mappings too deeply: a recipe is a flat mapping of field: value") from None
     if recipe is None:
         raise RecipeError(f"{path} is empty: a recipe is lines of `field: value` (see `hf-badm train --help` and "
                           "recipes/)")
@@ -155,6 +161,9 @@ def parse(recipe: dict[str, Any], overrides: list[str], source: str = "recipe"):
     unknown = sorted(k for k in recipe if k not in known)
     if unknown:
         raise RecipeError(f"{source}: unknown field(s) {', '.join(unknown)} (see `hf-badm train --help`)")
+    for key, value in recipe.items():
+        if isinstance(value, (list, tuple)) and next(a.nargs for a in parser._actions if a.dest == key) in (None, "?"):
+            raise RecipeError(f"{source}: {key} takes one value, got a list {value!r}")
     merged = {**CLI_DEFAULTS, **recipe}
     merged.setdefault("output_dir", str(Path("outputs") / Path(source).stem))
     if _given("save_steps", recipe, overrides) and not _given("save_strategy", recipe, overrides):

@@ -6,12 +6,12 @@ and every field can be overridden on the command line; ``hf_badm.app.recipe`` do
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import pickle
 import resource
 import shutil
+import signal
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -25,16 +25,18 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from hf_badm.app import RecipeError, RunEnded, data
 from hf_badm.app.arguments import SFT_TASKS, SIZES, ModelArguments, TaskArguments
-from hf_badm.app.callbacks import Clock, StopOnSignal, StopWhenStuck
-from hf_badm.app.checkpoint import verify_checkpoint
+from hf_badm.app.callbacks import AtMaxSteps, Clock, NothingToTrain, RunTotals, StopOnSignal, Stopped, StopWhenStuck
+from hf_badm.app.checkpoint import (STAGING, CheckpointMixin, discarded_on_failure, incomplete, latest_checkpoint,
+                                     publish, verify_checkpoint)
 from hf_badm.app.checks import PEERS, check_sources, check_values
+from hf_badm.app.faults import fault
 from hf_badm.app.launch import announce_deepspeed_build, quiet_run, warn_single_process
-from hf_badm.app.output import OutputDirLock, check_output_dir, latest_checkpoint
+from hf_badm.app.output import OutputDirLock, check_output_dir, clear_replaced_run, clear_staging, newest_checkpoint
 from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
 from hf_badm.config import BADMConfig
 from hf_badm.factory import solve_report
 from hf_badm.optim.local_solve import LOCAL_SOLVES
-from hf_badm.trainer import BADMTrainer, BADMTrainerMixin, LossItemsMixin
+from hf_badm.trainer import BADMTrainerMixin, LossItemsMixin
 
 
 def load_tokenizer(model_args: ModelArguments) -> tuple[PreTrainedTokenizerBase, bool]:
@@ -79,16 +81,15 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase) 
 
 def _trainer_class(task: str, optimizer: str) -> type[Trainer]:
     """BADM's Trainer, or the same Trainer counting loss items as BADM's does (``LossItemsMixin``): every
-    optimizer's losses are then the same mean and compare."""
+    optimizer's losses are then the same mean and compare. The CLI's ``CheckpointMixin`` comes first."""
     if task in SFT_TASKS:
         from trl import SFTTrainer
 
         base: type[Trainer] = SFTTrainer
     else:
         base = Trainer
-    if optimizer == "badm":
-        return BADMTrainer if base is Trainer else type(f"BADM{base.__name__}", (BADMTrainerMixin, base), {})
-    return type(f"MeanLoss{base.__name__}", (LossItemsMixin, base), {})
+    mixin = BADMTrainerMixin if optimizer == "badm" else LossItemsMixin
+    return type(f"CLI{'BADM' if optimizer == 'badm' else 'MeanLoss'}{base.__name__}", (CheckpointMixin, mixin, base), {})
 
 
 def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> dict[str, Any]:
@@ -96,7 +97,18 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
 
     Everything that can be checked is checked before the first write: values, sources, the output_dir,
     the checkpoint to resume from, the data itself (loaded and tokenized in memory) and the Trainer's own
-    start-up checks. The first write takes the output_dir's lock (rank 0)."""
+    start-up checks. The first write takes the output_dir's lock (rank 0). A SIGTERM or SIGINT at any moment
+    keeps everything complete so far and ends with one line saying what output_dir holds."""
+    stop = StopOnSignal()
+    with stop:
+        try:
+            return _run(stop, model_args, task_args, badm, args)
+        except Stopped:
+            raise _stopped(stop, Path(args.output_dir)) from None
+
+
+def _run(stop: StopOnSignal, model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig,
+         args: TrainingArguments) -> dict[str, Any]:
     resume = _start(model_args, task_args, badm, args)
     model, tokenizer, trained_here, ds, kwargs = _model_and_data(model_args, task_args, args)
     quiet_run(args)
@@ -113,33 +125,99 @@ def run(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, 
         kwargs["optimizers"] = _start_up(create, model, args, adamw_lr=task_args.muon_adamw_lr, **nu)
     out = Path(args.output_dir)
     lock = OutputDirLock(out) if args.process_index == 0 else nullcontext()
-    stop, stuck = StopOnSignal(), StopWhenStuck(task_args.max_skipped_steps)
-    with lock, stop:
-        if args.process_index == 0:
-            resume = check_output_dir(args, task_args)  # again under the lock: another run may have finished here
-        trainer = _start_up(_trainer_class(task_args.task, task_args.optimizer), model=model, args=args,
-                            train_dataset=ds["train"], eval_dataset=ds["test"], processing_class=tokenizer,
-                            callbacks=[Clock(), stop, stuck], **kwargs)
-        if resume is not None:
-            refuse_unfit_checkpoint(trainer, resume)
-        elif task_args.overwrite_output_dir and trainer.is_world_process_zero():
-            for stale in out.glob("checkpoint-*"):  # the replaced run's: a later resume must not continue it
-                shutil.rmtree(stale)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        result = _train(trainer, resume)
-        if ended := stuck.ended() or stop.ended(str(out), trainer.state.global_step):
-            raise ended
-        metrics = _metrics(trainer, result, model_args, task_args, badm, args, ds, tokenizer)
-        metrics["init_fingerprint"] = fingerprint
-        _save(lambda: trainer.save_model(str(out)), out)  # on every rank: under ZeRO-3 it gathers the weights
-        if trainer.is_world_process_zero():
-            if trained_here:
-                _save(lambda: tokenizer.save_pretrained(str(out / "tokenizer")), out)
-            _save(lambda: (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str)), out)
-            if plot_runs({metrics["optimizer"]: metrics}, out / "loss.png") is None:
-                print(PLOT_SKIPPED)
+    totals, stuck, trainer = RunTotals(), StopWhenStuck(task_args.max_skipped_steps), None
+    with lock:
+        try:
+            if args.process_index == 0:
+                resume = check_output_dir(args, task_args)  # again under the lock: another run may have finished here
+                clear_staging(out)
+            trainer = _start_up(_trainer_class(task_args.task, task_args.optimizer), model=model, args=args,
+                                train_dataset=ds["train"], eval_dataset=ds["test"], processing_class=tokenizer,
+                                callbacks=[Clock(), stop, stuck, totals, AtMaxSteps()], **kwargs)
+            if resume is None and task_args.overwrite_output_dir and trainer.is_world_process_zero():
+                clear_replaced_run(out)
+            if resume is not None and not totals.restore(Path(resume)):
+                print(f"hf-badm: warning: {resume} has no {RunTotals.FILE}: train_loss and tokens_per_second will "
+                      "cover the resumed steps only", file=sys.stderr, flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            fault("start")
+            result = _train(trainer, resume)
+            if stop.received is not None and args.world_size == 1:
+                raise Stopped(stop.received)  # the first signal, deferred to the step's end
+            stop.phase = "final"
+            if ended := stuck.ended():
+                raise ended
+            metrics = _metrics(trainer, result, totals, model_args, task_args, badm, args, ds, tokenizer)
+            metrics["init_fingerprint"] = fingerprint
+            _write_final(trainer, out, metrics, tokenizer if trained_here else None)
+            stop.quiet = True
+        except Stopped:
+            _save_last_state(stop, trainer, out)
+            raise
+    if stop.received is not None:  # several ranks: the stop came while the final files were written
+        print(f"hf-badm: note: {signal.Signals(stop.received).name} arrived while the final files were written; "
+              "the run finished first", file=sys.stderr, flush=True)
     return metrics
+
+
+def _train(trainer: Trainer, resume: str | None) -> Any:
+    """``trainer.train``; a run resumed at its max_steps trains nothing (the state is loaded, then it ends: None)."""
+    try:
+        return trainer.train(resume_from_checkpoint=resume)
+    except NothingToTrain:
+        return None
+
+
+def _save_last_state(stop: StopOnSignal, trainer: Trainer | None, out: Path) -> None:
+    """A stop once training has begun: the state training is in is kept as a checkpoint (unless there is one at
+    that step: the Trainer saves one at a stop while training), from which the printed command goes on, or
+    writes the final files after the last step. Not after a second signal, which also ends this save at once;
+    its staging is then removed and the earlier checkpoints stay."""
+    if (stop.phase == "setup" or stop.signals > 1 or trainer is None
+            or (out / f"checkpoint-{trainer.state.global_step}").is_dir()):
+        return
+    stop.quiet = False
+    try:
+        trainer.save_last_state()
+    except Stopped:
+        pass
+    finally:
+        stop.quiet = True
+
+
+def _stopped(stop: StopOnSignal, out: Path) -> RunEnded:
+    """One line: what stopped the run, where, what output_dir holds (the CLI adds the command to continue)."""
+    stop.quiet = True
+    name, step = signal.Signals(stop.received).name, stop.step
+    when = {"setup": "before the first step", "training": f"at step {step}",
+            "final": f"after the last step ({step}), before the final files were written"}[stop.phase]
+    found = latest_checkpoint(out) if out.is_dir() else None
+    count = sum(1 for d in out.glob("checkpoint-*") if d.is_dir()) if out.is_dir() else 0
+    held = (f"{out} holds {count} checkpoint(s), the last complete one {found}" if found
+            else f"no checkpoint saved in {out}")
+    return RunEnded(f"stopped by {name} {when}: {held}", 128 + stop.received, resume=found is not None)
+
+
+def _write_final(trainer: Trainer, out: Path, metrics: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Model, tokenizer, metrics.json and plot are written into a staging folder, then moved into place with
+    metrics.json (the mark of a finished run) last: a stop or a full disk leaves no half-written final file."""
+    staged, zero = out / STAGING / "final", trainer.is_world_process_zero()
+    if zero:
+        shutil.rmtree(staged, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    with discarded_on_failure(staged, out, "the final model and metrics", zero):
+        trainer.save_model(str(staged))  # on every rank: under ZeRO-3 it gathers the weights
+        fault("final_save")
+        if zero:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(staged / "tokenizer"))
+            (staged / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+            if plot_runs({metrics["optimizer"]: metrics}, staged / "loss.png") is None:
+                print(PLOT_SKIPPED)
+            for path in sorted(staged.iterdir(), key=lambda p: p.name == "metrics.json"):
+                publish(path, out / path.name)
+            staged.rmdir()
 
 
 def run_label(task_args: TaskArguments, badm: BADMConfig) -> str:
@@ -149,13 +227,14 @@ def run_label(task_args: TaskArguments, badm: BADMConfig) -> str:
     return task_args.optimizer
 
 
-def _metrics(trainer: Trainer, result: Any, model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig,
-             args: TrainingArguments, ds: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def _metrics(trainer: Trainer, result: Any, totals: RunTotals, model_args: ModelArguments, task_args: TaskArguments,
+             badm: BADMConfig, args: TrainingArguments, ds: Any, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The whole run's figures, a resumed run's included: train_loss over all steps, tokens per second over the
+    steps' own seconds (train_steps_seconds); train_runtime is this process's ``train`` call (0 when a resume had
+    nothing left to train)."""
     metrics: dict[str, Any] = {"optimizer": run_label(task_args, badm), "task": task_args.task,
-                               "train_loss": result.training_loss, **final_evaluation(trainer)}
-    metrics["train_runtime"] = result.metrics["train_runtime"]
-    tokens = trainer.state.num_input_tokens_seen
-    metrics["tokens_per_second"] = tokens / result.metrics["train_runtime"] if tokens else None
+                               **totals.summary(trainer.state.num_input_tokens_seen), **final_evaluation(trainer)}
+    metrics["train_runtime"] = result.metrics["train_runtime"] if result is not None else 0.0
     metrics["peak_memory_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available()
                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if task_args.task in SFT_TASKS and task_args.exact_match_examples > 0:
@@ -167,53 +246,6 @@ def _metrics(trainer: Trainer, result: Any, model_args: ModelArguments, task_arg
     return metrics
 
 
-def _train(trainer: Trainer, resume: str | None) -> Any:
-    """``trainer.train``, with a full disk while saving a checkpoint said in one line."""
-    try:
-        return trainer.train(resume_from_checkpoint=resume)
-    except (OSError, RuntimeError) as err:
-        raise _disk_full(err, Path(trainer.args.output_dir)) or err
-
-
-def _save(write: Callable[[], Any], out: Path) -> None:
-    try:
-        write()
-    except (OSError, RuntimeError) as err:
-        raise _disk_full(err, out) or err
-
-
-def _disk_full(err: BaseException, out: Path) -> RunEnded | None:
-    """One line for a write that failed on a full disk (torch's zip writer says only "unexpected pos"), naming
-    the file being written (the newest one under ``out``); None for any other error."""
-    text = str(err)
-    if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and not any(
-            m in text for m in ("No space left", "unexpected pos", "PytorchStreamWriter failed")):
-        return None
-    files = [p for p in out.rglob("*") if p.is_file()] if out.is_dir() else []
-    newest = max(files, key=lambda p: p.stat().st_mtime, default=out)
-    found = latest_checkpoint(out) if out.is_dir() else None
-    return RunEnded(f"no space left on device while writing {newest}; free some space, then continue with "
-                    f"--resume_from_checkpoint ({f'last complete checkpoint: {found}' if found else 'no complete checkpoint yet'})", 1)
-
-
-def refuse_unfit_checkpoint(trainer: Trainer, checkpoint: str) -> None:
-    """A checkpoint from another model size, preconditioner or mode fails inside the Trainer's loaders with a
-    clear reason under a long traceback: keep the reason, as the run's one-line refusal (nothing is written
-    before the loads)."""
-    for name in ("_load_from_checkpoint", "_load_optimizer_and_scheduler", "_load_rng_state"):
-        load = getattr(trainer, name, None)
-        if load is None:
-            continue
-
-        def guarded(*a: Any, _load: Callable[..., Any] = load, **k: Any) -> Any:
-            try:
-                return _load(*a, **k)
-            except (ValueError, RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
-                raise RecipeError(f"resume_from_checkpoint: {checkpoint} does not fit this run: {_reason(err)}") from None
-
-        setattr(trainer, name, guarded)
-
-
 def _start(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfig, args: TrainingArguments) -> str | None:
     """The checks that need no data, then the process group (with its launch notes); returns the checkpoint to
     resume from."""
@@ -221,6 +253,10 @@ def _start(model_args: ModelArguments, task_args: TaskArguments, badm: BADMConfi
     resume = check_output_dir(args, task_args)
     check_sources(model_args, task_args)
     if resume is not None:
+        newest = newest_checkpoint(Path(args.output_dir))
+        if args.process_index == 0 and newest is not None and newest != Path(resume) and incomplete(newest):
+            print(f"hf-badm: note: {incomplete(newest)}: resuming from {resume}, the last complete checkpoint",
+                  file=sys.stderr, flush=True)
         verify_checkpoint(resume, args, task_args.allow_partial_resume)
     if args.deepspeed:
         announce_deepspeed_build()  # before the process group: DeepSpeed builds its extension there
@@ -313,14 +349,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str | None:
 
 def _first_line(err: BaseException) -> str:
     return next((line for line in str(err).splitlines() if line.strip()), "")
-
-
-def _reason(err: BaseException) -> str:
-    """The first line, with the next one when the first only introduces it ("Error(s) in loading state_dict:")."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].endswith(":"):
-        return f"{lines[0]} {lines[1]}"
-    return lines[0] if lines else type(err).__name__
 
 
 def _lora_targets(spec: str) -> str | list[str]:
