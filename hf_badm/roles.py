@@ -234,6 +234,8 @@ def _role(name: str, module: nn.Module, attr: str, dims: int, embedding: bool) -
         return ("adapter" if re.search(r"\.lora_[AB]\.", name) else "linear"), False
     if attr == "weight" and dims == 2 and _is_conv1d_linear(module):
         return "linear", True
+    if isinstance(module, nn.MultiheadAttention) and attr.endswith("proj_weight") and dims == 2:
+        return "linear", False  # torch's attention: in_proj_weight holds q, k and v (or q/k/v_proj_weight apart)
     if attr == "weight" and dims == 2 and kind.endswith("Router"):
         return "router", False
     if dims == 3 and attr in ("gate_up_proj", "up_proj", "down_proj"):
@@ -312,6 +314,9 @@ def _parts(model_type: str | None, config: Any, name: str, module: nn.Module, at
     """A fused weight's parts (:data:`FUSED`, or the experts module's own flags), checked against its rows."""
     if role == "experts":
         parts, head_dim = _experts_parts(module, attr, rows)
+    elif isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
+        # F.multi_head_attention_forward: in_proj_weight.chunk(3) (q, k, v), embed_dim rows each
+        parts, head_dim = _grouped(1, [(label, module.embed_dim) for label in "qkv"]), module.head_dim
     else:
         builder = next((b for (family, end), b in FUSED.items() if family == model_type and name.endswith(end)), None)
         if builder is None or role != "linear":

@@ -101,7 +101,7 @@ ELEMENTWISE_RATIO = {**{o: 1.0 for o, v in VARIANTS.items() if v.get("elementwis
 # normalized learning rate of the same size (elementwise_sigma = 1/lr, elementwise_rho = 9 elementwise_sigma).
 FIXED_RATIO = {name: RHO_OVER_SIGMA[VARIANTS[name]["preconditioner"]] for name in VARIANTS if name.startswith("badm_")
                and name not in ("badm_s4", "badm_ns_norm_s4")}
-FIXED_RATIO.update(badm_ns_norm_r3=3.0, badm_ns_norm_r9=9.0)  # rho != sigma: the dual as QH momentum over NS directions
+FIXED_RATIO.update(badm_ns_norm_r3=3.0, badm_ns_norm_r9=9.0, muon_split=1.0)  # rho != sigma: the dual as QH momentum over NS directions
 # Optimizers whose other tensors (embeddings, head, norms, biases) have a learning rate of their own, and the
 # optimizer whose best lr it starts from: BADM newton_schulz's normalized tensors from BADM normalized, Muon's
 # AdamW tensors from AdamW.

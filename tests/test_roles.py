@@ -126,6 +126,7 @@ class Custom(torch.nn.Module):
         self.linear = torch.nn.Linear(8, 8)
         self.table = torch.nn.Parameter(torch.randn(8, 8))  # a custom module's 2-D tensor: not a known linear map
         self.conv = torch.nn.Conv1d(8, 8, 3, groups=8)
+        self.attention = torch.nn.MultiheadAttention(8, 2)  # in_proj_weight: q, k and v of 8 rows each (chunk(3))
 
     def forward(self, x):
         return self.linear(x) @ self.table
@@ -136,11 +137,13 @@ def test_an_unknown_2d_tensor_is_named_and_left_elementwise():
     routes = {r.name: (r.role, solve) for r, solve in report.routes}
     assert routes["table"] == ("unknown", "normalized") and routes["conv.weight"] == ("conv", "normalized")
     assert routes["linear.weight"] == ("linear", "newton_schulz")
+    assert routes["attention.in_proj_weight"] == ("linear", "newton_schulz")
+    assert next(r.parts for r, _ in report.routes if r.name == "attention.in_proj_weight") == ("q", "k", "v")
     assert report.unrecognised == ("table",)
     line = str(report)
     assert "\n" not in line and "1 not recognised (left elementwise): table" in line
     listing = report.listing().splitlines()
-    assert listing[0].split("\t") == ["name", "shape", "role", "solve", "parts"] and len(listing) == 6
+    assert listing[0].split("\t") == ["name", "shape", "role", "solve", "parts"] and len(listing) == 10
 
 
 def test_overrides_route_by_name_and_a_pattern_that_matches_nothing_is_refused():
