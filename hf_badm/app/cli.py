@@ -46,12 +46,13 @@ Data (--dataset): a directory of data files takes its split names from the file 
 test.jsonl (or eval*, validation*, valid*, dev*) are the train and evaluation splits; files with none of
 these names are all training data, and 5% of their rows are held out for evaluation.
 
-Output: a run refuses an output_dir that holds a finished run (a model or metrics.json) unless
---overwrite_output_dir true (which also removes that run's checkpoints), and one that holds only
-checkpoints unless it resumes. --resume_from_checkpoint with no value (or true) resumes from the latest
-complete checkpoint in output_dir, after checking that every file of it is there and readable; resuming a
-finished run is nothing to do. One run at a time writes an output_dir (.hf-badm.lock). --save_steps N alone
-saves every N steps. SIGTERM or Ctrl-C saves a checkpoint at the end of the current step and stops."""
+Output: a run refuses an output_dir that holds a finished run (metrics.json, or a model without
+checkpoints) unless --overwrite_output_dir true (which also removes that run's checkpoints), and one that
+holds only checkpoints unless it resumes. --resume_from_checkpoint with no value (or true) resumes from the
+latest complete checkpoint in output_dir, after checking every file of it against its manifest.json;
+resuming a finished run is nothing to do. One run at a time writes an output_dir (.hf-badm.lock).
+--save_steps N alone saves every N steps. SIGTERM or Ctrl-C saves a checkpoint at the end of the current
+step (or of the last one) and stops, printing the command that continues."""
 DEMO_LEARNING_RATES = ",".join(f"{k}={v:g}" for k, v in DEMO_DEFAULTS.items())
 DEMO_OPTIMIZERS = "badm,badm-newton_schulz,muon,adamw"
 ALIASES = {"adamw": "adamw_torch", "lion": "lion_32bit"}
