@@ -60,15 +60,17 @@ MUON_ADAMW_LR = 1.0 / ELEMENTWISE_SIGMA["normalized"]
 _BADM_KEYS = ("preconditioner", "sigma", "rho", "strict")
 
 
-def muon_param_groups(model: nn.Module, weight_decay: float) -> tuple[list[dict], list[dict]]:
-    """``(hidden, rest)`` param groups by BADM newton_schulz's rule: hidden weight matrices (Muon) and the
-    embeddings, LM head, norms and biases (AdamW), each split into decay / no-decay groups by the
-    Trainer's rule. BADM's own keys are dropped from the groups."""
+def muon_param_groups(model: nn.Module, weight_decay: float,
+                      solve_overrides: str = "") -> tuple[list[dict], list[dict]]:
+    """``(hidden, rest)`` param groups by BADM newton_schulz's rule (``hf_badm.roles``, with ``solve_overrides``:
+    regex=matrix|elementwise by name): hidden weight matrices (Muon) and the embeddings, LM head, norms and biases
+    (AdamW), each split into decay / no-decay groups by the Trainer's rule. BADM's own keys are dropped from the
+    groups. torch's Muon orthogonalises each tensor whole, as its users run it."""
     from hf_badm.config import BADMConfig
     from hf_badm.factory import badm_param_groups
 
-    groups = badm_param_groups(model, weight_decay, config=BADMConfig(preconditioner="newton_schulz"),
-                               require_matrix=False)
+    groups = badm_param_groups(model, weight_decay, require_matrix=False, config=BADMConfig(
+        preconditioner="newton_schulz", solve_overrides=solve_overrides))
     # torch.optim.Muon takes 2-D parameters only: fused MoE expert stacks (3-D) go to AdamW, as its users do
     hidden = [{**g, "params": [p for p in g["params"] if p.dim() == 2]} for g in groups if "preconditioner" not in g]
     rest = [g for g in groups if "preconditioner" in g] + [
@@ -307,6 +309,7 @@ def create_muon_optimizer(
     *,
     adamw_lr: float | None = None,
     optimizer_cls: type[MuonWithAdamW] = MuonWithAdamW,
+    solve_overrides: str = "",
     **muon_kwargs: Any,
 ) -> tuple[MuonWithAdamW, torch.optim.lr_scheduler.LRScheduler | None]:
     """Muon (hidden matrices, lr ``args.learning_rate``) + AdamW (the rest, lr ``adamw_lr``, default
@@ -317,13 +320,14 @@ def create_muon_optimizer(
     by their group's lr). ``muon_kwargs``: ``momentum``, ``nesterov``, ``ns_steps``, ``adjust_lr_fn``
     (default None = sqrt(max(1, rows/cols)), BADM newton_schulz's scaling), ``foreach`` (AdamW). The
     scheduler is transformers' ``get_scheduler`` exactly as in ``create_badm_optimizer`` (``None`` when
-    the number of steps is not known yet: the Trainer then builds the same schedule itself).
+    the number of steps is not known yet: the Trainer then builds the same schedule itself). ``solve_overrides``
+    routes tensors by name as BADM's (:func:`muon_param_groups`).
     """
     if getattr(args, "deepspeed_plugin", None) is not None:
         raise ValueError("Trainer(optimizers=create_muon_optimizer(...)) cannot run under DeepSpeed: the Trainer discards "
                          "an optimizer passed through optimizers= when it initialises DeepSpeed and trains with its "
                          "default AdamW instead. Use DeepSpeed's own Muon (use_muon parameters) there")
-    hidden, rest = muon_param_groups(model, args.weight_decay)
+    hidden, rest = muon_param_groups(model, args.weight_decay, solve_overrides)
     optimizer = optimizer_cls(hidden, rest, lr=args.learning_rate,
                               adamw_lr=MUON_ADAMW_LR if adamw_lr is None else adamw_lr,
                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **muon_kwargs)

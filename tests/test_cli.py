@@ -63,12 +63,25 @@ def test_pretrain_then_full_finetune_recipes(tmp_path):
 
 
 def test_newton_schulz_pretrain_recipe(tmp_path):
-    done = cli("train", "recipes/pretrain/tiny-gpt-newton-schulz.yaml", *FAST, "--output_dir", str(tmp_path / "ns"))
+    done = cli("train", "recipes/pretrain/tiny-gpt-newton-schulz.yaml", *FAST, "--output_dir", str(tmp_path / "ns"),
+               "--solve_report", str(tmp_path / "routes.tsv"))
     assert done.returncode == 0, done.stderr[-3000:]
     badm = assert_run_written(tmp_path / "ns")["recipe"]["badm"]
     assert (badm["preconditioner"], badm["elementwise_preconditioner"]) == ("newton_schulz", "normalized")
     report = [line for line in done.stdout.splitlines() if line.startswith("hf_badm: local solves:")]
     assert len(report) == 1 and "newton_schulz 8 tensors" in report[0] and "lm_head.weight" in report[0]
+    rows = [line.split("\t") for line in (tmp_path / "routes.tsv").read_text().splitlines()]
+    assert rows[0] == ["name", "shape", "role", "solve", "parts"]
+    assert ["transformer.h.0.attn.c_attn.weight", "64x192", "linear", "newton_schulz", "q,k,v"] in rows
+
+
+@pytest.mark.parametrize("optimizer", ["badm", "muon"])
+def test_a_name_override_that_matches_nothing_stops_at_start_up(tmp_path, optimizer):
+    done = cli("train", "recipes/pretrain/tiny-gpt-newton-schulz.yaml", *FAST, "--output_dir", str(tmp_path / "ns"),
+               "--optimizer", optimizer, "--solve_overrides", "nonesuch=elementwise")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "matches no trainable parameter" in lines[0], done.stderr
+    assert not (tmp_path / "ns" / "metrics.json").exists()
 
 
 def test_llama_pretrain_then_lora_sft_recipes(tmp_path):

@@ -65,6 +65,9 @@ class TaskArguments:
     qhadam_nu: Optional[float] = field(default=None, metadata={
         "help": "optimizer muon_qhadam: QHAdam's nu1 on the other tensors (its beta1 is adam_beta1). Default: "
                 "hf_badm.peers.QHADAM_NU (8/9, the nu of BADM's normalized solve at its rho/sigma 9)."})
+    solve_report: Optional[str] = field(default=None, metadata={
+        "help": "optimizer badm: write every trainable tensor's name, shape, role, local solve and parts (a fused "
+                "projection's) to this file, tab-separated, at start-up (the one-line summary is always printed)."})
     exact_match_examples: int = field(default=64, metadata={"help": "Held-out prompts scored by exact match (sft tasks)."})
     allow_partial_resume: bool = field(default=False, metadata={
         "help": "Resume from a checkpoint that lacks some files (scheduler.pt, rng_state*.pth, optimizer or slot "

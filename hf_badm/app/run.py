@@ -116,13 +116,17 @@ def _run(stop: StopOnSignal, model_args: ModelArguments, task_args: TaskArgument
     if task_args.optimizer == "badm":
         kwargs["badm_config"] = badm
         if args.process_index == 0:
-            print(solve_report(model, badm), flush=True)  # what went where: matrices, experts, embeddings
+            report = _start_up(solve_report, model, badm)  # what went where: matrices, experts, embeddings
+            print(report, flush=True)
+            if task_args.solve_report:
+                _write_solve_report(Path(task_args.solve_report), report.listing())
     elif task_args.optimizer in PEERS:
         from hf_badm import peers
 
         create = getattr(peers, f"create_{task_args.optimizer}_optimizer")
         nu = {"nu": task_args.qhadam_nu} if task_args.optimizer == "muon_qhadam" and task_args.qhadam_nu is not None else {}
-        kwargs["optimizers"] = _start_up(create, model, args, adamw_lr=task_args.muon_adamw_lr, **nu)
+        kwargs["optimizers"] = _start_up(create, model, args, adamw_lr=task_args.muon_adamw_lr,
+                                         solve_overrides=badm.solve_overrides, **nu)
     out = Path(args.output_dir)
     lock = OutputDirLock(out) if args.process_index == 0 else nullcontext()
     totals, stuck, trainer = RunTotals(), StopWhenStuck(task_args.max_skipped_steps), None
@@ -314,6 +318,14 @@ def _load_data(task_args: TaskArguments, seed: int):
     except Exception as err:  # noqa: BLE001 (datasets' loaders fail with many types, StopIteration included)
         raise RecipeError(f"dataset: cannot read {task_args.dataset} ({type(err).__name__}: "
                           f"{_first_line(err) or 'no rows'})") from None
+
+
+def _write_solve_report(path: Path, listing: str) -> None:
+    """``--solve_report FILE``: every trainable tensor's name, shape, role, solve and parts, tab-separated."""
+    try:
+        path.write_text(listing)
+    except OSError as err:
+        raise RecipeError(f"solve_report: cannot write {path}: {err.strerror}") from None
 
 
 def _start_up(build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
