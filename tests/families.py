@@ -129,7 +129,8 @@ def causal_lm_families() -> list[str]:
 # The generic shrinker: key names -> small values. Only keys a config already has are touched.
 
 _HIDDEN_KEYS = {"hidden_size", "n_embd", "d_model", "emb_dim", "embedding_dim", "embedding_size", "word_embed_proj_dim",
-                "input_embedding_size", "lru_width", "hidden_size_global", "output_channels"}
+                "input_embedding_size", "lru_width", "hidden_size_global", "output_channels", "backbone_hidden_size",
+                "embed_dim", "shape_embed_dim", "pronunciation_embed_dim"}
 _FFN_KEYS = {"intermediate_size", "ffn_dim", "d_ff", "dff", "dim_ff", "d_inner", "feed_forward_size", "mlp_dim",
              "ffn_hidden_size", "intermediate_size_mlp", "dense_intermediate_size", "decoder_ffn_dim",
              "encoder_ffn_dim", "output_embedding_size", "n_inner"}
@@ -226,7 +227,7 @@ def _kv_heads(old_kv: int | None, old_heads: int | None) -> int:
     return 1 if old_kv == 1 else KV_HEADS
 
 
-_MIRROR_WORDS = ("dim", "size", "hidden", "channels")
+_MIRROR_WORDS = ("dim", "size", "hidden", "channel")
 
 
 def _small(k: str, v: Any, scope: dict, old_heads: int | None, ids: dict[int, int], vocab: int,
@@ -248,6 +249,8 @@ def _small(k: str, v: Any, scope: dict, old_heads: int | None, ids: dict[int, in
         return v
     if not isinstance(v, int) or isinstance(v, bool):
         return v
+    if k.endswith("_per_layer"):  # a per-layer list of a known size (num_attention_heads_per_layer...)
+        k = k[: -len("_per_layer")]
     if (k.endswith("token_id") or k.endswith("token_index")) and v >= vocab:
         return ids.setdefault(v, vocab - 1 - len(ids))
     if k in _HIDDEN_KEYS:
@@ -289,6 +292,14 @@ def _small(k: str, v: Any, scope: dict, old_heads: int | None, ids: dict[int, in
         return min(v, STATE)
     if k in _MAMBA_HEAD_DIM_KEYS:
         return min(v, HEAD_DIM)
+    if k == "linear_num_key_heads":
+        return min(v, KV_HEADS)  # gated delta net key heads
+    if k == "linear_num_value_heads":  # value heads, a multiple of the key heads
+        ratio = max(1, v // scope["linear_num_key_heads"]) if scope.get("linear_num_key_heads") else 1
+        return min(v, KV_HEADS * ratio)
+    if k == "mamba_d_ssm":  # falcon_h1's explicit d_inner = mamba heads x mamba head dim
+        expand = scope.get("mamba_expand", 2)
+        return max(1, int(expand * HIDDEN) // HEAD_DIM) * min(scope.get("mamba_d_head") or HEAD_DIM, HEAD_DIM)
     if k in _MAMBA_HEAD_KEYS and any(h in scope for h in _MAMBA_HEAD_DIM_KEYS):
         expand = scope.get("mamba_expand", scope.get("expand", 2))
         return max(1, int(expand * HIDDEN) // HEAD_DIM)  # Mamba-2: heads * head_dim = expand * hidden
@@ -296,6 +307,8 @@ def _small(k: str, v: Any, scope: dict, old_heads: int | None, ids: dict[int, in
         return min(v, VOCAB)  # also unpadded_vocab_size, vocab_size_per_layer_input, hash/n-gram vocabularies
     if k in ("n_group", "num_expert_group"):
         return min(v, 2)  # 2 groups of 2 experts
+    if k in ("n_groups", "mamba_n_groups", "mamba_ngroups"):
+        return min(v, 2)  # Mamba-2 B/C groups (they divide the heads)
     if k == "topk_group":
         return 1
     if v in hiddens and v > HIDDEN and any(w in k for w in _MIRROR_WORDS):
