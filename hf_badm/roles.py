@@ -100,10 +100,12 @@ def _gpt2_c_attn(config: Any, rows: int) -> tuple[Parts, int]:
 
 
 def _gpt_bigcode_c_attn(config: Any, rows: int) -> tuple[Parts, int]:
-    """GPT-BigCode ``c_attn``: ``split((embed_dim, 2 * kv_dim))`` with kv_dim = head_dim (multi-query) or embed_dim."""
+    """GPT-BigCode ``c_attn``: multi-query ``split((embed_dim, kv_dim, kv_dim))`` with kv_dim = head_dim; otherwise
+    ``view(..., heads, 3 * head_dim)``: per head (q, k, v)."""
     heads, _, head_dim = _heads(config)
-    kv = head_dim if config.multi_query else heads * head_dim
-    return _attention(heads * head_dim, kv, head_dim)
+    if config.multi_query:
+        return _attention(heads * head_dim, head_dim, head_dim)
+    return _attention(head_dim, head_dim, head_dim, groups=heads)
 
 
 def _phi3_qkv(config: Any, rows: int) -> tuple[Parts, int]:
@@ -146,9 +148,56 @@ def _codegen_qkv(config: Any, rows: int) -> tuple[Parts, int]:
     return _attention(local, local, local, groups=4, labels="qvk")
 
 
-def _gate_up(config: Any, rows: int) -> tuple[Parts, int | None]:
-    """A fused MLP ``gate_up_proj``: ``chunk(2, dim=-1)``, gate then up, concatenated."""
-    return _grouped(1, [("gate", rows // 2), ("up", rows // 2)]), None
+def _halves(first: str, second: str) -> Callable[[Any, int], tuple[Parts, None]]:
+    """Two concatenated halves (``chunk(2, dim=-1)``): a fused MLP's gate and up, K and V, Mamba's x and z."""
+    return lambda config, rows: (_grouped(1, [(first, rows // 2), (second, rows // 2)]), None)
+
+
+_gate_up = _halves("gate", "up")
+
+
+def _minimax_qkv(config: Any, rows: int) -> tuple[Parts, int]:
+    """MiniMax lightning attention ``qkv_proj``: ``reshape(..., heads, 3 * head_dim)`` then split: per head."""
+    heads, _, head_dim = _heads(config)
+    return _attention(head_dim, head_dim, head_dim, groups=heads)
+
+
+def _mamba_x_proj(config: Any, rows: int) -> tuple[Parts, None]:
+    """Mamba ``x_proj``: ``split([time_step_rank, state, state])``: dt, B and C."""
+    state = _first(config, "state_size", "mamba_d_state")
+    return _grouped(1, [("dt", rows - 2 * state), ("B", state), ("C", state)]), None
+
+
+def _mamba2_in_proj(config: Any, rows: int) -> tuple[Parts, None]:
+    """Mamba-2 ``in_proj``: ``split([d_inner, conv_dim, heads])``: the gate z, x with B and C, and dt."""
+    heads = _first(config, "mamba_n_heads", "mamba_num_heads", "num_heads", "n_mamba_heads")
+    groups = _first(config, "mamba_n_groups", "n_groups", "mamba_ngroups")
+    state = _first(config, "mamba_d_state", "state_size", "ssm_state_size")
+    inner = (rows - heads - 2 * groups * state) // 2
+    return _grouped(1, [("z", inner), ("xBC", inner + 2 * groups * state), ("dt", heads)]), None
+
+
+def _mla_kv_a(config: Any, rows: int) -> tuple[Parts, None]:
+    """MLA ``kv_a_proj_with_mqa``: ``split([kv_lora_rank, qk_rope_head_dim])``: the KV latent and the shared rope key."""
+    return _grouped(1, [("c_kv", config.kv_lora_rank), ("k_rope", config.qk_rope_head_dim)]), None
+
+
+def _mla_kv_b(config: Any, rows: int) -> tuple[Parts, None]:
+    """MLA ``kv_b_proj``: ``view(..., heads, nope + v)`` then split: per head [k_nope; v]."""
+    nope, v = config.qk_nope_head_dim, config.v_head_dim
+    return _grouped(config.num_attention_heads, [("k", nope), ("v", v)]), None
+
+
+def _gated_q(config: Any, rows: int) -> tuple[Parts, int]:
+    """Qwen3-Next/3.5 gated attention ``q_proj``: ``view(..., -1, head_dim * 2)`` then ``chunk(2)``: per head [q; gate]."""
+    heads, _, head_dim = _heads(config)
+    return _grouped(heads, [("q", head_dim), ("gate", head_dim)]), head_dim
+
+
+def _gdn_qkv(config: Any, rows: int) -> tuple[Parts, int]:
+    """Gated DeltaNet ``in_proj_qkv``: ``split([key_dim, key_dim, value_dim])``."""
+    key = config.linear_num_key_heads * config.linear_key_head_dim
+    return _grouped(1, [("q", key), ("k", key), ("v", rows - 2 * key)]), config.linear_key_head_dim
 
 
 # (model_type, the weight's name ending) -> its parts from the config and its output rows, and the head size
@@ -156,18 +205,44 @@ FUSED: dict[tuple[str, str], Callable[[Any, int], tuple[Parts, int | None]]] = {
     ("gpt2", "attn.c_attn.weight"): _gpt2_c_attn,
     ("gpt2", "crossattention.c_attn.weight"): _gpt2_c_attn,
     ("imagegpt", "attn.c_attn.weight"): _gpt2_c_attn,
+    ("openai-gpt", "attn.c_attn.weight"): _gpt2_c_attn,
     ("gpt_bigcode", "attn.c_attn.weight"): _gpt_bigcode_c_attn,
     ("phi3", "qkv_proj.weight"): _phi3_qkv,
     ("phi3", "gate_up_proj.weight"): _gate_up,
+    ("phi4_multimodal", "self_attn.qkv_proj.weight"): _phi3_qkv,
+    ("phi4_multimodal", "gate_up_proj.weight"): _gate_up,
     ("glm", "gate_up_proj.weight"): _gate_up,
     ("glm4", "gate_up_proj.weight"): _gate_up,
+    ("minimax_m3_vl_text", "gate_up_proj.weight"): _gate_up,
+    ("zamba2", "mlp.gate_up_proj.weight"): _gate_up,
     ("mpt", "attn.Wqkv.weight"): _mpt_or_dbrx_qkv,
     ("dbrx", "attn.Wqkv.weight"): _mpt_or_dbrx_qkv,
     ("gpt_neox", "query_key_value.weight"): _per_head_qkv,
+    ("gpt_neox_japanese", "query_key_value.weight"): _per_head_qkv,
     ("persimmon", "query_key_value.weight"): _per_head_qkv,
     ("bloom", "query_key_value.weight"): _per_head_qkv,
     ("falcon", "query_key_value.weight"): _falcon_qkv,
     ("codegen", "qkv_proj.weight"): _codegen_qkv,
+    ("minimax", "qkv_proj.weight"): _minimax_qkv,
+    ("jetmoe", "kv_proj.weight"): _halves("k", "v"),
+    **{(family, "shared_mlp.input_linear.weight"): _gate_up
+       for family in ("granitemoehybrid", "granitemoeshared", "granitemoe_swa")},
+    **{(family, "in_proj.weight"): _halves("x", "z") for family in ("mamba", "falcon_mamba", "jamba")},
+    **{(family, "x_proj.weight"): _mamba_x_proj for family in ("mamba", "falcon_mamba", "jamba")},
+    **{(family, "in_proj.weight"): _mamba2_in_proj
+       for family in ("mamba2", "nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2")},
+    **{(family, "self_attn.kv_a_proj_with_mqa.weight"): _mla_kv_a for family in (
+        "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "kimi_linear", "longcat_flash",
+        "minicpm3", "youtu", "sarvam_mla", "axk1", "axk2", "bailing_hybrid", "hy_v4")},
+    **{(family, "self_attn.kv_b_proj.weight"): _mla_kv_b for family in (
+        "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "kimi_linear", "longcat_flash",
+        "minicpm3", "youtu", "sarvam_mla", "axk1", "axk2", "bailing_hybrid", "hy_v4")},
+    **{(family, "self_attn.q_proj.weight"): _gated_q for family in (
+        "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")},
+    **{(family, "linear_attn.in_proj_qkv.weight"): _gdn_qkv for family in (
+        "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")},
+    **{(family, "in_proj.weight"): lambda config, rows: (_grouped(1, [(x, rows // 3) for x in "BCx"]), None)
+       for family in ("lfm2", "lfm2_moe", "lfm3")},
 }
 
 

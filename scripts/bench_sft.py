@@ -32,7 +32,12 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], list[float]]] = {
     "badm": ("BADM fused", {"optimizer": "badm"}, [1.0, 3.0, 10.0, 30.0]),
     "badm_norm": ("BADM normalized", {"optimizer": "badm", "preconditioner": "normalized"}, [1e-3, 3e-3, 1e-2, 3e-2]),
     "badm_ns": ("BADM newton_schulz", {"optimizer": "badm", "preconditioner": "newton_schulz"}, [0.01, 0.03, 0.1, 0.3]),
+    # LoRA's A and B are linear maps (hf_badm.roles: orthogonalised by default); this runs them elementwise instead
+    "badm_ns_lora_elementwise": ("BADM newton_schulz, LoRA A and B elementwise",
+                                 {"optimizer": "badm", "preconditioner": "newton_schulz",
+                                  "solve_overrides": r"\.lora_[AB]\.=elementwise"}, [0.01, 0.03, 0.1, 0.3]),
 }
+DEFAULT_OPTIMIZERS = ("adamw_torch", "muon", "badm", "badm_norm", "badm_ns")
 
 
 def pretraining_mix(out_dir: Path, stories: int, task_examples: int, tasks: list[str] | None) -> Path:
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                    "(beside 3000 stories; 0: stories only)")
     p.add_argument("--steps", type=int, default=300, help="LoRA SFT steps (batch 16)")
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"of {', '.join(OPTIMIZERS)}")
     p.add_argument("--rho-over-sigma", type=float, default=9.0, help="plain BADM's rho/sigma")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--examples", type=int, default=128, help="held-out prompts scored by exact match")
