@@ -281,7 +281,9 @@ class Report:
                "GPT-2's `c_attn` holds Q, K and V; since hf_badm.roles each is orthogonalised on its own by default. "
                "Cell as above: mean of 2 seeds at each row's best lr, and steps to tuned torch Muon's final loss as a "
                "fraction of its steps. 'before roles': the earlier runs of newton_schulz, c_attn whole and GPT-2's "
-               "Conv1D scaled by its stored (in, out) shape.\n"]
+               "Conv1D scaled by its stored (in, out) shape (since roles, as the out x in map it is: on GPT-2's MLP that "
+               "moves the larger scale from c_proj to c_fc). '–': not run yet (`bench_beyond_muon.py --stages split` "
+               "fills the places in).\n"]
         rows = ("muon", "muon_split", "badm_ns_norm", *SPLIT[1:])
         for size in ("tiny", "small"):
             keys = list(CORPORA)
