@@ -228,6 +228,10 @@ def _kv_heads(old_kv: int | None, old_heads: int | None) -> int:
 
 
 _MIRROR_WORDS = ("dim", "size", "hidden", "channel")
+# Sizes that only need a ceiling: (keys, the tiny value); linear_num_key_heads: a gated delta net's key heads
+_CAPS = ((_POSITION_KEYS, POSITIONS), (_EXPERT_KEYS, EXPERTS), (_TOPK_KEYS, EXPERTS_PER_TOKEN),
+         (_SHARED_EXPERT_KEYS, 1), (_RANK_KEYS, HEAD_DIM), (_STATE_KEYS, STATE), (_MAMBA_HEAD_DIM_KEYS, HEAD_DIM),
+         ({"linear_num_key_heads"}, KV_HEADS))
 
 
 def _small(k: str, v: Any, scope: dict, old_heads: int | None, ids: dict[int, int], vocab: int,
@@ -278,22 +282,9 @@ def _small(k: str, v: Any, scope: dict, old_heads: int | None, ids: dict[int, in
         return min(v, HEAD_DIM)
     if k in ("qk_rope_head_dim", "rotary_dim"):
         return min(v, HEAD_DIM // 2)
-    if k in _POSITION_KEYS:
-        return min(v, POSITIONS)
-    if k in _EXPERT_KEYS:
-        return min(v, EXPERTS)
-    if k in _TOPK_KEYS:
-        return min(v, EXPERTS_PER_TOKEN)
-    if k in _SHARED_EXPERT_KEYS:
-        return min(v, 1)
-    if k in _RANK_KEYS:
-        return min(v, HEAD_DIM)
-    if k in _STATE_KEYS:
-        return min(v, STATE)
-    if k in _MAMBA_HEAD_DIM_KEYS:
-        return min(v, HEAD_DIM)
-    if k == "linear_num_key_heads":
-        return min(v, KV_HEADS)  # gated delta net key heads
+    cap = next((c for keys, c in _CAPS if k in keys), None)
+    if cap is not None:
+        return min(v, cap)
     if k == "linear_num_value_heads":  # value heads, a multiple of the key heads
         ratio = max(1, v // scope["linear_num_key_heads"]) if scope.get("linear_num_key_heads") else 1
         return min(v, KV_HEADS * ratio)
