@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Union
 
 import torch
@@ -78,18 +79,23 @@ class MatrixView:
     order: tuple[int, ...] | None = None
     sizes: tuple[int, ...] | None = None
 
+    @cached_property
+    def _index(self) -> Tensor:
+        """``order`` as an index tensor, made once per view (the step reads it every time)."""
+        return torch.tensor(self.order)
+
     def maps(self, x: Tensor) -> list[Tensor]:
         """The (..., rows, in) maps of stored ``x``, in part order (views where possible)."""
         m = x.mT if self.transposed else x
         if self.order is not None:
-            m = m.index_select(-2, torch.tensor(self.order, device=m.device))
+            m = m.index_select(-2, self._index.to(m.device))
         return list(m.split(list(self.sizes), dim=-2)) if self.sizes is not None else [m]
 
     def stored(self, maps: list[Tensor], like: Tensor) -> Tensor:
         """The inverse of :meth:`maps`: the parts put back into ``like``'s stored layout (a new tensor)."""
         m = torch.cat(maps, dim=-2) if len(maps) > 1 else maps[0]
         if self.order is not None:
-            m = torch.empty_like(m).index_copy_(m.dim() - 2, torch.tensor(self.order, device=m.device), m)
+            m = torch.empty_like(m).index_copy_(m.dim() - 2, self._index.to(m.device), m)
         return (m.mT if self.transposed else m).reshape(like.shape)
 
 
@@ -104,7 +110,7 @@ def row_scales(shape: torch.Size, view: MatrixView, rule: str) -> Tensor:
     sizes = view.sizes or (rows,)
     scales = torch.cat([torch.full((n,), lr_scale(n, cols, rule), dtype=torch.float64) for n in sizes])
     if view.order is not None:
-        scales = torch.empty_like(scales).index_copy_(0, torch.tensor(view.order), scales)
+        scales = torch.empty_like(scales).index_copy_(0, view._index, scales)
     return scales.unsqueeze(-1)
 
 
