@@ -77,7 +77,7 @@ def build_model(job: dict, args: TrainingArguments) -> torch.nn.Module:
 
     family, build = job.get("family", "gpt2"), job.get("build", "before")
     if build == "before":
-        return _eager_experts(tiny_model(family))
+        return _eager_experts(_start(tiny_model(family), job))
     if args.deepspeed:
         import deepspeed
 
@@ -91,9 +91,21 @@ def build_model(job: dict, args: TrainingArguments) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_config(config)
     if family == "gpt2":
         model.loss_type = "ForCausalLM"  # as tiny_model: GPT-2 leaves it unset
-    if job.get("init_from"):  # a reference run starts where the run it is compared with started
+    return _eager_experts(_start(model, job))
+
+
+def _start(model: torch.nn.Module, job: dict) -> torch.nn.Module:
+    """A reference run starts where the run it is compared with started (``init_from``)."""
+    if job.get("init_from"):
         model.load_state_dict(torch.load(job["init_from"], weights_only=True)["init"])
-    return _eager_experts(model)
+    return model
+
+
+def records_start(job: dict) -> bool:
+    """Whether a run's start must be recorded for its 1-rank reference: a model made after ZeRO-3's arguments is
+    initialised partitioned (``deepspeed.zero.Init``), whose random draws need not be the unpartitioned model's."""
+    return job.get("build", "before") != "before" or (job.get("deepspeed") or {}).get(
+        "zero_optimization", {}).get("stage") == 3
 
 
 def _eager_experts(model: torch.nn.Module) -> torch.nn.Module:
@@ -300,7 +312,7 @@ def run_job(out: Path, job: dict) -> None:
         report = solve_report(trainer.model, trainer.badm_config if hasattr(trainer, "badm_config") else BADMConfig(
             preconditioner=job.get("preconditioner", "none")))
         extra["report"] = {"tensors": report.tensors, "left": list(report.elementwise_matrices)}
-        if job.get("build", "before") != "before":  # the start both runs of a comparison must share
+        if records_start(job):  # the start both runs of a comparison must share
             extra["init"] = full_params(trainer)
         counter = NewtonSchulzFlops(trainer) if job.get("preconditioner") == "newton_schulz" else None
         if counter is not None:

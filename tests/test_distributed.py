@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from dist_worker import fsdp2_run, run_job
+from dist_worker import fsdp2_run, records_start, run_job
 from tiny import tiny_model
 from procs import free_port, launch_env, run_process_group
 from hf_badm import BADM
@@ -100,10 +100,6 @@ ELEMENTWISE = ("normalized", "second_moment", "adam")  # the elementwise local s
 # and DeepSpeed ZeRO's gradient reduction then differs between the ranks (a collective-size mismatch in its reduce,
 # before any optimizer step, whatever the optimizer). MoE under ZeRO is claimed and tested on transformers 5 only.
 MOE_UNDER_ZERO = MOE if int(transformers.__version__.split(".")[0]) >= 5 else ()
-# Open: gpt-oss (experts stored (E, in, out), gate/up interleaved by column) under ZeRO-3 does not match 1 rank (first
-# step of an expert slice at cosine 0.03; ZeRO-2 and DDP match). Strict: the day it passes, this must go.
-GPT_OSS_ZERO3 = pytest.mark.xfail(strict=True, reason="gpt-oss's transposed, column-interleaved experts under ZeRO-3 "
-                                  "differ from 1 rank (open)")
 
 
 @pytest.mark.timeout(600)
@@ -269,10 +265,10 @@ def one_rank_reference(out: Path, name: str, world: int = 2) -> dict:
     arguments is initialised partitioned, so the reference loads the start the run recorded): accumulation x world,
     the same sequences per step."""
     job = json.loads((out / name / "job.json").read_text())
+    if records_start(job):
+        job["init_from"] = str(out / name / "rank0.pt")
     job = {k: v for k, v in job.items() if k not in ("deepspeed", "meter", "save_steps", "resume")}
     job.update(name=f"one_{name}", ga=job["ga"] * world)
-    if job.get("build", "before") != "before":
-        job["init_from"] = str(out / name / "rank0.pt")
     return one_rank(out, job)
 
 
@@ -386,15 +382,12 @@ def test_newton_schulz_under_zero_equals_one_rank_whatever_the_build_order_and_w
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3"])
 @pytest.mark.parametrize("family", MOE)
-def test_newton_schulz_on_fused_experts_under_every_engine_equals_one_rank(ddp, zero, engine, family, single_thread,
-                                                                          request):
+def test_newton_schulz_on_fused_experts_under_every_engine_equals_one_rank(ddp, zero, engine, family, single_thread):
     """Mixtral, Qwen2-MoE and gpt-oss (experts fused as 3-D tensors, each expert slice orthogonalised part by part:
     the 1-rank step is checked against a literal per-part Muon in tests/test_roles.py; 2-D per-expert weights on
     transformers 4.x): DDP (float64) and ZeRO-2/3 (float32)."""
     if engine != "ddp" and family not in MOE_UNDER_ZERO:
         pytest.skip("MoE under DeepSpeed ZeRO needs transformers >= 5 (fused experts): see MOE_UNDER_ZERO")
-    if (engine, family) == ("zero3", "gpt_oss"):
-        request.applymarker(GPT_OSS_ZERO3)
     out, name = (ddp, f"ddp_ns_{family}") if engine == "ddp" else (zero, f"{engine}_ns_{family}")
     ranks = [result(out, name, r) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]) for k in ranks[0]["params"])
@@ -410,16 +403,15 @@ def test_newton_schulz_on_fused_experts_under_every_engine_equals_one_rank(ddp, 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("family", MOE)
-def test_first_step_of_each_expert_slice_under_zero_is_the_one_rank_step(zero, stage, family, single_thread, request):
+def test_first_step_of_each_expert_slice_under_zero_is_the_one_rank_step(zero, stage, family, single_thread):
     """Under ZeRO-2/3 the first fused step of every expert slice points where the 1-rank step does (cosine >= 0.99;
     that step is NS5 of each part of the slice's own gradient, checked against a literal per-part Muon in tests/test_roles.py)."""
     if family not in MOE_UNDER_ZERO:
         pytest.skip("MoE under DeepSpeed ZeRO needs transformers >= 5 (fused experts): see MOE_UNDER_ZERO")
-    if (stage, family) == (3, "gpt_oss"):
-        request.applymarker(GPT_OSS_ZERO3)
     name = f"zero{stage}_ns_{family}_first"
-    start = {n: p.detach() for n, p in tiny_model(family).named_parameters()}
-    two, one = result(zero, name)["params"], one_rank_reference(zero, name)["params"]
+    run = result(zero, name)
+    start = run.get("init") or {n: p.detach() for n, p in tiny_model(family).named_parameters()}
+    two, one = run["params"], one_rank_reference(zero, name)["params"]
     slices = 0
     for n, p in two.items():
         if p.dim() == 3:
