@@ -10,8 +10,8 @@ from typing import Any, Optional
 from hf_badm.optim.badm import MODES, NONFINITE, PRECONDITIONERS
 from hf_badm.optim.defaults import default_rho
 from hf_badm.optim.local_solve import LOCAL_SOLVES, check_settings, elementwise_solves, setting_defaults
-from hf_badm.optim.preconditioned import NS_DTYPES
-from hf_badm.parallel.orthogonalize import COMM_DTYPES, DEFAULT_BUCKET_NUMEL, check_parallel_settings
+from hf_badm.optim.solves.newton_schulz import NS_DTYPES
+from hf_badm.parallel.orthogonalise import COMM_DTYPES, DEFAULT_BUCKET_NUMEL, check_parallel_settings
 from hf_badm.roles import SPLITS, parse_overrides
 
 WEIGHTINGS = ("items", "uniform")

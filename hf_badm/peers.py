@@ -50,7 +50,7 @@ from torch import nn
 from transformers import TrainingArguments, get_scheduler
 
 from hf_badm.optim.defaults import ELEMENTWISE_SIGMA
-from hf_badm.optim.preconditioned import orthogonalise, resolve_ns_dtype
+from hf_badm.optim.solves.newton_schulz import orthogonalise, resolve_ns_dtype
 
 __all__ = ["MUON_ADAMW_LR", "MuonWithAdamW", "NorMuon", "NorMuonWithAdamW", "create_muon_optimizer",
            "create_normuon_optimizer", "muon_param_groups", "QHAdam", "MuonWithQHAdam", "create_muon_qhadam_optimizer"]

@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from hf_badm.optim.preconditioned import WHOLE, MatrixView
+from hf_badm.optim.solves.newton_schulz import WHOLE, MatrixView
 from hf_badm.parallel.shapes import full_shape
 
 __all__ = ["TensorRole", "tensor_roles", "MATRIX_ROLES", "SPLITS", "OVERRIDE_ACTIONS", "parse_overrides", "FUSED"]

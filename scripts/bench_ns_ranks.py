@@ -1,4 +1,4 @@
-"""Newton-Schulz work split across data-parallel ranks (``hf_badm.parallel.ParallelOrthogonalizer``): one fused
+"""Newton-Schulz work split across data-parallel ranks (``hf_badm.parallel.ParallelOrthogonaliser``): one fused
 ``newton_schulz`` optimizer step on 1 and on 2 CPU processes (gloo), side by side in one run.
 
 Each rank holds the same GPT-2-style parameters and the same (reduced) gradients, as DDP gives them; the step is

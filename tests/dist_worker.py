@@ -186,7 +186,7 @@ def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "
     world > 1 (Accelerate enables FSDP only on GPUs). Each step: 8 sequences split over the ranks; every rank
     computes its mean loss and FSDP's reduce-scatter averages the gradients (equal token counts: the global mean).
     ``newton_schulz``: the groups of create_badm_optimizer, and each sharded matrix orthogonalised whole on one
-    rank (``ParallelOrthogonalizer``)."""
+    rank (``ParallelOrthogonaliser``)."""
     from torch.distributed.fsdp import fully_shard
 
     from hf_badm.parallel import prepare_for_ranks
@@ -229,7 +229,7 @@ def reset_deepspeed_state() -> None:
 
 class NewtonSchulzFlops(TrainerCallback):
     """Matmul FLOPs of this rank's Newton-Schulz work per optimizer step (torch's FLOP counter around every call of
-    ``BADM.orthogonalizer``: in the step in fused mode, in the absorbs in per-sub-batch mode)."""
+    ``BADM.orthogonaliser``: in the step in fused mode, in the absorbs in per-sub-batch mode)."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer, self.flops, self._running = trainer, [], 0
@@ -238,7 +238,7 @@ class NewtonSchulzFlops(TrainerCallback):
         from hf_badm.trainer import find_badm
 
         opt = find_badm(self.trainer.optimizer)
-        inner = opt.orthogonalizer
+        inner = opt.orthogonaliser
 
         def counted(params, inputs, steps, dtype):
             from torch.utils.flop_counter import FlopCounterMode
@@ -248,7 +248,7 @@ class NewtonSchulzFlops(TrainerCallback):
             self._running += mode.get_total_flops()
             return out
 
-        opt.orthogonalizer = counted
+        opt.orthogonaliser = counted
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.flops.append(self._running)

@@ -120,3 +120,29 @@ def test_engine_code_lives_in_parallel(module):
         assert not engines, f"{module} imports {sorted(engines)}"
     elif not module.startswith(("hf_badm.parallel", "hf_badm.app")):
         assert not {n for n in engines if n.startswith(("deepspeed", "torch.distributed.tensor"))}, module
+
+
+REPO = ROOT.parent
+
+
+def test_one_spelling_of_orthogonalise():
+    """Names, docs and recipes spell the word one way (the British -is-, as most of the code did)."""
+    files = [p for p in REPO.rglob("*") if p.suffix in (".py", ".md", ".yaml", ".yml", ".sh", ".toml")
+             and not {".venv", ".venv-floor", ".git", "outputs", "build"} & set(p.relative_to(REPO).parts[:1])]
+    assert len(files) > 50
+    other = "orthogonali" + "z"  # spelled apart, so that this file passes its own check
+    assert not [str(p.relative_to(REPO)) for p in files if other in p.read_text(errors="ignore").lower()]
+
+
+def test_newton_schulz_lives_in_one_file_under_optim():
+    """The iterations, coefficients, scales and matrix views are defined in optim/solves/newton_schulz.py only (the
+    engines' side, in hf_badm/parallel, calls them); no other optim module defines a Newton-Schulz name."""
+    home = "hf_badm.optim.solves.newton_schulz"
+    names = ("NS_COEFFICIENTS", "POLAR_EXPRESS_COEFFICIENTS", "orthogonalise", "lr_scale", "MatrixView", "NSSchedule")
+    for module, path in MODULES.items():
+        defined = {t.id for node in ast.parse(path.read_text()).body if isinstance(node, ast.Assign)
+                   for t in node.targets if isinstance(t, ast.Name)} | {
+            node.name for node in ast.parse(path.read_text()).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert module == home or not defined & set(names), (module, defined & set(names))
+    assert set(names) <= set(vars(importlib.import_module(home)))

@@ -147,7 +147,7 @@ def test_batched_newton_schulz_equals_the_per_matrix_iteration_in_float32(batche
     """Both forms of ``orthogonalise`` (matrices of one shape stacked and iterated with batched products, as on
     accelerators; matrix by matrix with fused addmm, as on the CPU) within 3e-6 of the literal 2-D iteration in
     float32 (wide, tall, square; several per shape; float64 inputs too): float32 rounding over 15 matmuls."""
-    from hf_badm.optim.preconditioned import orthogonalise
+    from hf_badm.optim.solves.newton_schulz import orthogonalise
     from reference import newton_schulz5
 
     gen = torch.Generator().manual_seed(0)
@@ -161,10 +161,10 @@ def test_batched_newton_schulz_equals_the_per_matrix_iteration_in_float32(batche
 
 
 class Recorder:
-    """An orthogonalizer that records its calls and delegates to the default."""
+    """An orthogonaliser that records its calls and delegates to the default."""
 
     def __init__(self):
-        from hf_badm.optim.preconditioned import orthogonalise
+        from hf_badm.optim.solves.newton_schulz import orthogonalise
 
         self.calls, self.default = [], orthogonalise
 
@@ -174,7 +174,7 @@ class Recorder:
 
 
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
-def test_one_orthogonalizer_call_per_step_or_absorb_with_every_matrix(mode):
+def test_one_orthogonaliser_call_per_step_or_absorb_with_every_matrix(mode):
     """The seam the data-parallel split plugs into: every Newton-Schulz matrix of every group (not the
     vectors of the fallback solve) in one call per fused step, or per absorbed sub-batch; the result equals
     the default's."""
@@ -183,7 +183,7 @@ def test_one_orthogonalizer_call_per_step_or_absorb_with_every_matrix(mode):
                   {"params": [p for p in net.parameters() if p.dim() == 2][2:] + [p for p in net.parameters() if p.dim() == 1],
                    "sigma": 40.0, "rho": 60.0}], sigma=30.0, mode=mode, preconditioner="newton_schulz")
             for net in nets]
-    recorder = opts[0].orthogonalizer = Recorder()
+    recorder = opts[0].orthogonaliser = Recorder()
     for net, opt in zip(nets, opts):
         run_steps(net, opt, 2, mode=mode)
     assert len(recorder.calls) == (2 if mode == "fused" else 2 * SUBS)
@@ -191,9 +191,9 @@ def test_one_orthogonalizer_call_per_step_or_absorb_with_every_matrix(mode):
     assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
 
 
-def test_ns_dtype_reaches_the_orthogonalizer_and_is_validated():
+def test_ns_dtype_reaches_the_orthogonaliser_and_is_validated():
     from hf_badm import BADMConfig
-    from hf_badm.optim.preconditioned import resolve_ns_dtype
+    from hf_badm.optim.solves.newton_schulz import resolve_ns_dtype
 
     assert resolve_ns_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_ns_dtype("auto", torch.device("cuda")) == torch.bfloat16  # as torch.optim.Muon
@@ -201,7 +201,7 @@ def test_ns_dtype_reaches_the_orthogonalizer_and_is_validated():
     for ns_dtype in ("bfloat16", "float64"):
         net = matrix_net()
         opt = BADM(net.parameters(), lr=0.03, preconditioner="newton_schulz", ns_dtype=ns_dtype)
-        recorder = opt.orthogonalizer = Recorder()
+        recorder = opt.orthogonaliser = Recorder()
         run_steps(net, opt, 2)
         assert {dtype for _, _, dtype in recorder.calls} == {getattr(torch, ns_dtype)}
         results[ns_dtype] = [p.detach().clone() for p in net.parameters()]

@@ -10,7 +10,7 @@ import torch
 
 from hf_badm import BADM
 from hf_badm.optim.local_solve import LOCAL_SOLVES
-from hf_badm.optim.preconditioned import orthogonalised
+from hf_badm.optim.solves.newton_schulz import orthogonalised
 from hf_badm.optim.solves import Normalized, SecondMoment
 from test_optimizer import STEPS, SUBS, literal_grads, make_net, max_rel, mse, run_steps, sub_batches
 from reference import LiteralBADM

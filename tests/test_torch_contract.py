@@ -47,7 +47,7 @@ from torch.testing._internal.common_optimizers import (
 from torch.testing._internal.common_utils import TestCase
 
 from hf_badm.optim import BADM
-from hf_badm.optim.badm import local_orthogonalizer
+from hf_badm.optim.badm import local_orthogonaliser
 from hf_badm.optim.local_solve import setting_defaults
 from hf_badm.peers import MuonWithAdamW, MuonWithQHAdam, NorMuonWithAdamW
 
@@ -538,20 +538,20 @@ instantiate_device_type_tests(TestOptimContract, globals(), only_for="cpu")
 
 
 class _Seam:
-    """An orthogonalizer holding what can be neither copied nor pickled, as hf_badm.parallel's hold process groups."""
+    """An orthogonaliser holding what can be neither copied nor pickled, as hf_badm.parallel's hold process groups."""
 
     def __init__(self) -> None:
         self.lock, self.calls = threading.Lock(), 0
 
-    def __call__(self, params, inputs, steps, dtype):  # noqa: ANN001 - BADM.orthogonalizer's signature
+    def __call__(self, params, inputs, steps, dtype):  # noqa: ANN001 - BADM.orthogonaliser's signature
         self.calls += 1
-        return local_orthogonalizer(params, inputs, steps, dtype)
+        return local_orthogonaliser(params, inputs, steps, dtype)
 
 
 def _ns_badm() -> tuple[BADM, Tensor]:
     weight, bias, x = _problem("cpu", torch.float64)
     opt = badm_newton_schulz([weight, bias], lr=0.01, ns_dtype="float64", rho=0.02 * 100)
-    opt.orthogonalizer, opt.aggregator = _Seam(), lambda tensors, weight_sum: weight_sum
+    opt.orthogonaliser, opt.aggregator = _Seam(), lambda tensors, weight_sum: weight_sum
     opt.step(functools.partial(_fwd_bwd, opt, weight, bias, x))
     return opt, x
 
@@ -559,21 +559,21 @@ def _ns_badm() -> tuple[BADM, Tensor]:
 def test_deepcopy_shares_the_seams_and_a_pickle_takes_the_local_ones() -> None:
     opt, x = _ns_badm()
     clone = copy.deepcopy(opt)
-    assert clone.orthogonalizer is opt.orthogonalizer and clone.aggregator is opt.aggregator
+    assert clone.orthogonaliser is opt.orthogonaliser and clone.aggregator is opt.aggregator
     weight, bias = _params(clone)
     clone.step(functools.partial(_fwd_bwd, clone, weight, bias, x))
-    assert opt.orthogonalizer.calls == 2
+    assert opt.orthogonaliser.calls == 2
     unpickled = pickle.loads(pickle.dumps(opt))
-    assert unpickled.orthogonalizer is local_orthogonalizer and unpickled.aggregator is None
+    assert unpickled.orthogonaliser is local_orthogonaliser and unpickled.aggregator is None
     assert (unpickled.mode, unpickled.ns_dtype, unpickled.skipped_steps) == (opt.mode, opt.ns_dtype, opt.skipped_steps)
 
 
 def test_load_state_dict_keeps_the_seams() -> None:
     """torch's load_state_dict goes through __setstate__: it must not reset what hf_badm.parallel attached."""
     opt, _ = _ns_badm()
-    seams = opt.orthogonalizer, opt.aggregator
+    seams = opt.orthogonaliser, opt.aggregator
     opt.load_state_dict(opt.state_dict())
-    assert (opt.orthogonalizer, opt.aggregator) == seams
+    assert (opt.orthogonaliser, opt.aggregator) == seams
 
 
 def test_per_sub_batch_deepcopy_mid_step() -> None:

@@ -16,8 +16,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from hf_badm.optim import solves  # noqa: F401  (registers the built-in local solves)
 from hf_badm.optim.defaults import default_rho
 from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, keeps_dual, local_solve_for, setting_defaults
-from hf_badm.optim.preconditioned import NS_DTYPES, Iterations, orthogonalise, resolve_ns_dtype
-from hf_badm.optim.solves.newton_schulz import matrix_layout, matrix_view
+from hf_badm.optim.solves.newton_schulz import (NS_DTYPES, Iterations, Orthogonaliser, local_orthogonaliser,
+                                                resolve_ns_dtype)
 from hf_badm.optim.state_dict import checked_state_dict
 from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
 
@@ -26,21 +26,6 @@ __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 MODES = ("fused", "per_sub_batch")
 PRECONDITIONERS = tuple(LOCAL_SOLVES)  # the built-in ones; BADM accepts every registered local solve
 NONFINITE = ("skip", "raise")
-# Orthogonalizer(params, inputs, steps, dtype) -> directions: the Newton-Schulz seam of BADM (class docstring).
-Orthogonalizer = Callable[[list[Tensor], list[Tensor], Iterations, torch.dtype], list[Tensor]]
-
-
-def local_orthogonalizer(params: list[Tensor], inputs: list[Tensor], steps: Iterations,
-                         dtype: torch.dtype) -> list[Tensor]:
-    """The orthogonaliser of one process: every input is a whole matrix (or a stack of expert matrices), holding the
-    maps its parameter's :func:`~hf_badm.optim.solves.newton_schulz.matrix_view` says."""
-    for p in params:
-        if matrix_layout(p) is not None:
-            raise ValueError("this parameter is a partition of several matrices (DeepSpeed ZeRO): Newton-Schulz needs the "
-                             "orthogonaliser of hf_badm.parallel that gathers them (parallel.prepare_for_ranks)")
-    return orthogonalise(inputs, steps, dtype, views=[matrix_view(p) for p in params])
-
-
 class NonFiniteGradientError(FloatingPointError, ValueError):
     """Raised by ``nonfinite="raise"`` when a gradient holds NaN or Inf."""
 
@@ -109,19 +94,19 @@ class BADM(Optimizer):
     :math:`M_s` and averages the local solutions through the duals (PISA's NSISA).
 
     **Newton-Schulz seam.** All of a step's orthogonalisation goes through one call of
-    :attr:`orthogonalizer` ``(params, inputs, steps, dtype) -> list[Tensor]`` (one call per distinct
+    :attr:`orthogonaliser` ``(params, inputs, steps, dtype) -> list[Tensor]`` (one call per distinct
     ``(steps, dtype)``, i.e. one in practice): fused :meth:`step` first computes the inputs
     :math:`g + \mu M` of every Newton-Schulz tensor of every group (after updating M), then calls it with
     the parameters they belong to, then lets each solve finish its directions (:meth:`LocalSolve.finish`, on what
     the call returned: this rank's piece on a sharded engine) and applies all updates; :meth:`absorb_sub_batch`
     does the same for its slot. ``steps`` is a count of Muon's quintic iterations or an
-    :class:`~hf_badm.optim.preconditioned.NSSchedule` (pass it on to ``orthogonalise``). Contract: for each input
+    :class:`~hf_badm.optim.solves.newton_schulz.NSSchedule` (pass it on to ``orthogonalise``). Contract: for each input
     X, in order, return the direction of X's shape: for a whole matrix
     :math:`\mathrm{NS}_{steps}(X)\sqrt{\max(1, \mathrm{rows}/\mathrm{cols})}` computed in ``dtype`` and
     cast back to X's dtype, for a 3-D stack of expert matrices the same per slice, for a shard or partition
     of whole matrices (the parameter says which: an FSDP2 DTensor, or a flat partition registered with
-    :func:`~hf_badm.optim.solves.newton_schulz.register_matrix_layout`) this process's share of the whole
-    matrices' directions; do not modify the inputs. The default, :func:`local_orthogonalizer`, takes whole
+    :func:`~hf_badm.parallel.orthogonalise.register_matrix_layout`) this process's share of the whole
+    matrices' directions; do not modify the inputs. The default, :func:`local_orthogonaliser`, takes whole
     matrices only; ``hf_badm.parallel`` supplies the one for several ranks and sharded engines. ``dtype`` is
     ``ns_dtype`` resolved on the input's device. In fused mode the inputs are identical on every
     data-parallel rank (they come from the reduced gradient), so ranks may each orthogonalise a share and
@@ -213,11 +198,11 @@ class BADM(Optimizer):
         self.ns_dtype = ns_dtype
         self._dual_roles = WeakIdKeyDictionary()  # parameter -> the local solve whose dual it keeps (metrics)
         # Seam for Newton-Schulz work (see the class docstring): all matrices of a step in one call.
-        self.orthogonalizer: Orthogonalizer = local_orthogonalizer
+        self.orthogonaliser: Orthogonaliser = local_orthogonaliser
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ copies and pickles
-    _SEAMS = ("orthogonalizer", "aggregator")
+    _SEAMS = ("orthogonaliser", "aggregator")
 
     def __getstate__(self) -> dict[str, Any]:
         """Every setting and counter (torch's keeps only defaults, state and param_groups), without the hooks (as
@@ -231,7 +216,7 @@ class BADM(Optimizer):
         super().__setstate__({k: v for k, v in state.items() if k != "_dual_roles"})
         if "_dual_roles" in state:
             self._dual_roles = WeakIdKeyDictionary(state["_dual_roles"])
-        self.__dict__.setdefault("orthogonalizer", local_orthogonalizer)
+        self.__dict__.setdefault("orthogonaliser", local_orthogonaliser)
         self.__dict__.setdefault("aggregator", None)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BADM:
@@ -239,7 +224,7 @@ class BADM(Optimizer):
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        clone.orthogonalizer, clone.aggregator = self.orthogonalizer, self.aggregator
+        clone.orthogonaliser, clone.aggregator = self.orthogonaliser, self.aggregator
         return clone
 
     # ------------------------------------------------------------------ groups and validation
@@ -276,12 +261,12 @@ class BADM(Optimizer):
 
     @staticmethod
     def group_orthogonalises(group: dict[str, Any]) -> bool:
-        """Whether ``group``'s local solve hands its matrices to :attr:`orthogonalizer`."""
+        """Whether ``group``'s local solve hands its matrices to :attr:`orthogonaliser`."""
         return LOCAL_SOLVES[group["preconditioner"]].orthogonalises
 
     @property
     def orthogonalises(self) -> bool:
-        """Whether any group's local solve hands its matrices to :attr:`orthogonalizer`."""
+        """Whether any group's local solve hands its matrices to :attr:`orthogonaliser`."""
         return any(self.group_orthogonalises(g) for g in self.param_groups)
 
     @staticmethod
@@ -340,7 +325,7 @@ class BADM(Optimizer):
     def _fused_step(self) -> None:
         """One shared local-solve state from the reduced gradient (exact for the elementwise solves;
         for newton_schulz, an approximation of the per-slot form): directions of every group first, one
-        orthogonalizer call, then the updates."""
+        orthogonaliser call, then the updates."""
         work = [(_scalar_lr(g), self._params_to_update(g)) for g in self.param_groups]
         grads = [p.grad for _, ps in work for p in ps if p.grad is not None]
         if not self._check_finite(grads, "gradient"):
@@ -385,7 +370,7 @@ class BADM(Optimizer):
         return state["momentum"]
 
     def _orthogonalise(self, parts: list[_Part]) -> None:
-        """Replace the Newton-Schulz inputs of ``parts`` by their directions: one orthogonalizer call per
+        """Replace the Newton-Schulz inputs of ``parts`` by their directions: one orthogonaliser call per
         (steps, dtype) of the step (one in practice), with the parameters the inputs belong to."""
         calls: dict[tuple[int, torch.dtype], list[tuple[_Part, int]]] = {}
         for part in parts:
@@ -396,9 +381,9 @@ class BADM(Optimizer):
         for key, where in calls.items():  # key: (steps, dtype)
             params = [part.params[i] for part, i in where]
             inputs = [part.directions[i] for part, i in where]
-            outputs = self.orthogonalizer(params, inputs, *key)
+            outputs = self.orthogonaliser(params, inputs, *key)
             if len(outputs) != len(inputs):
-                raise RuntimeError(f"BADM.orthogonalizer returned {len(outputs)} directions for {len(inputs)} inputs")
+                raise RuntimeError(f"BADM.orthogonaliser returned {len(outputs)} directions for {len(inputs)} inputs")
             for (part, i), out in zip(where, outputs):
                 part.directions[i] = out
 
@@ -429,7 +414,7 @@ class BADM(Optimizer):
 
     def _absorb(self, work: list[tuple[dict[str, Any], list[Tensor]]], slot: int, weight: float) -> None:
         """The literal local solve of one slot (each slot keeps its own solve state): directions of every
-        group first, one orthogonalizer call, then the duals and the aggregate."""
+        group first, one orthogonaliser call, then the duals and the aggregate."""
         parts, slot_views = [], []
         for group, params in work:
             for solve, ps in _by_solve(group, params):

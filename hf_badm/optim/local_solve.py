@@ -38,7 +38,7 @@ class LocalSolve:
     ``name``: the ``preconditioner=`` value. ``state_keys``: its per-parameter state (in fused mode one
     value per key; in per-sub-batch mode a list per key, one entry per slot). ``gains``: whether the solve
     returns elementwise gains (else the gain is the scalar sigma / (sigma + rho)). ``orthogonalises``: the
-    directions are inputs for ``BADM.orthogonalizer`` (Newton-Schulz), which turns all of a step's inputs into
+    directions are inputs for ``BADM.orthogonaliser`` (Newton-Schulz), which turns all of a step's inputs into
     directions in one call; :meth:`finish` then sees them. ``fallback``: the solve of the tensors :meth:`applies`
     rejects. ``settings``: its hyperparameters and their defaults (every param group carries them, as
     per-algorithm settings do in microsoft/dion; ``BADM(**settings)`` overrides them). ``rho_over_sigma``: the
@@ -94,7 +94,7 @@ class LocalSolve:
         raise NotImplementedError
 
     def iterations(self, group: dict[str, Any]) -> Any:
-        """An orthogonalising solve: the ``steps`` argument of ``BADM.orthogonalizer`` for ``group``."""
+        """An orthogonalising solve: the ``steps`` argument of ``BADM.orthogonaliser`` for ``group``."""
         raise NotImplementedError
 
     def finish(self, params: list[Tensor], directions: list[Tensor], gains: list[Tensor] | None,

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hf_badm.optim.badm import BADM
-from hf_badm.parallel.orthogonalize import ParallelOrthogonalizer
+from hf_badm.parallel.orthogonalise import ParallelOrthogonaliser
 
 __all__ = ["all_reduce_aggregator", "world_size", "prepare_for_ranks"]
 
@@ -53,14 +53,14 @@ def all_reduce_aggregator(aggregates: list[Tensor], weight_sum: float) -> float:
     return total
 
 
-def prepare_for_ranks(optimizer: BADM, world: int, **orthogonalizer_kwargs) -> None:
+def prepare_for_ranks(optimizer: BADM, world: int, **orthogonaliser_kwargs) -> None:
     """Give a BADM what it needs on ``world`` data-parallel ranks, once, where it is created: per-sub-batch mode
     the rank aggregation of its slots, fused mode the split Newton-Schulz work (when a group orthogonalises).
-    ``orthogonalizer_kwargs`` go to :class:`ParallelOrthogonalizer` (bucket size, communication dtype)."""
+    ``orthogonaliser_kwargs`` go to :class:`ParallelOrthogonaliser` (bucket size, communication dtype)."""
     if world <= 1:
         return
     if optimizer.mode == "per_sub_batch":
         if optimizer.aggregator is None:
             optimizer.aggregator = all_reduce_aggregator
-    elif optimizer.orthogonalises and not isinstance(optimizer.orthogonalizer, ParallelOrthogonalizer):
-        optimizer.orthogonalizer = ParallelOrthogonalizer(**orthogonalizer_kwargs)
+    elif optimizer.orthogonalises and not isinstance(optimizer.orthogonaliser, ParallelOrthogonaliser):
+        optimizer.orthogonaliser = ParallelOrthogonaliser(**orthogonaliser_kwargs)

@@ -12,9 +12,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from hf_badm.optim.badm import BADM
-from hf_badm.optim.preconditioned import MatrixView
-from hf_badm.optim.solves.newton_schulz import matrix_view, register_matrix_layout
-from hf_badm.parallel.orthogonalize import ParallelOrthogonalizer
+from hf_badm.optim.solves.newton_schulz import MatrixView, matrix_view
+from hf_badm.parallel.orthogonalise import ParallelOrthogonaliser, register_matrix_layout
 
 __all__ = ["ZeroMatrixLayout", "attach_zero_layouts", "attach_engine_layouts"]
 
@@ -57,7 +56,7 @@ class ZeroMatrixLayout:
 def attach_zero_layouts(zero_optimizer: Any) -> int:
     """Register the flat fp32 partitions of a DeepSpeed ZeRO optimizer whose BADM group orthogonalises with their
     :class:`ZeroMatrixLayout` (their whole shapes from DeepSpeed's own records), and make sure the BADM inside has the
-    :class:`ParallelOrthogonalizer` (a 1-rank ZeRO run needs it too). Returns how many partitions were registered.
+    :class:`ParallelOrthogonaliser` (a 1-rank ZeRO run needs it too). Returns how many partitions were registered.
     Such groups are made by ``badm_param_groups`` and hold whole weight matrices (and expert stacks) only."""
     badm: BADM = zero_optimizer.optimizer
     tagged = 0
@@ -79,8 +78,8 @@ def attach_zero_layouts(zero_optimizer: Any) -> int:
                     zero_optimizer.real_dp_process_group[i], flat.numel(),
                     offsets=list(zero_optimizer.round_robin_bit16_offsets[i])))
                 tagged += 1
-    if tagged and not isinstance(badm.orthogonalizer, ParallelOrthogonalizer):
-        badm.orthogonalizer = ParallelOrthogonalizer()
+    if tagged and not isinstance(badm.orthogonaliser, ParallelOrthogonaliser):
+        badm.orthogonaliser = ParallelOrthogonaliser()
     return tagged
 
 

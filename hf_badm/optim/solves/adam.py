@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
-from hf_badm.optim.preconditioned import (SECOND_MOMENT_SETTINGS, check_second_moment_settings, fold_second_moments,
+from hf_badm.optim.moments import (SECOND_MOMENT_SETTINGS, check_second_moment_settings, fold_second_moments,
                                           rms_denominators)
 from hf_badm.optim.validation import fraction
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from hf_badm.optim.local_solve import LocalSolve, register_local_solve
-from hf_badm.optim.preconditioned import (SECOND_MOMENT_SETTINGS, check_second_moment_settings, fold_second_moments,
+from hf_badm.optim.moments import (SECOND_MOMENT_SETTINGS, check_second_moment_settings, fold_second_moments,
                                           rms_denominators)
 
 # It steps like AdamW: at 0.03 the sweeps' eval loss was 3x its best (2.33 vs 0.78 on tiny, 4.5 on small), and from

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from hf_badm.optim.local_solve import register_local_solve
-from hf_badm.optim.preconditioned import row_scales
+from hf_badm.optim.solves.newton_schulz import row_scales
 from hf_badm.optim.solves.newton_schulz import NewtonSchulz, matrix_view, whole_matrices
 from hf_badm.optim.validation import fraction
 

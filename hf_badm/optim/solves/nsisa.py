@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from hf_badm.optim.local_solve import Reduce, register_local_solve
-from hf_badm.optim.preconditioned import gains_of_
+from hf_badm.optim.moments import gains_of_
 from hf_badm.optim.solves.newton_schulz import NewtonSchulz
 from hf_badm.optim.validation import one_of, positive
 

@@ -1,6 +1,6 @@
 """Newton-Schulz on several ranks: each whole matrix is orthogonalised on one owner rank, balanced by cost.
 
-Two kinds of input reach ``BADM.orthogonalizer`` in fused mode, and each moves only what it must:
+Two kinds of input reach ``BADM.orthogonaliser`` in fused mode, and each moves only what it must:
 
 * **Replicated** matrices (DDP): every rank holds every matrix and needs every direction. Each rank orthogonalises
   its own share and one ``all_gather`` per dtype brings the rest: about 1/W of the matmul work per rank.
@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from hf_badm.optim.preconditioned import MatrixView, orthogonalise
-from hf_badm.optim.solves.newton_schulz import matrix_layout, matrix_view
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["ParallelOrthogonalizer", "assign_owners", "ns_cost", "check_parallel_settings", "COMM_DTYPES", "DEFAULT_BUCKET_NUMEL"]
+from hf_badm.optim.solves.newton_schulz import MatrixView, mark_partition, matrix_view, orthogonalise
+
+__all__ = ["ParallelOrthogonaliser", "register_matrix_layout", "matrix_layout", "assign_owners", "ns_cost", "check_parallel_settings", "COMM_DTYPES", "DEFAULT_BUCKET_NUMEL"]
 
 # As DeepSpeed's default reduce bucket (reduce_bucket_size = 5e8 elements): the largest set of matrices whose pieces
 # one exchange holds at once.
@@ -30,8 +31,24 @@ DEFAULT_BUCKET_NUMEL = 500_000_000
 COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+# Each flat partition of whole matrices (an engine's: hf_badm.parallel.zero) with the object that says where its
+# matrices are (``matrices(x)`` and ``output(x)``, as :class:`~hf_badm.parallel.zero.ZeroMatrixLayout`).
+_MATRIX_LAYOUTS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def register_matrix_layout(p: Tensor, layout: Any) -> None:
+    """Declare ``p`` a flat partition of whole matrices, described by ``layout`` (and so a Newton-Schulz tensor)."""
+    mark_partition(p)
+    _MATRIX_LAYOUTS[p] = layout
+
+
+def matrix_layout(p: Tensor) -> Any:
+    """The layout registered for ``p``, or None."""
+    return _MATRIX_LAYOUTS.get(p)
+
+
 def check_parallel_settings(bucket_numel: int, comm_dtype: str, prefix: str = "") -> None:
-    """The settings of :class:`ParallelOrthogonalizer` (also checked by BADMConfig before a run starts)."""
+    """The settings of :class:`ParallelOrthogonaliser` (also checked by BADMConfig before a run starts)."""
     if comm_dtype not in COMM_DTYPES:
         raise ValueError(f"{prefix}comm_dtype must be one of {tuple(COMM_DTYPES)}, got {comm_dtype!r}")
     if isinstance(bucket_numel, bool) or not isinstance(bucket_numel, int) or bucket_numel < 1:
@@ -69,8 +86,8 @@ class ShardedMatrix(NamedTuple):
     out: Tensor
 
 
-class ParallelOrthogonalizer:
-    """``BADM.orthogonalizer`` for fused mode on several data-parallel ranks (see the module docstring).
+class ParallelOrthogonaliser:
+    """``BADM.orthogonaliser`` for fused mode on several data-parallel ranks (see the module docstring).
 
     Replicas stay bit-identical: each direction is computed once, by its owner, and copied. ``bucket_numel`` bounds
     the elements of the matrices one sharded exchange holds; ``comm_dtype`` ("float32", exact, or "bfloat16", half
