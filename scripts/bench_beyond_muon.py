@@ -241,6 +241,17 @@ class Report:
         seeds = f", {len(runs)} seeds" if all_seeds and len(runs) != 2 else ""
         return f"{curve[-1]['eval_loss']:.3f} ({bc.fmt(frac, '.2f')}x{seeds})", frac
 
+    def row(self, pts: list, size: str, keys: list[str], all_seeds: bool = True) -> tuple[list[str], float | None]:
+        """A table row's cells (one per place) and the geometric mean of their fractions (None: one is missing)."""
+        cells = [self.cell(p, size, k, all_seeds) for p, k in zip(pts, keys)]
+        fracs = [f for _, f in cells]
+        return [t for t, _ in cells], math.exp(statistics.mean(map(math.log, fracs))) if all(fracs) else None
+
+    def geomean(self, o: str, tokens: str, size: str) -> float | None:
+        """The optimizer's geometric-mean fraction over the corpora at one tokenisation and size."""
+        keys = [corpus_key(c, tokens) for c in CORPORA]
+        return self.row([self.point(o, size, k) for k in keys], size, keys)[1]
+
     @staticmethod
     def describe(point: dict[str, Any]) -> str:
         r = point["rho_over_sigma"]
@@ -265,12 +276,9 @@ class Report:
                 pts = [self.point(o, size, k) for k in keys]
                 if not any(pts):
                     continue
-                cells = [self.cell(p, size, k) for p, k in zip(pts, keys)]
-                fracs = [f for _, f in cells]
-                gm = math.exp(statistics.mean(map(math.log, fracs))) if all(fracs) else None
+                cells, gm = self.row(pts, size, keys)
                 where = "; ".join(f"{k.split('_')[0]}: {self.describe(p)}" for p, k in zip(pts, CORPORA) if p)
-                out.append(f"| {cv.LABELS[o]} | " + " | ".join(t for t, _ in cells) + f" | {bc.fmt(gm, '.2f')}x | "
-                           f"{where} |")
+                out.append(f"| {cv.LABELS[o]} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f')}x | {where} |")
             out.append("")
         return "\n".join(out)
 
@@ -293,50 +301,57 @@ class Report:
                     "|---|" + "---:|" * len(keys) + "---:|---|"]
             for o in rows:
                 pts = [self.point(o, size, k) for k in keys]
-                cells = [self.cell(p, size, k) for p, k in zip(pts, keys)]
-                fracs = [f for _, f in cells]
-                gm = math.exp(statistics.mean(map(math.log, fracs))) if all(fracs) else None
+                cells, gm = self.row(pts, size, keys)
                 label = cv.LABELS[o] + (" (before roles)" if o == "badm_ns_norm" else "")
                 lrs = ", ".join(f"{p['learning_rate']:g}" for p in pts if p)
-                out.append(f"| {label} | " + " | ".join(t for t, _ in cells) + f" | {bc.fmt(gm, '.2f')}x | {lrs} |")
+                out.append(f"| {label} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f')}x | {lrs} |")
             out.append("")
         return "\n".join(out)
 
-    def defaults(self) -> str:
-        """Per optimizer, the setting with the lowest geometric mean of the seed-0 fraction over every corpus, size
-        and tokenisation where it ran, and each one's own best against it."""
+    def places(self) -> list[tuple[str, str]]:
         places = [(corpus_key(c, t), size) for t, size in SETTINGS for c in CORPORA]
-        places = [(k, size) for k, size in places if self.muon(size, k)]
+        return [(k, size) for k, size in places if self.muon(size, k)]
+
+    def chosen(self, o: str) -> tuple[dict[str, Any], float, int, tuple] | None:
+        """Of the optimizer's settings run at every place, the one with the lowest geometric mean of the seed-0
+        fraction: (its point, that mean, how many settings ran everywhere, the largest gap to a place's own best)."""
+        places = self.places()
+        by_setting: dict[tuple, list[float]] = {}
+        for k, size in places:
+            for p in self.sw.points(o, size, k):
+                frac = self.fraction(p["curve"], size, k)
+                if frac is not None:
+                    by_setting.setdefault((p["learning_rate"], p["rho_over_sigma"], p.get("elementwise_lr")), []).append(frac)
+        gms = {key: math.exp(statistics.mean(map(math.log, v))) for key, v in by_setting.items() if len(v) == len(places)}
+        if not gms:
+            return None
+        chosen = min(gms, key=gms.get)
+        gaps = []
+        for k, size in places:
+            pts = self.sw.points(o, size, k)
+            at = next(p for p in pts if (p["learning_rate"], p["rho_over_sigma"], p.get("elementwise_lr")) == chosen)
+            best = min(pts, key=lambda p: p["final_eval_loss"])
+            gaps.append((at["final_eval_loss"] - best["final_eval_loss"], k, size, best))
+        point = {"learning_rate": chosen[0], "rho_over_sigma": chosen[1], "elementwise_lr": chosen[2]}
+        return point, gms[chosen], len(gms), max(gaps, key=lambda g: g[0])
+
+    def defaults(self) -> str:
+        """Per optimizer, the setting chosen over every corpus, size and tokenisation (:meth:`chosen`), and each
+        place's own best against it."""
         out = ["### Defaults chosen on real text: the geometric mean over corpora, sizes and tokenisations\n",
-               f"Over {len(places)} places (corpus x size x tokenisation), seed 0: per optimizer, of the settings run "
-               "at every place, the one with the lowest geometric mean of the steps-to-Muon fraction; then at each "
+               f"Over {len(self.places())} places (corpus x size x tokenisation), seed 0: per optimizer, of the settings "
+               "run at every place, the one with the lowest geometric mean of the steps-to-Muon fraction; then at each "
                "place its own best setting and how much lower its final loss is than the chosen one's.\n",
                "| optimizer | chosen setting | geometric mean | settings run everywhere | largest loss gap to a place's own best |",
                "|---|---|---:|---:|---|"]
         for o in ROWS:
-            by_setting: dict[tuple, list[float]] = {}
-            for k, size in places:
-                for p in self.sw.points(o, size, k):
-                    key = (p["learning_rate"], p["rho_over_sigma"], p.get("elementwise_lr"))
-                    frac = self.fraction(p["curve"], size, k)
-                    if frac is not None:
-                        by_setting.setdefault(key, []).append(frac)
-            full = {key: v for key, v in by_setting.items() if len(v) == len(places)}
-            if not full:
+            found = self.chosen(o)
+            if found is None:
                 continue
-            gms = {key: math.exp(statistics.mean(map(math.log, v))) for key, v in full.items()}
-            chosen = min(gms, key=gms.get)
-            gaps = []
-            for k, size in places:
-                pts = self.sw.points(o, size, k)
-                at = next(p for p in pts if (p["learning_rate"], p["rho_over_sigma"], p.get("elementwise_lr")) == chosen)
-                best = min(pts, key=lambda p: p["final_eval_loss"])
-                gaps.append((at["final_eval_loss"] - best["final_eval_loss"], k, size, best))
-            gap, k, size, best = max(gaps, key=lambda g: g[0])
-            point = {"learning_rate": chosen[0], "rho_over_sigma": chosen[1], "elementwise_lr": chosen[2]}
+            point, gm, n, (gap, k, size, best) = found
             worst = "none (the chosen one is best everywhere)" if gap <= 0 else (
                 f"{gap:.3f} on {k} {size} (its best there: {self.describe(best)})")
-            out.append(f"| {cv.LABELS[o]} | {self.describe(point)} | {gms[chosen]:.2f}x | {len(full)} | {worst} |")
+            out.append(f"| {cv.LABELS[o]} | {self.describe(point)} | {gm:.2f}x | {n} | {worst} |")
         return "\n".join(out) + "\n"
 
     def ablation(self) -> str:
@@ -349,11 +364,17 @@ class Report:
             pts = [self.point(o, "tiny", k, ratio, lr) for k in keys]
             if not any(pts):
                 continue
-            cells = [self.cell(p, "tiny", k, all_seeds=False) for p, k in zip(pts, keys)]
-            fracs = [f for _, f in cells]
-            gm = math.exp(statistics.mean(map(math.log, fracs))) if all(fracs) else None
-            out.append(f"| {label} | " + " | ".join(t for t, _ in cells) + f" | {bc.fmt(gm, '.2f')}x |")
+            cells, gm = self.row(pts, "tiny", keys, all_seeds=False)
+            out.append(f"| {label} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f')}x |")
         return "\n".join(out) + "\n"
+
+
+def load(results: Path = bc.RESULTS / "real-corpora") -> Report:
+    """The recorded runs as a :class:`Report` (no corpus gathered, nothing run)."""
+    a = argparse.Namespace(steps={"tiny": 300, "small": 150}, device="cpu", fixed=[], elementwise_lr=None,
+                           optimizers=list(cv.LABELS), extend=1, lean=False, args=None)
+    sw = cv.Sweep(a, bc.Results.merged(sorted(results.glob("*.json"))), {}, {})
+    return Report(sw)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -379,12 +400,10 @@ def main(argv: list[str] | None = None) -> None:
     bc.setup(a)
     base = {**bc.BASE_RECIPE, "num_train_examples": 3000, "num_eval_examples": 100}
     if a.report:  # reads the results only: no corpus is gathered
-        sw = cv.Sweep(a, bc.Results.merged([]), base, {})
-        sw.results = bc.Results.merged(sorted(a.results.glob("*.json")))
-        rep = Report(sw)
-        loads = [r["load_1min"] for r in sw.results.runs]
+        rep = load(a.results)
+        loads = [r["load_1min"] for r in rep.sw.results.runs]
         note = a.note.read_text().strip() + "\n" if a.note else ""
-        stamp = bc.stamp(sw.results.meta, "bash scripts/bench_beyond_muon.sh", loads) if loads else ""
+        stamp = bc.stamp(rep.sw.results.meta, "bash scripts/bench_beyond_muon.sh", loads) if loads else ""
         text = "\n".join([SECTION + "\n", note, stamp,
                           "- every run (all points, all seeds, eval curves): "
                           "[`results/real-corpora/`](results/real-corpora/)\n", rep.tables(), rep.defaults(),

@@ -111,17 +111,32 @@ def run_mode(optimizer: str, deepspeed: Path | None, out: Path, skip: int, steps
     return collectives(trace), params
 
 
-def table(results: dict[str, list[tuple[str, int]]], steps: int, params: int) -> str:
-    param_bytes = 4 * params
+def section(data: dict) -> str:
+    """The docs section from the result file (``--report`` rebuilds it without running)."""
+    steps, param_bytes = data["steps"], 4 * data["params"]
     rows = ["| mode | collectives / step | of them ≥ 1 KiB | payload MiB / step / rank | payload / parameter bytes "
             "| by kind (calls / step) |", "|---|---:|---:|---:|---:|---|"]
-    for name, calls in results.items():
+    for name, calls in data["modes"].items():
         total = sum(b for _, b in calls) / steps
         kinds = Counter(k for k, _ in calls)
         rows.append(f"| {name} | {len(calls) / steps:g} | {sum(b >= 1024 for _, b in calls) / steps:g} "
                     f"| {total / 2**20:.3f} | {total / param_bytes:.3f} "
                     f"| {', '.join(f'{k} {v / steps:g}' for k, v in sorted(kinds.items()))} |")
-    return "\n".join(rows)
+    return (f"{SECTION}\n\nCollectives each rank executes per optimizer step, measured with `torch.profiler` (every "
+            f"`gloo:*` event, including DDP's C++ reducer and DeepSpeed's own calls), {data['world']} CPU ranks, GPT-2 "
+            f"4 x 128 ({data['params'] / 1e6:.2f}M float32 parameters = {param_bytes / 2**20:.2f} MiB), 2 micro-batches "
+            f"of 4 x 64 tokens per rank and step, mean over {steps} steps after {data['skip']}. Payload: bytes each "
+            "rank hands to the collectives (an all-reduce of N bytes counts N; ring all-reduce puts about 2N(W-1)/W on "
+            "the wire). The small ones are the Trainer's own (`average_tokens_across_devices` gathers the loss-item "
+            "count; per-sub-batch adds the weight sum to its one flat all-reduce).\n\n"
+            + bc.stamp(data["machine"], data["command"])
+            + "- every call: [`results/comm.json`](results/comm.json)\n\n" + "\n".join(rows) + "\n\n"
+            "Reading the rows: DDP's large all-reduces are its gradient buckets, its small one the used-parameter map "
+            "of `find_unused_parameters` (the Trainer's default without gradient checkpointing); BADM fused adds "
+            "nothing to DDP. Per-sub-batch reduces no gradients (`no_sync` on every micro-step) and sends one flat "
+            "all-reduce of its aggregate buffers plus the weight sum. DeepSpeed ZeRO-2 (gloo) reduces gradients at "
+            "every micro-step, in per-partition pieces, and all-gathers the updated partitions after the step; "
+            "BADM's update runs on the local partition and adds nothing to AdamW's traffic.\n")
 
 
 def main() -> None:
@@ -129,36 +144,29 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=2, help="optimizer steps before the profiled ones")
     parser.add_argument("--steps", type=int, default=4, help="profiled optimizer steps")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
+    parser.add_argument("--results", type=Path, default=bc.RESULTS / "comm.json", help="result JSON")
     parser.add_argument("--docs", type=Path, default=bc.DOCS, help="markdown file whose section is (re)written")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
+    parser.add_argument("--report", action="store_true", help="rebuild the section from the result JSON (runs nothing)")
     a = parser.parse_args()
     bc.quiet()
-    results, params = {}, 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for key in [m.strip() for m in a.modes.split(",") if m.strip()]:
-            name, optimizer, deepspeed = MODES[key]
-            results[name], params = run_mode(optimizer, deepspeed, Path(tmp) / key, a.skip, a.steps)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if (dist.get_rank() if dist.is_initialized() else 0) != 0:
-        return
-    meta = bc.machine()
-    text = (f"{SECTION}\n\n"
-            f"Collectives each rank executes per optimizer step, measured with `torch.profiler` (every `gloo:*` "
-            f"event, including DDP's C++ reducer and DeepSpeed's own calls), {world} CPU ranks, GPT-2 4 x 128 "
-            f"({params / 1e6:.2f}M float32 parameters = {4 * params / 2**20:.2f} MiB), 2 micro-batches of 4 x 64 tokens "
-            f"per rank and step, mean over {a.steps} steps after {a.skip}. Payload: bytes each rank hands to the "
-            f"collectives (an all-reduce of N bytes counts N; ring all-reduce puts about 2N(W-1)/W on the wire). "
-            f"The small ones are the Trainer's own (`average_tokens_across_devices` gathers the loss-item count; "
-            f"per-sub-batch adds the weight sum to its one flat all-reduce).\n\n"
-            + bc.stamp(meta, "torchrun --standalone --nproc_per_node 2 scripts/bench_comm.py"
-                       + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")) + "\n"
-            f"{table(results, a.steps, params)}\n\n"
-            f"Reading the rows: DDP's large all-reduces are its gradient buckets, its small one the used-parameter map "
-            f"of `find_unused_parameters` (the Trainer's default without gradient checkpointing); BADM fused adds "
-            f"nothing to DDP. Per-sub-batch reduces no gradients (`no_sync` on every micro-step) and sends one flat "
-            f"all-reduce of its aggregate buffers plus the weight sum. DeepSpeed ZeRO-2 (gloo) reduces gradients at "
-            f"every micro-step, in per-partition pieces, and all-gathers the updated partitions after the step; "
-            f"BADM's update runs on the local partition and adds nothing to AdamW's traffic.\n")
+    if a.report:
+        data = json.loads(a.results.read_text())
+    else:
+        modes, params = {}, 0
+        with tempfile.TemporaryDirectory() as tmp:
+            for key in [m.strip() for m in a.modes.split(",") if m.strip()]:
+                name, optimizer, deepspeed = MODES[key]
+                modes[name], params = run_mode(optimizer, deepspeed, Path(tmp) / key, a.skip, a.steps)
+        if (dist.get_rank() if dist.is_initialized() else 0) != 0:
+            return
+        args = [x for i, x in enumerate(sys.argv[1:]) if "--docs" not in sys.argv[i:i + 2]]  # where it is written: no
+        command = " ".join(["torchrun --standalone --nproc_per_node 2 scripts/bench_comm.py", *args])  # part of it
+        data = {"machine": bc.machine(), "command": command, "world": dist.get_world_size() if dist.is_initialized()
+                else 1, "params": params, "steps": a.steps, "skip": a.skip, "modes": modes}
+        if not a.no_write:
+            bc.write_json(a.results, data)
+    text = section(data)
     print(text)
     if not a.no_write:
         bc.write_section(a.docs, SECTION, text)
