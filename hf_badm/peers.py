@@ -9,7 +9,7 @@ groups (``hf_badm.factory.badm_param_groups``): a trainable 2-D tensor that is n
 embedding is a hidden matrix. So ``muon`` and ``badm-newton_schulz`` orthogonalise exactly the same
 tensors, and weight decay follows the Trainer's own decay/no-decay split in both.
 
-Defaults, and why (``hf_badm.optim.defaults``):
+Defaults, and why (the learning rates of ``hf-badm compare``: ``hf_badm.app.learning_rates``):
 
 - Muon lr = ``args.learning_rate``; ``hf-badm compare`` gives it ``COMPARE_LEARNING_RATES["muon"]``
   (0.03, the learning rate of ``badm-newton_schulz``).
@@ -19,7 +19,7 @@ Defaults, and why (``hf_badm.optim.defaults``):
   hidden matrix (docs/preconditioners.md; up to torch's bfloat16 Newton-Schulz). ``"match_rms_adamw"``
   (Moonshot's ``0.2 sqrt(max(A, B))``) would be about 2-5x larger on these models' matrices and put
   Muon on an AdamW lr scale, so BADM's tuned 0.03 would not carry over.
-- AdamW lr of the other tensors = ``MUON_ADAMW_LR`` = 1 / ``ELEMENTWISE_SIGMA["normalized"]`` = 0.1:
+- AdamW lr of the other tensors = ``MUON_ADAMW_LR`` = 1 / ``LOCAL_SOLVES["normalized"].elementwise_sigma`` = 0.1:
   the learning rate BADM newton_schulz uses on the same tensors (its elementwise ``normalized`` local
   solve steps g / RMS(g) with momentum 0.9, an Adam-scale step; 0.1 was the best elementwise lr of the
   sweeps at both sizes). Checked for Muon itself: tiny GPT-2 (2x64), built-in corpus, the convergence
@@ -49,14 +49,14 @@ import torch
 from torch import nn
 from transformers import TrainingArguments, get_scheduler
 
-from hf_badm.optim.defaults import ELEMENTWISE_SIGMA
+from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.optim.solves.newton_schulz import orthogonalise, resolve_ns_dtype
 
 __all__ = ["MUON_ADAMW_LR", "MuonWithAdamW", "NorMuon", "NorMuonWithAdamW", "create_muon_optimizer",
            "create_normuon_optimizer", "muon_param_groups", "QHAdam", "MuonWithQHAdam", "create_muon_qhadam_optimizer"]
 
 # The AdamW lr of the tensors Muon does not orthogonalise: BADM newton_schulz's elementwise lr on the same tensors.
-MUON_ADAMW_LR = 1.0 / ELEMENTWISE_SIGMA["normalized"]
+MUON_ADAMW_LR = 1.0 / LOCAL_SOLVES["normalized"].elementwise_sigma
 _BADM_KEYS = ("preconditioner", "sigma", "rho", "strict")
 
 

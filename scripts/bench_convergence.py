@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
-from hf_badm.optim.defaults import RHO_OVER_SIGMA  # noqa: E402
+from hf_badm.optim.local_solve import LOCAL_SOLVES  # noqa: E402
 from hf_badm.peers import MUON_ADAMW_LR  # noqa: E402
 
 SECTION = "## Convergence: pre-training sweeps and speed-up vs AdamW"
@@ -99,7 +99,7 @@ ELEMENTWISE_RATIO = {**{o: 1.0 for o, v in VARIANTS.items() if v.get("elementwis
 # lr 10; normalized: beta 0.9; newton_schulz: rho = sigma as in its prototype); per-sub-batch variants take their
 # fused variant's best rho/sigma. newton_schulz with normalized elementwise tensors gives those the best
 # normalized learning rate of the same size (elementwise_sigma = 1/lr, elementwise_rho = 9 elementwise_sigma).
-FIXED_RATIO = {name: RHO_OVER_SIGMA[VARIANTS[name]["preconditioner"]] for name in VARIANTS if name.startswith("badm_")
+FIXED_RATIO = {name: LOCAL_SOLVES[VARIANTS[name]["preconditioner"]].rho_over_sigma for name in VARIANTS if name.startswith("badm_")
                and name not in ("badm_s4", "badm_ns_norm_s4")}
 FIXED_RATIO.update(badm_ns_norm_r3=3.0, badm_ns_norm_r9=9.0, muon_split=1.0)  # rho != sigma: the dual as QH momentum over NS directions
 # Optimizers whose other tensors (embeddings, head, norms, biases) have a learning rate of their own, and the
@@ -509,7 +509,7 @@ CORPUS_TEXT = {
 }
 
 
-# The shared default lr of each optimizer (hf_badm.optim.defaults.COMPARE_LEARNING_RATES; AdamW: the tiny sweep's best,
+# The shared default lr of each optimizer (hf_badm.app.learning_rates.COMPARE_LEARNING_RATES; AdamW: the tiny sweep's best,
 # DEMO_LEARNING_RATES), against which each corpus's own best is reported.
 DEFAULT_LR_KEY = {"muon": "muon", "normuon": "normuon", "badm_ns_norm": "badm-newton_schulz", "badm_nsisa": "badm-nsisa",
                   "badm_normuon": "badm-normuon"}
@@ -517,7 +517,7 @@ TARGET_RATIO = 0.85  # issue 20's target: tuned Muon's final loss in <= 0.85x Mu
 
 
 def default_lr(o: str) -> float | None:
-    from hf_badm.optim.defaults import COMPARE_LEARNING_RATES, DEMO_LEARNING_RATES
+    from hf_badm.app.learning_rates import COMPARE_LEARNING_RATES, DEMO_LEARNING_RATES
 
     if o == "adamw_torch":
         return DEMO_LEARNING_RATES["adamw_torch"]

@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 from hf_badm import BADM  # noqa: E402
-from hf_badm.optim.defaults import ELEMENTWISE_SIGMA, RHO_OVER_SIGMA  # noqa: E402
+from hf_badm.optim.local_solve import LOCAL_SOLVES  # noqa: E402
 from hf_badm.peers import MUON_ADAMW_LR, MuonWithAdamW  # noqa: E402
 
 SECTION = "## Optimizer step: time and state memory"
@@ -72,9 +72,9 @@ def split(params: list[nn.Parameter]) -> tuple[list[nn.Parameter], list[nn.Param
 
 def newton_schulz_badm(params: list[nn.Parameter], **kw: Any) -> BADM:
     hidden, rest = split(params)
-    sigma = ELEMENTWISE_SIGMA["normalized"]
+    sigma = LOCAL_SOLVES["normalized"].elementwise_sigma
     return BADM([{"params": hidden}, {"params": rest, "preconditioner": "normalized", "sigma": sigma,
-                                      "rho": RHO_OVER_SIGMA["normalized"] * sigma}],
+                                      "rho": LOCAL_SOLVES["normalized"].rho_over_sigma * sigma}],
                 lr=0.03, preconditioner="newton_schulz", **kw)
 
 

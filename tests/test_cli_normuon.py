@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
+from hf_badm.app.learning_rates import COMPARE_LEARNING_RATES
 from test_cli import FAST, cli
 
 

@@ -86,20 +86,24 @@ def test_a_registered_toy_preconditioner_trains_and_equals_its_reference(sign_of
 
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])
 def test_a_toy_solve_owns_its_setting_and_default_rho(sign_of_average, mode):
-    """Its setting lands in every group (default, or BADM's keyword), a group may override it, a bad value is refused
-    by the solve's own check, and rho defaults to the solve's rho/sigma."""
+    """Its setting lands in every group (default, or BADM's ``solve_settings=``, where a solve registered after BADM's
+    keywords were written gives its own), a group may override it, a bad value is refused by the solve's own check,
+    and rho defaults to the solve's rho/sigma."""
     net = make_net()
-    opt = BADM(net.parameters(), sigma=20.0, mode=mode, preconditioner=sign_of_average, sign_beta=0.8)
+    opt = BADM(net.parameters(), sigma=20.0, mode=mode, preconditioner=sign_of_average,
+               solve_settings={"sign_beta": 0.8})
     assert opt.param_groups[0]["sign_beta"] == 0.8 and opt.param_groups[0]["rho"] == 30.0
     assert BADM(make_net().parameters(), preconditioner=sign_of_average).param_groups[0]["sign_beta"] == 0.5
     run_steps(net, opt, 12, mode=mode)
     assert max_rel(list(net.parameters()), literal_sign_of_average(mode, 20.0, 30.0, 12, beta=0.8)) <= 1e-10
     with pytest.raises(ValueError, match="sign_beta"):
-        BADM(make_net().parameters(), preconditioner=sign_of_average, sign_beta=1.5)
+        BADM(make_net().parameters(), preconditioner=sign_of_average, solve_settings={"sign_beta": 1.5})
     with pytest.raises(ValueError, match="sign_beta"):
         BADM([{"params": list(make_net().parameters()), "sign_beta": -0.1}], preconditioner=sign_of_average)
     with pytest.raises(TypeError, match="no_such_setting"):
         BADM(make_net().parameters(), no_such_setting=1.0)
+    with pytest.raises(TypeError, match="no registered local solve has"):
+        BADM(make_net().parameters(), solve_settings={"no_such_setting": 1.0})
 
 
 @pytest.mark.parametrize("mode", ["fused", "per_sub_batch"])

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import Trainer
 
-from hf_badm.optim.defaults import COMPARE_LEARNING_RATES, ELEMENTWISE_SIGMA
+from hf_badm.app.learning_rates import COMPARE_LEARNING_RATES
+from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.peers import MUON_ADAMW_LR, MuonWithAdamW, create_muon_optimizer, muon_param_groups
 from tests.tiny import assert_loss_falls, chain_dataset, tiny_args, tiny_model
 
@@ -30,7 +31,7 @@ def test_hidden_matrices_to_muon_the_rest_to_adamw_with_the_trainers_decay_split
     assert {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight", "transformer.ln_f.weight",
             "transformer.h.0.attn.c_attn.bias"} <= adamw_names
     assert muon_names | adamw_names == {n for n, _ in model.named_parameters()} and not muon_names & adamw_names
-    assert all(g["lr"] == 0.03 for g in muon) and all(g["lr"] == MUON_ADAMW_LR == 1 / ELEMENTWISE_SIGMA["normalized"]
+    assert all(g["lr"] == 0.03 for g in muon) and all(g["lr"] == MUON_ADAMW_LR == 1 / LOCAL_SOLVES["normalized"].elementwise_sigma
                                                       for g in adamw)
     decayed = {n for g in opt.param_groups if g["weight_decay"] == 0.1 for n in _names(model, [g])}
     assert decayed == set(Trainer.get_decay_parameter_names(None, model))

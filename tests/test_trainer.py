@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from hf_badm import BADM, BADMConfig, BADMMetricsCallback, BADMTrainer, BADMTrainerMixin, create_badm_optimizer
 from hf_badm.factory import badm_optimizer_cls_and_kwargs, decay_parameter_names
-from hf_badm.optim.defaults import RHO_OVER_SIGMA
+from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.trainer import count_loss_items
 from reference import LiteralBADM
 from tiny import assert_loss_falls, chain_dataset, max_rel_diff, tiny_args, tiny_model
@@ -79,7 +79,7 @@ def test_learning_rate_maps_to_sigma_and_adamw_scale_warns(tmp_path):
     model = tiny_model()
     opt, _ = create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=0.25))
     assert opt.param_groups[0]["sigma"] == pytest.approx(4.0)
-    assert opt.param_groups[0]["rho"] == pytest.approx(4.0 * RHO_OVER_SIGMA["none"])
+    assert opt.param_groups[0]["rho"] == pytest.approx(4.0 * LOCAL_SOLVES["none"].rho_over_sigma)
     with pytest.warns(UserWarning, match="AdamW learning rate"):
         create_badm_optimizer(model, tiny_args(tmp_path, learning_rate=5e-5))
     with pytest.warns(UserWarning, match="AdamW-scale steps"):
@@ -91,7 +91,8 @@ def test_learning_rate_maps_to_sigma_and_adamw_scale_warns(tmp_path):
 def test_default_rho_per_preconditioner(preconditioner, ratio):
     """The measured default rho/sigma of each local solve, in BADM itself and through BADMConfig."""
     assert BADM(tiny_model().parameters(), lr=0.01, preconditioner=preconditioner).defaults["rho"] == pytest.approx(100 * ratio)
-    assert BADMConfig(preconditioner=preconditioner).optimizer_kwargs(0.01)["rho"] == pytest.approx(100 * ratio)
+    config = BADMConfig(preconditioner=preconditioner)
+    assert BADM(tiny_model().parameters(), **config.optimizer_kwargs(0.01)).defaults["rho"] == pytest.approx(100 * ratio)
 
 
 def test_optimizer_cls_and_kwargs_path(tmp_path):

@@ -21,8 +21,8 @@ import yaml
 from hf_badm.app import RecipeError, RunEnded
 from hf_badm.app.callbacks import Stopped
 from hf_badm.app.recipe import parse, read_recipe, recipe_parser
-from hf_badm.optim.defaults import COMPARE_LEARNING_RATES
-from hf_badm.optim.defaults import DEMO_LEARNING_RATES as DEMO_DEFAULTS
+from hf_badm.app.learning_rates import COMPARE_LEARNING_RATES
+from hf_badm.app.learning_rates import DEMO_LEARNING_RATES as DEMO_DEFAULTS
 from hf_badm.optim.local_solve import LOCAL_SOLVES, plain_solve
 
 USAGE = """hf-badm COMMAND ...
@@ -36,7 +36,7 @@ commands:
 
 `hf-badm COMMAND --help` lists every field."""
 
-# Comparison optimizers keep their own scale of learning rate (the table in hf_badm.optim.defaults); BADM's
+# Comparison optimizers keep their own scale of learning rate (the table in hf_badm.app.learning_rates); BADM's
 # comes from the recipe (lr = 1/sigma).
 DEFAULT_LEARNING_RATES = COMPARE_LEARNING_RATES
 TRAIN_EPILOG = """

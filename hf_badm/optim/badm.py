@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -14,18 +14,18 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_badm.optim import solves  # noqa: F401  (registers the built-in local solves)
-from hf_badm.optim.defaults import default_rho
 from hf_badm.optim.local_solve import LOCAL_SOLVES, LocalSolve, keeps_dual, local_solve_for, setting_defaults
-from hf_badm.optim.solves.newton_schulz import (NS_DTYPES, Iterations, Orthogonaliser, local_orthogonaliser,
+from hf_badm.optim.settings import MODE, NONFINITE, NS_DTYPE, PRECONDITIONER, default_rho
+from hf_badm.optim.solves.newton_schulz import (Iterations, Orthogonaliser, local_orthogonaliser,
                                                 resolve_ns_dtype)
 from hf_badm.optim.state_dict import checked_state_dict
 from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
 
 __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
-MODES = ("fused", "per_sub_batch")
-PRECONDITIONERS = tuple(LOCAL_SOLVES)  # the built-in ones; BADM accepts every registered local solve
-NONFINITE = ("skip", "raise")
+# The settings of the built-in local solves with their defaults: BADM's keyword arguments (those of a solve registered
+# later go through ``solve_settings=``).
+KEYWORD_SETTINGS: dict[str, Any] = setting_defaults()
 class NonFiniteGradientError(FloatingPointError, ValueError):
     """Raised by ``nonfinite="raise"`` when a gradient holds NaN or Inf."""
 
@@ -127,7 +127,7 @@ class BADM(Optimizer):
             Default 1.0 when neither ``sigma`` nor ``lr`` is given.
         rho: proximal coefficient :math:`\rho > 0`; default :math:`9\sigma` (:math:`\beta = 0.9`) for the
             paper's BADM and ``normalized``, :math:`\sigma` for ``newton_schulz``, :math:`6000\sigma` for
-            ``second_moment`` (``hf_badm.optim.defaults``, measured).
+            ``second_moment`` (each solve's measured ``rho_over_sigma``: :func:`hf_badm.optim.settings.default_rho`).
         lr: alternative spelling of :math:`1/\sigma` (give one of ``sigma`` and ``lr``); a 1-element tensor is
             taken as torch's optimizers take it (a scheduler fills it in place) and read at each step.
         weight_decay: decoupled weight decay :math:`\lambda \ge 0`.
@@ -150,9 +150,15 @@ class BADM(Optimizer):
             own at rho = sigma (c = 0).
         ns_dtype: the dtype Newton-Schulz runs in: ``"auto"`` (bfloat16 on CUDA, as torch.optim.Muon;
             float32 elsewhere), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"float64"``.
-        **settings: the local solves' settings (each solve's file lists its own, with its default), for every
-            group that does not set them: e.g. ``beta2``, ``eps`` (second_moment, normalized), ``ns_momentum``,
-            ``ns_steps``, ``ns_coefficients``, ``ns_lr_scale`` (newton_schulz).
+        beta1, beta2, eps, ns_momentum, ns_steps, ns_coefficients, ns_lr_scale, normuon_beta2, dual_scale,
+            sigma_schedule, gain_eps: the built-in local solves' settings, for every group that does not set them;
+            each solve's file (``hf_badm.optim.solves``) holds its settings' defaults and checks: ``beta1`` (adam),
+            ``beta2``, ``eps`` (second_moment, normalized, adam), ``ns_*`` (newton_schulz and its variants),
+            ``normuon_beta2`` (normuon), ``dual_scale``, ``sigma_schedule``, ``gain_eps`` (nsisa).
+        solve_settings: the settings of local solves registered after hf_badm's own
+            (:func:`~hf_badm.optim.local_solve.register_local_solve` with a ``settings`` of their own), by name. A
+            new built-in solve's setting becomes a keyword above instead (tests/test_settings.py checks that every
+            built-in setting is one, with its solve's default).
     """
 
     def __init__(
@@ -163,26 +169,33 @@ class BADM(Optimizer):
         *,
         lr: float | Tensor | None = None,
         weight_decay: float = 0.0,
-        mode: str = "fused",
+        mode: str = MODE.default,
         foreach: bool | None = None,
-        nonfinite: str = "skip",
-        preconditioner: str = "none",
-        ns_dtype: str = "auto",
-        **settings: Any,
+        nonfinite: str = NONFINITE.default,
+        preconditioner: str = PRECONDITIONER.default,
+        ns_dtype: str = NS_DTYPE.default,
+        beta1: float = KEYWORD_SETTINGS["beta1"],
+        beta2: float = KEYWORD_SETTINGS["beta2"],
+        eps: float = KEYWORD_SETTINGS["eps"],
+        ns_momentum: float = KEYWORD_SETTINGS["ns_momentum"],
+        ns_steps: int = KEYWORD_SETTINGS["ns_steps"],
+        ns_coefficients: str = KEYWORD_SETTINGS["ns_coefficients"],
+        ns_lr_scale: str = KEYWORD_SETTINGS["ns_lr_scale"],
+        normuon_beta2: float = KEYWORD_SETTINGS["normuon_beta2"],
+        dual_scale: str = KEYWORD_SETTINGS["dual_scale"],
+        sigma_schedule: str = KEYWORD_SETTINGS["sigma_schedule"],
+        gain_eps: float = KEYWORD_SETTINGS["gain_eps"],
+        solve_settings: Mapping[str, Any] | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-        if ns_dtype not in NS_DTYPES:
-            raise ValueError(f"ns_dtype must be one of {tuple(NS_DTYPES)}, got {ns_dtype!r}")
-        known = setting_defaults()
-        if set(settings) - set(known):
-            raise TypeError(f"BADM got unexpected keyword arguments {sorted(set(settings) - set(known))}: the local "
-                            f"solves' settings are {sorted(known)}")
+        for setting, value in ((MODE, mode), (NONFINITE, nonfinite), (NS_DTYPE, ns_dtype)):
+            setting.check(value)
+        built_in = dict(beta1=beta1, beta2=beta2, eps=eps, ns_momentum=ns_momentum, ns_steps=ns_steps,
+                        ns_coefficients=ns_coefficients, ns_lr_scale=ns_lr_scale, normuon_beta2=normuon_beta2,
+                        dual_scale=dual_scale, sigma_schedule=sigma_schedule, gain_eps=gain_eps)
         sigma, lr = _resolve_sigma_lr(sigma, lr, default_sigma=1.0)
         defaults = dict(lr=lr, sigma=sigma, weight_decay=non_negative("weight_decay", weight_decay),
-                        foreach=foreach, preconditioner=preconditioner, **{**known, **settings})
+                        foreach=foreach, preconditioner=preconditioner,
+                        **_registered_settings(built_in, dict(solve_settings or {})))
         check_hyper_parameters(defaults)
         defaults["rho"] = default_rho(preconditioner, sigma) if rho is None else positive("rho", rho)
         self.mode = mode
@@ -237,8 +250,7 @@ class BADM(Optimizer):
                     raise ValueError(f"param group gives sigma={sigma} and lr={lr}; lr means 1/sigma: give one")
             else:
                 group["sigma"], group["lr"] = _resolve_sigma_lr(group.get("sigma"), group.get("lr"), 1.0)
-            # a group that overrides sigma but not rho keeps the optimizer's beta = rho / (rho + sigma)
-            group.setdefault("rho", group["sigma"] * self.defaults["rho"] / self.defaults["sigma"])
+            group.setdefault("rho", self._group_rho(group))
         if "rho" in group:
             group["rho"] = positive("rho", group["rho"])
         if "weight_decay" in group:
@@ -258,6 +270,15 @@ class BADM(Optimizer):
                 raise ValueError("BADM does not support sparse parameters")
         group["params"] = params
         super().add_param_group(group)
+
+    def _group_rho(self, group: dict[str, Any]) -> float:
+        """rho of a group that sets sigma but not rho: the optimizer's beta = rho / (rho + sigma) for a group of the
+        optimizer's own solve, else the default of the group's solve."""
+        preconditioner = group.get("preconditioner", self.defaults["preconditioner"])
+        if preconditioner == self.defaults["preconditioner"]:
+            return group["sigma"] * self.defaults["rho"] / self.defaults["sigma"]
+        PRECONDITIONER.check(preconditioner)
+        return default_rho(preconditioner, group["sigma"])
 
     @staticmethod
     def group_orthogonalises(group: dict[str, Any]) -> bool:
@@ -649,6 +670,21 @@ class _Part(NamedTuple):
         directions, gains = self.solve.finish(self.params, self.directions, self.gains, duals, states, self.group,
                                               self.foreach)
         return self._replace(directions=list(directions), gains=None if gains is None else list(gains))
+
+
+def _registered_settings(built_in: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """Every registered solve's settings for BADM's defaults: the built-in solves' from BADM's keywords, those of solves
+    registered after BADM was defined from ``later`` (``solve_settings=``), the rest at their defaults. A name that
+    is no setting, or a built-in one given in ``later``, is a TypeError that lists where each setting goes."""
+    known = setting_defaults()
+    unknown = sorted(set(later) - set(known))
+    misplaced = sorted(set(later) & set(KEYWORD_SETTINGS))
+    if unknown or misplaced:
+        raise TypeError(f"BADM got solve_settings {unknown or misplaced} that "
+                        f"{'no registered local solve has' if unknown else 'are BADM keywords'}: give "
+                        f"{sorted(KEYWORD_SETTINGS)} as BADM(name=value), and the settings of solves registered later "
+                        f"({sorted(set(known) - set(KEYWORD_SETTINGS))}) in solve_settings={{name: value}}")
+    return {**known, **built_in, **later}
 
 
 def _resolve_sigma_lr(sigma: float | None, lr: float | Tensor | None,
