@@ -537,10 +537,14 @@ class BADM(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd["badm"] = dict(mode=self.mode, step_weights=list(self._step_weights), slot_weights=list(self.slot_weights),
-                          skipped_steps=self.skipped_steps, skipped_sub_batches=self.skipped_sub_batches,
-                          sub_batches_last_step=self.sub_batches_last_step)
+        sd["badm"] = self.badm_entry()
         return sd
+
+    def badm_entry(self) -> dict[str, Any]:
+        """What the state dict keeps beyond torch's (its ``badm`` entry): the mode, slot weights and counters."""
+        return dict(mode=self.mode, step_weights=list(self._step_weights), slot_weights=list(self.slot_weights),
+                    skipped_steps=self.skipped_steps, skipped_sub_batches=self.skipped_sub_batches,
+                    sub_batches_last_step=self.sub_batches_last_step)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by :meth:`state_dict` (this release's or an earlier one's keys). Everything is
@@ -552,9 +556,13 @@ class BADM(Optimizer):
         extra = state_dict.pop("badm", None)
         super().load_state_dict(state_dict)
         if extra is not None:
-            self._step_weights, self.slot_weights = list(extra["step_weights"]), list(extra["slot_weights"])
-            self.skipped_steps, self.skipped_sub_batches = extra["skipped_steps"], extra["skipped_sub_batches"]
-            self.sub_batches_last_step = extra["sub_batches_last_step"]
+            self.load_badm_entry(extra)
+
+    def load_badm_entry(self, extra: dict[str, Any]) -> None:
+        """Take a :meth:`badm_entry` (checked by the caller)."""
+        self._step_weights, self.slot_weights = list(extra["step_weights"]), list(extra["slot_weights"])
+        self.skipped_steps, self.skipped_sub_batches = extra["skipped_steps"], extra["skipped_sub_batches"]
+        self.sub_batches_last_step = extra["sub_batches_last_step"]
 
     def main_group(self) -> dict[str, Any]:
         """The first param group of the optimizer's own local solve (``preconditioner=``): whose step size and beta the

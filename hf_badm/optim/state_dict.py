@@ -12,7 +12,7 @@ from torch import Tensor
 from hf_badm.optim.local_solve import LocalSolve, keeps_dual, local_solve_for
 from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
 
-__all__ = ["checked_state_dict"]
+__all__ = ["checked_state_dict", "checked_badm_entry"]
 
 # State keys of the release before the local solves had their own files, and their names now.
 LEGACY_KEYS = {"fused": {"ns_momentum": "momentum_buffer"},
@@ -32,6 +32,16 @@ def checked_state_dict(state_dict: Any, mode: str, groups: list[dict[str, Any]])
         return _checked(state_dict, mode, groups)
     except _Misfit as e:
         raise ValueError(f"BADM.load_state_dict: {e}; nothing was loaded") from None
+
+
+def checked_badm_entry(extra: Any, mode: str) -> dict[str, Any]:
+    """A state dict's ``badm`` entry (mode, slot weights, counters) checked against the optimizer's ``mode``, for a
+    caller that carries it apart from torch's state dict (torch's distributed ``get_state_dict`` drops it)."""
+    try:
+        _check_badm_entry(extra, mode)
+    except _Misfit as e:
+        raise ValueError(f"BADM.load_state_dict: {e}; nothing was loaded") from None
+    return extra
 
 
 def _checked(sd: Any, mode: str, groups: list[dict[str, Any]]) -> dict[str, Any]:
