@@ -136,6 +136,23 @@ class BADMConfig:
         kwargs.update(sigma=float(sigma), **{k: v for k, v in settings.items() if k in KEYWORD_SETTINGS})
         return {**kwargs, "solve_settings": later} if later else kwargs
 
+    def engine_refusal(self, *, deepspeed: bool, fsdp: bool, fp16: bool) -> str | None:
+        """Why this mode cannot run with these engines (per_sub_batch needs whole, un-reduced, unscaled sub-batch
+        gradients), or None: the one rule the Trainer mixin and the CLI's checks refuse by."""
+        if self.mode != "per_sub_batch":
+            return None
+        if deepspeed:
+            return ("per_sub_batch mode absorbs each sub-batch's own gradient, but DeepSpeed (every ZeRO stage) reduces "
+                    "gradients and steps the optimizer inside its engine: use mode fused with DeepSpeed, or "
+                    "per_sub_batch under plain data parallelism (DDP)")
+        if fsdp:
+            return ("per_sub_batch mode needs whole, un-reduced sub-batch gradients, but FSDP reduce-scatters and shards "
+                    "them: use mode fused with FSDP, or per_sub_batch under DDP")
+        if fp16:
+            return ("per_sub_batch mode absorbs gradients as they are, and fp16 loss scaling would leave them scaled: "
+                    "use bf16, or mode fused with fp16")
+        return None
+
     def parallel_kwargs(self) -> dict[str, Any]:
         """Settings of the Newton-Schulz orthogonaliser on several ranks (``hf_badm.parallel.prepare_for_ranks``)."""
         return {"bucket_numel": self.ns_bucket_numel, "comm_dtype": self.ns_comm_dtype}

@@ -18,7 +18,7 @@ from hf_badm.parallel import full_shape, prepare_for_ranks
 from hf_badm.roles import TensorRole, tensor_roles
 
 __all__ = ["create_badm_optimizer", "badm_optimizer_cls_and_kwargs", "badm_param_groups", "decay_parameter_names",
-           "split_by_solve", "ModelGroupedBADM", "SolveReport", "solve_report"]
+           "split_by_solve", "ModelGroupedBADM", "SolveReport", "solve_report", "refuse_deepspeed", "trainer_scheduler"]
 
 # The Trainer's no-decay rule (``Trainer.get_decay_parameter_names``): biases and norm weights. Kept equal to it by
 # tests/test_trainer.py, so that a plain Trainer, BADMTrainer and create_badm_optimizer decay the same tensors.
@@ -206,25 +206,32 @@ def create_badm_optimizer(
     (default ``args.max_steps``); when neither is known it is ``None`` and the Trainer builds the same
     schedule itself once it knows the length of training.
     """
-    if getattr(args, "deepspeed_plugin", None) is not None:
-        raise ValueError(
-            "Trainer(optimizers=create_badm_optimizer(...)) cannot run under DeepSpeed: the Trainer discards an optimizer "
-            "passed through optimizers= when it initialises DeepSpeed and trains with its default AdamW instead, at "
-            "BADM's learning rate. Use BADMTrainer(badm_config=BADMConfig(...)) (or the BADMTrainerMixin), or "
-            "Trainer(optimizer_cls_and_kwargs=badm_optimizer_cls_and_kwargs(args, ...)): both create BADM where "
-            "DeepSpeed takes it")
+    refuse_deepspeed(args, "create_badm_optimizer", "Use BADMTrainer(badm_config=BADMConfig(...)) (or the "
+                     "BADMTrainerMixin), or Trainer(optimizer_cls_and_kwargs=badm_optimizer_cls_and_kwargs(args, ...)): "
+                     "both create BADM where DeepSpeed takes it")
     config, extra = _split_config(dict(badm_kwargs))
     optimizer = BADM(badm_param_groups(model, args.weight_decay, config=config),
                      **config.optimizer_kwargs(args.learning_rate), **extra)
     prepare_for_ranks(optimizer, args.world_size, **config.parallel_kwargs())
+    return optimizer, trainer_scheduler(optimizer, args, num_training_steps)
+
+
+def refuse_deepspeed(args: TrainingArguments, factory: str, instead: str) -> None:
+    """An optimizer made before the Trainer (``optimizers=``) is dropped by the Trainer under DeepSpeed, which then
+    trains with its default AdamW at this optimizer's learning rate: refused, saying what to use ``instead``."""
+    if getattr(args, "deepspeed_plugin", None) is not None:
+        raise ValueError(f"Trainer(optimizers={factory}(...)) cannot run under DeepSpeed: the Trainer discards an "
+                         "optimizer passed through optimizers= when it initialises DeepSpeed and trains with its default "
+                         f"AdamW instead, at this optimizer's learning rate. {instead}")
+
+
+def trainer_scheduler(optimizer: torch.optim.Optimizer, args: TrainingArguments,
+                      num_training_steps: int | None = None) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The schedule the Trainer would build for ``optimizer`` (``get_scheduler(args.lr_scheduler_type, ...)`` with the
+    args' warmup) over ``num_training_steps`` (default ``args.max_steps``); ``None`` when neither is known: the
+    Trainer then builds the same schedule itself once it knows the length of training."""
     steps = num_training_steps if num_training_steps is not None else args.max_steps
     if steps is None or steps <= 0:
-        return optimizer, None
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=optimizer,
-        num_warmup_steps=args.get_warmup_steps(steps),
-        num_training_steps=steps,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
-    )
-    return optimizer, scheduler
+        return None
+    return get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                         num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})

@@ -41,19 +41,20 @@ in place of AdamW on the other tensors: the peer of BADM newton_schulz with ``no
 
 from __future__ import annotations
 
-from typing import Any
-
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import TrainingArguments, get_scheduler
+from transformers import TrainingArguments
 
 from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.optim.solves.newton_schulz import orthogonalise, resolve_ns_dtype
 
 __all__ = ["MUON_ADAMW_LR", "MuonWithAdamW", "NorMuon", "NorMuonWithAdamW", "create_muon_optimizer",
-           "create_normuon_optimizer", "muon_param_groups", "QHAdam", "MuonWithQHAdam", "create_muon_qhadam_optimizer"]
+           "create_normuon_optimizer", "muon_param_groups", "QHAdam", "MuonWithQHAdam", "create_muon_qhadam_optimizer",
+           "Peer", "PEERS", "create_peer_optimizer"]
 
 # The AdamW lr of the tensors Muon does not orthogonalise: BADM newton_schulz's elementwise lr on the same tensors.
 MUON_ADAMW_LR = 1.0 / LOCAL_SOLVES["normalized"].elementwise_sigma
@@ -323,17 +324,40 @@ def create_muon_optimizer(
     the number of steps is not known yet: the Trainer then builds the same schedule itself). ``solve_overrides``
     routes tensors by name as BADM's (:func:`muon_param_groups`).
     """
-    if getattr(args, "deepspeed_plugin", None) is not None:
-        raise ValueError("Trainer(optimizers=create_muon_optimizer(...)) cannot run under DeepSpeed: the Trainer discards "
-                         "an optimizer passed through optimizers= when it initialises DeepSpeed and trains with its "
-                         "default AdamW instead. Use DeepSpeed's own Muon (use_muon parameters) there")
+    from hf_badm.factory import refuse_deepspeed, trainer_scheduler
+
+    refuse_deepspeed(args, "create_muon_optimizer", "Use DeepSpeed's own Muon (use_muon parameters) there")
     hidden, rest = muon_param_groups(model, args.weight_decay, solve_overrides)
     optimizer = optimizer_cls(hidden, rest, lr=args.learning_rate,
                               adamw_lr=MUON_ADAMW_LR if adamw_lr is None else adamw_lr,
                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, **muon_kwargs)
-    steps = num_training_steps if num_training_steps is not None else args.max_steps
-    if steps is None or steps <= 0:
-        return optimizer, None
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.get_warmup_steps(steps),
-                              num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
-    return optimizer, scheduler
+    return optimizer, trainer_scheduler(optimizer, args, num_training_steps)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer that ``hf-badm train --optimizer NAME`` runs: Muon's split (:func:`muon_param_groups`) with
+    ``optimizer_cls`` over it. ``options``: the recipe fields it reads beyond ``muon_adamw_lr`` and
+    ``solve_overrides`` (every peer's), each with the ``optimizer_cls`` keyword it sets (when given)."""
+
+    optimizer_cls: type[MuonWithAdamW]
+    options: dict[str, str] = field(default_factory=dict)
+
+
+# The peers by name: what the CLI's --optimizer accepts beside badm and the Trainer's optim names.
+PEERS: dict[str, Peer] = {
+    "muon": Peer(MuonWithAdamW),
+    "normuon": Peer(NorMuonWithAdamW),
+    "muon_qhadam": Peer(MuonWithQHAdam, {"qhadam_nu": "nu"}),
+}
+
+
+def create_peer_optimizer(name: str, model: nn.Module, args: TrainingArguments, options: dict[str, Any],
+                          solve_overrides: str = "", adamw_lr: float | None = None,
+                          ) -> tuple[MuonWithAdamW, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The peer ``name`` of :data:`PEERS` through :func:`create_muon_optimizer`; ``options`` holds the recipe's
+    values of its :attr:`Peer.options` (None: the optimizer's default)."""
+    peer = PEERS[name]
+    kwargs = {keyword: options[option] for option, keyword in peer.options.items() if options[option] is not None}
+    return create_muon_optimizer(model, args, adamw_lr=adamw_lr, optimizer_cls=peer.optimizer_cls,
+                                 solve_overrides=solve_overrides, **kwargs)

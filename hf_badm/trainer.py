@@ -18,6 +18,7 @@ world size or accumulation re-slots them (``reslot_state_dict``: exact for stead
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import inspect
 import math
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 import transformers
+from packaging import version
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.loss.loss_utils import ForCausalLMLoss
@@ -38,16 +40,12 @@ from transformers.utils import logging
 from hf_badm.config import BADMConfig
 from hf_badm.factory import badm_param_groups, solve_report
 from hf_badm.parallel import attach_engine_layouts, prepare_for_ranks
-from hf_badm.parallel.reshard import (load_zero_state, save_zero_state, whole_zero_state_dict, zero_resume_problem,
-                                      zero_state_world)
-from hf_badm.parallel.zero import zero_optimizer_of
 from hf_badm.optim import BADM
 from hf_badm.optim.badm import reslot_state_dict
 
 __all__ = ["LossItemsMixin", "BADMTrainerMixin", "BADMTrainer", "BADMMetricsCallback", "find_badm", "split_micro_batch", "count_loss_items"]
 
 SLOT_FILE = "badm_slots_rank{rank}-of-{world}.pt"
-ENGINE_COUNTERS = ("global_steps", "global_samples")  # a DeepSpeed engine's, kept with BADM's ZeRO state
 
 logger = logging.get_logger(__name__)
 
@@ -57,25 +55,29 @@ PRIVATE_HOOKS: dict[str, tuple[str, ...]] = {
     "_save_optimizer_and_scheduler": ("output_dir",),  # per-rank slot files next to optimizer.pt
     "_load_optimizer_and_scheduler": ("checkpoint",),  # this rank's slots, or re-slotted ones
     "_get_num_items_in_batch": ("batch_samples", "device"),  # loss items counted after the label shift
+    "_load_scaler": ("checkpoint",),  # called by the re-partitioned resume (_prepare_for_training)
+    # the CLI's CheckpointMixin (hf_badm.app.checkpoint): staged, verified checkpoints and one-line load failures
+    "_save_checkpoint": ("model", "trial"),
+    "_get_output_dir": ("trial",),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_load_rng_state": ("checkpoint",),
 }
-
-
-# Called only on the transformers versions that have it (5.x): the re-partitioned resume of a DeepSpeed checkpoint
-# saved on another world size, refused in one line where the Trainer lacks it.
-RESHARD_HOOK = ("_prepare_for_training", ("max_steps", "train_dataloader", "resume_from_checkpoint"))
-
-
-def hook_parameters(trainer_cls: type, name: str) -> tuple[str, ...] | None:
-    """The parameters (after self) of the Trainer's method ``name``; None when it has none of that name."""
-    method = getattr(trainer_cls, name, None)
-    return tuple(inspect.signature(method).parameters)[1:] if callable(method) else None
+# Private attributes read where the installed transformers has them, each with what stands in where it does not.
+PRIVATE_ATTRIBUTES: dict[str, str] = {
+    "Trainer._loss_shifts_labels": "transformers >= 5: its loss counts shifted labels itself; absent: counted here",
+    "module._is_expert_parallel": "an expert-parallel MoE module (refused for Newton-Schulz); absent: not sharded",
+    "Trainer._rotate_checkpoints": "transformers 4.x rotates checkpoints with it; absent: trainer_utils' function",
+}
+# The version whose Trainer maps optimizer.pt onto the CPU on CPU ranks (before it, torch.load fails on 'cpu:0').
+CPU_MAP_LOCATION_FIXED = version.Version("5.18")
 
 
 def check_private_hooks(trainer_cls: type = Trainer) -> None:
     """Fail with one line when the installed Trainer lacks a private method the mixin overrides, or names its
     parameters otherwise: an override the Trainer never calls would silently change what is trained or saved."""
     for name, expected in PRIVATE_HOOKS.items():
-        found = hook_parameters(trainer_cls, name)
+        method = getattr(trainer_cls, name, None)
+        found = tuple(inspect.signature(method).parameters)[1:] if callable(method) else None
         if found != expected:
             have = "does not have it" if found is None else f"has {name}({', '.join(found)})"
             raise RuntimeError(f"hf_badm needs Trainer.{name}({', '.join(expected)}), but the installed transformers "
@@ -173,6 +175,31 @@ class BADMMetricsCallback(TrainerCallback):
             state.log_history[-1].update(missing)
 
 
+def _observes_loss(compute_loss: Any) -> Any:
+    """``compute_loss`` that, while :meth:`BADMTrainerMixin._mean_loss_gradient` runs, gives the loss it returns
+    gradient 1/numel in backward and records it, at the outermost override only (a user subclass's, which
+    :meth:`BADMTrainerMixin.__init_subclass__` wraps, or the mixin's own)."""
+
+    @functools.wraps(compute_loss)
+    def observed(self: Any, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        losses = self.__dict__.get("_mean_losses")
+        if losses is None or self.__dict__.get("_inside_compute_loss"):
+            return compute_loss(self, model, inputs, *args, **kwargs)
+        self._inside_compute_loss = True
+        try:
+            out = compute_loss(self, model, inputs, *args, **kwargs)
+        finally:
+            self._inside_compute_loss = False
+        loss = out[0] if isinstance(out, tuple) else out
+        if loss.requires_grad:
+            loss.register_hook(lambda grad: torch.full_like(grad, 1.0 / grad.numel()))
+        losses.append(loss.detach())
+        return out
+
+    observed._observes_loss = True  # type: ignore[attr-defined]
+    return observed
+
+
 class LossItemsMixin:
     """Put before a Trainer class: the loss of a causal LM is averaged over the tokens it predicts.
 
@@ -185,6 +212,7 @@ class LossItemsMixin:
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_private_hooks()
         super().__init__(*args, **kwargs)
         self._items_shift_labels = _loss_shifts_labels(self.model) or bool(getattr(self, "_loss_shifts_labels", False))
 
@@ -206,7 +234,6 @@ class BADMTrainerMixin(LossItemsMixin):
     """
 
     def __init__(self, *args: Any, badm_config: BADMConfig | None = None, **kwargs: Any) -> None:
-        check_private_hooks()
         self.badm_config = badm_config if badm_config is not None else BADMConfig()
         if not isinstance(self.badm_config, BADMConfig):
             raise TypeError(f"badm_config must be a BADMConfig, got {type(self.badm_config).__name__}")
@@ -216,6 +243,29 @@ class BADMTrainerMixin(LossItemsMixin):
         super().__init__(*args, **kwargs)
         self.add_callback(self._badm_metrics)
         self._check_badm_setup()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``compute_loss`` is observed too (per-sub-batch mode needs the loss the outermost override
+        returns): wrapped once, where the class is made, never on a live trainer."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("compute_loss")
+        if own is not None and not getattr(own, "_observes_loss", False):
+            cls.compute_loss = _observes_loss(own)
+
+    @_observes_loss
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mean_loss_gradient(self) -> Iterator[list[torch.Tensor]]:
+        """While a training step runs: the loss ``compute_loss`` returns (the outermost override, a user subclass's
+        included) gets gradient 1/numel in backward, whatever the step scales it by before (gradient accumulation,
+        DataParallel's mean), so the parameters' gradients are exactly the mean loss's. Yields the losses seen."""
+        self._mean_losses: list[torch.Tensor] | None = []
+        try:
+            yield self._mean_losses
+        finally:
+            self._mean_losses = None
 
     # ------------------------------------------------------------------ set-up
     def _check_badm_setup(self) -> None:
@@ -246,12 +296,6 @@ class BADMTrainerMixin(LossItemsMixin):
     # ------------------------------------------------------------------ per-sub-batch checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        zero = zero_optimizer_of(self.optimizer)
-        if zero is not None:  # DeepSpeed's files load on this world size only: BADM's own pieces, by parameter name
-            os.makedirs(output_dir, exist_ok=True)
-            engine = {key: getattr(self.model_wrapped, key) for key in ENGINE_COUNTERS}
-            save_zero_state(zero, output_dir, self.args.process_index, self.args.world_size, engine)
-            torch.distributed.barrier()  # every rank's pieces are in before rank 0 writes trainer_state.json
         opt = self._per_sub_batch_optimizer()
         if opt is not None and self.args.world_size > 1:  # the Trainer's optimizer.pt holds rank 0's slots only
             os.makedirs(output_dir, exist_ok=True)
@@ -261,46 +305,9 @@ class BADMTrainerMixin(LossItemsMixin):
             # rank 0 writes trainer_state.json (what marks a checkpoint) after this: every rank's slots come first
             torch.distributed.barrier()
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer's ``train``; a checkpoint that cannot resume exactly here (a DeepSpeed one on another world
-        size without BADM's state files, under bf16/fp16, ...) is refused first, in one line, before anything runs."""
-        checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            from transformers.trainer_utils import get_last_checkpoint
-
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-        if isinstance(checkpoint, str):
-            problem = zero_resume_problem(checkpoint, self.args.world_size, engine=self.is_deepspeed_enabled,
-                                          mixed_precision=self.args.bf16 or self.args.fp16,
-                                          can_reshard=hook_parameters(Trainer, RESHARD_HOOK[0]) == RESHARD_HOOK[1])
-            if problem is not None:
-                raise ValueError(f"resume_from_checkpoint: {problem}")
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None) -> Any:
-        """A DeepSpeed checkpoint of another world size (DeepSpeed's own files load on their world size only): the
-        engine is prepared without it, then the fp32 weights and BADM's state are re-partitioned from BADM's own files
-        (transformers 5; older versions are refused in :meth:`train`)."""
-        if resume_from_checkpoint is None or not self.is_deepspeed_enabled or zero_state_world(
-                resume_from_checkpoint) in (None, self.args.world_size):
-            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
-        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
-        counters = load_zero_state(zero_optimizer_of(self.optimizer), resume_from_checkpoint)
-        for key in ENGINE_COUNTERS:  # the engine's own step count names its next checkpoint folder (global_stepN)
-            setattr(self.model_wrapped, key, counters[key])
-        self._load_optimizer_and_scheduler(resume_from_checkpoint)
-        self._load_scaler(resume_from_checkpoint)
-        return model, train_dataloader
-
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The Trainer loads optimizer.pt (rank 0's slots); per-sub-batch then takes this rank's own slots
-        when the layout (world size, slots per rank) is unchanged, and re-slots all ranks' otherwise. A DeepSpeed
-        checkpoint resumed without the engine takes BADM's whole state from its ZeRO state files."""
-        if checkpoint is not None and not self.is_deepspeed_enabled and zero_state_world(checkpoint) is not None:
-            names = {p: n for n, p in self.model.named_parameters()}
-            self.badm_optimizer.load_state_dict(whole_zero_state_dict(checkpoint, self.badm_optimizer, names))
-            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
-            return
+        when the layout (world size, slots per rank) is unchanged, and re-slots all ranks' otherwise."""
         if checkpoint is not None and self._cpu_ranks_without_engine():
             _load_on_cpu(self.optimizer, self.lr_scheduler, checkpoint)
         else:
@@ -330,8 +337,8 @@ class BADMTrainerMixin(LossItemsMixin):
     def _cpu_ranks_without_engine(self) -> bool:
         # transformers < 5.18 maps optimizer.pt to args.device, which on CPU ranks is 'cpu:0': torch.load cannot
         # restore that location, so the Trainer's own load fails on every CPU multi-process resume
-        return self.args.world_size > 1 and self.args.device.type == "cpu" and not (self.is_deepspeed_enabled or
-                                                                                   self.is_fsdp_enabled)
+        return (version.Version(transformers.__version__) < CPU_MAP_LOCATION_FIXED and self.args.world_size > 1
+                and self.args.device.type == "cpu" and not (self.is_deepspeed_enabled or self.is_fsdp_enabled))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """BADM over the trainable parameters (the Trainer's decay rule); on several ranks it gets what it needs
@@ -382,7 +389,7 @@ class BADMTrainerMixin(LossItemsMixin):
                 opt.absorb_sub_batch(0.0)
                 continue
             # num_items_in_batch=None: compute_loss returns the sub-batch's mean loss over its own items
-            with self.accelerator.no_sync(model), _mean_loss_gradient(self) as losses:
+            with self.accelerator.no_sync(model), self._mean_loss_gradient() as losses:
                 super().training_step(model, sub, None)
             if len(losses) != 1:
                 raise RuntimeError(f"per_sub_batch mode needs one compute_loss call per training_step, but "
@@ -431,29 +438,6 @@ def _shifted_labels(batch: Any) -> Any:
     if not isinstance(batch, dict) or not isinstance(batch.get("labels"), torch.Tensor):
         return batch
     return {"labels": batch["shift_labels"] if "shift_labels" in batch else batch["labels"][..., 1:]}
-
-
-@contextlib.contextmanager
-def _mean_loss_gradient(trainer: Trainer) -> Iterator[list[torch.Tensor]]:
-    """While a training step runs: the loss ``compute_loss`` returns (the outermost override, a user subclass's
-    included) gets gradient 1/numel in backward, whatever the step scales it by before (gradient accumulation,
-    DataParallel's mean), so the parameters' gradients are exactly the mean loss's. Yields the losses seen."""
-    losses: list[torch.Tensor] = []
-    compute_loss = trainer.compute_loss
-
-    def unscaled(model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        out = compute_loss(model, inputs, *args, **kwargs)
-        loss = out[0] if isinstance(out, tuple) else out
-        if loss.requires_grad:
-            loss.register_hook(lambda grad: torch.full_like(grad, 1.0 / grad.numel()))
-        losses.append(loss.detach())
-        return out
-
-    trainer.compute_loss = unscaled  # an instance attribute: shadows every class's compute_loss for this step
-    try:
-        yield losses
-    finally:
-        del trainer.compute_loss
 
 
 class BADMTrainer(BADMTrainerMixin, Trainer):

@@ -146,3 +146,61 @@ def test_newton_schulz_lives_in_one_file_under_optim():
             if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert module == home or not defined & set(names), (module, defined & set(names))
     assert set(names) <= set(vars(importlib.import_module(home)))
+
+
+def _method_assignments(tree: ast.AST, methods: set[str]) -> list[str]:
+    """``obj.m = ...`` and ``setattr(obj, "m", ...)`` (monkeypatch's too) of a Trainer method ``m`` on anything but a
+    class (``cls``, or a capitalised name): what swapping a method on a live trainer looks like."""
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AugAssign, ast.AnnAssign)) else []
+        for t in targets:
+            if isinstance(t, ast.Attribute) and t.attr in methods and not _is_class(t.value):
+                found.append(f"line {t.lineno}: {ast.unparse(t)}")
+        if (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "setattr"
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value in methods
+                and not _is_class(node.args[0])):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def _is_class(node: ast.AST) -> bool:
+    name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+    return name == "cls" or name[:1].isupper()
+
+
+def test_no_trainer_method_is_swapped_on_a_live_object():
+    """The Trainer glue overrides (calling super()); it never assigns a method on a trainer instance."""
+    from transformers import Trainer
+
+    methods = {n for n in dir(Trainer) if callable(getattr(Trainer, n)) and not n.startswith("__")}
+    swaps = {str(p.relative_to(REPO)): found for p in [*ROOT.rglob("*.py"), *(REPO / "tests").rglob("*.py")]
+             if (found := _method_assignments(ast.parse(p.read_text()), methods))}
+    assert not swaps, swaps
+    assert _method_assignments(ast.parse("trainer.compute_loss = f\nsetattr(t, 'log', g)"), methods) == [
+        "line 1: trainer.compute_loss", "line 2: setattr(t, 'log', g)"]
+
+
+def test_the_start_up_check_lists_every_private_trainer_name_used():
+    """Every private Trainer method hf_badm overrides is checked at start-up (hf_badm.trainer.PRIVATE_HOOKS, or the
+    version-gated RESHARD_HOOK), and every private attribute it reads is listed with what stands in where absent."""
+    from transformers import Trainer
+
+    import hf_badm.trainer as glue
+    from hf_badm.trainer import PRIVATE_ATTRIBUTES, PRIVATE_HOOKS
+
+    gated = {hook[0] for hook in [getattr(glue, "RESHARD_HOOK", None)] if hook}  # checked where it is called
+
+    private = {n for n in dir(Trainer) if n.startswith("_") and not n.startswith("__")}
+    overridden, read = set(), set()
+    for path in MODULES.values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                overridden |= {f.name for f in node.body if isinstance(f, ast.FunctionDef)} & private
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) >= 2
+                    and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("_")):
+                read.add(node.args[1].value)
+    assert overridden and overridden <= set(PRIVATE_HOOKS) | gated, overridden - set(PRIVATE_HOOKS)
+    listed = {name.split(".")[-1] for name in PRIVATE_ATTRIBUTES}
+    assert "_loss_shifts_labels" in read and read - {"__wrapped__"} <= listed | {"_observes_loss"}, read - listed

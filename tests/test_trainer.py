@@ -311,17 +311,29 @@ def test_per_sub_batch_runs_the_mixed_in_training_step_once_per_sub_batch(tmp_pa
     assert trainer.calls == [2] * (3 * 2 * 2)  # steps x micro-batches x sub-batches, each of 4 / 2 rows
 
 
-def test_per_sub_batch_absorbs_the_mean_loss_gradient_whatever_the_step_scales(tmp_path):
-    """What a compute_loss override returns is the loss (here doubled); the Trainer's division by the accumulation
-    steps is not: per-sub-batch still equals fused, and every logged grad_norm is the sub-batches' (> 0)."""
+class Doubled(BADMTrainer):
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return 2 * super().compute_loss(model, inputs, *args, **kwargs)
 
-    class Doubled(BADMTrainer):
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            return 2 * super().compute_loss(model, inputs, *args, **kwargs)
 
+class OwnLoss(BADMTrainer):
+    """A loss of its own, never calling super().compute_loss (the mixin's is then not on the call path)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = model(**inputs)
+        return (out.loss, out) if return_outputs else out.loss
+
+
+# OwnLoss's loss is the mean loss itself, but its fused run would ignore num_items_in_batch (the Trainer then adds the
+# micro-batches' means): its fused reference is the stock BADMTrainer, whose loss is that mean.
+@pytest.mark.parametrize("trainer_cls, fused_cls", [(Doubled, Doubled), (OwnLoss, BADMTrainer)])
+def test_per_sub_batch_absorbs_the_mean_loss_gradient_whatever_the_step_scales(tmp_path, trainer_cls, fused_cls):
+    """What a compute_loss override returns is the loss (here doubled, or its own, not calling super()); the Trainer's
+    division by the accumulation steps is not: per-sub-batch still equals fused, and every logged grad_norm is the
+    sub-batches'."""
     runs = {}
-    for mode in ("fused", "per_sub_batch"):
-        trainer = Doubled(model=tiny_model("gpt2").double(),
+    for mode, cls in (("fused", fused_cls), ("per_sub_batch", trainer_cls)):
+        trainer = cls(model=tiny_model("gpt2").double(),
                           args=tiny_args(tmp_path / mode, gradient_accumulation_steps=4, max_steps=10, max_grad_norm=0.0),
                           train_dataset=chain_dataset(), badm_config=BADMConfig(mode=mode))
         trainer.train()

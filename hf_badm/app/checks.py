@@ -19,15 +19,13 @@ from hf_badm.app import RecipeError
 from hf_badm.app.arguments import ModelArguments, TaskArguments
 from hf_badm.app.data import FILE_BUILDERS
 from hf_badm.optim.local_solve import LOCAL_SOLVES
+from hf_badm.peers import PEERS
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
 
     from hf_badm.config import BADMConfig
 
-# The peers of hf_badm.peers (create_<name>_optimizer): Muon and NorMuon, each with AdamW on the other tensors, and
-# Muon with QHAdam there.
-PEERS = ("muon", "normuon", "muon_qhadam")
 # BADM's penalties outside this range overflow or stall in float32 (sigma 1e-300 overflows at step 1;
 # rho 1e308 never moves the weights); the tuned values lie between 1e-2 and 1e4.
 PENALTY_RANGE = (1e-12, 1e12)
@@ -151,8 +149,8 @@ def _check_optimizer(name: str) -> None:
     from transformers.training_args import OptimizerNames
 
     if name != "badm" and name not in PEERS and name not in {o.value for o in OptimizerNames}:
-        raise RecipeError(f"optimizer {name!r} is not badm, muon, normuon, muon_qhadam or a Trainer optim name (adamw_torch, sgd, "
-                          "adafactor, lion_32bit, ...)")
+        raise RecipeError(f"optimizer {name!r} is not badm, {', '.join(PEERS)} or a Trainer optim name (adamw_torch, "
+                          "sgd, adafactor, lion_32bit, ...)")
 
 
 def _check_badm(badm: BADMConfig, args: TrainingArguments) -> None:
@@ -165,10 +163,10 @@ def _check_badm(badm: BADMConfig, args: TrainingArguments) -> None:
         raise RecipeError(f"learning_rate={args.learning_rate:g} gives BADM sigma = 1/learning_rate outside "
                           f"{low:g}..{high:g}: use a learning rate in {1 / high:g}..{1 / low:g} or set sigma")
     k = badm.sub_batches_per_micro_batch
+    refusal = badm.engine_refusal(deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp), fp16=args.fp16)
+    if refusal is not None:
+        raise RecipeError(refusal)
     if badm.mode == "per_sub_batch":
-        for engine, on in (("DeepSpeed", args.deepspeed), ("FSDP", args.fsdp), ("fp16", args.fp16)):
-            if on:
-                raise RecipeError(f"mode per_sub_batch does not run under {engine}: use mode: fused there")
         if k > args.per_device_train_batch_size:
             raise RecipeError(f"sub_batches_per_micro_batch={k} exceeds per_device_train_batch_size="
                               f"{args.per_device_train_batch_size}: each sub-batch needs at least one example")

@@ -21,9 +21,10 @@ import yaml
 from hf_badm.app import RecipeError, RunEnded
 from hf_badm.app.callbacks import Stopped
 from hf_badm.app.recipe import parse, read_recipe, recipe_parser
-from hf_badm.app.learning_rates import COMPARE_LEARNING_RATES
+from hf_badm.app.learning_rates import COMPARE_LEARNING_RATES, COMPARE_RULE, compare_learning_rate, \
+    refuse_shared_learning_rate
 from hf_badm.app.learning_rates import DEMO_LEARNING_RATES as DEMO_DEFAULTS
-from hf_badm.optim.local_solve import LOCAL_SOLVES, plain_solve
+from hf_badm.optim.local_solve import plain_solve
 
 USAGE = """hf-badm COMMAND ...
 
@@ -36,9 +37,6 @@ commands:
 
 `hf-badm COMMAND --help` lists every field."""
 
-# Comparison optimizers keep their own scale of learning rate (the table in hf_badm.app.learning_rates); BADM's
-# comes from the recipe (lr = 1/sigma).
-DEFAULT_LEARNING_RATES = COMPARE_LEARNING_RATES
 TRAIN_EPILOG = """
 Tasks sft and lora-sft also take the fields of TRL's SFTConfig (max_length, packing, ...).
 
@@ -129,8 +127,8 @@ def _compare_parser(prog: str) -> argparse.ArgumentParser:
                    "badm-newton_schulz), muon (torch's Muon + AdamW, hf_badm.peers), normuon (NorMuon + AdamW), muon_qhadam (Muon + "
                    "QHAdam) and "
                    "Trainer optim names")
-    p.add_argument("--learning_rates", default="", help="per optimizer, e.g. adamw=1e-3,sgd=0.05 "
-                   f"(defaults: {DEFAULT_LEARNING_RATES}; badm uses the recipe's learning_rate)")
+    p.add_argument("--learning_rates", default="", help="per optimizer, e.g. adamw=1e-3,sgd=0.05. "
+                   + COMPARE_RULE.format(defaults=", ".join(f"{k}={v:g}" for k, v in COMPARE_LEARNING_RATES.items())))
     p.add_argument("--output_dir", default=None, help="where runs, table and plot go")
     p.error = _compare_error  # argparse would print its usage and exit; the app raises instead
     return p
@@ -163,6 +161,7 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
     recipe = read_recipe(recipe_path) if recipe is None else recipe
     name = Path(recipe_path).stem if recipe_path else "demo"
     out = Path(opts.output_dir or recipe.get("output_dir") or Path("outputs") / f"compare-{name}")
+    refuse_shared_learning_rate(overrides)
     lrs = _learning_rates(opts.learning_rates)
     optimizers = [ALIASES.get(o.strip(), o.strip()) for o in opts.optimizers.split(",") if o.strip()]
     if not optimizers:
@@ -173,10 +172,11 @@ def compare(argv: list[str], prog: str = "hf-badm compare", recipe: dict[str, An
         if optimizer == "badm" or optimizer.startswith("badm-"):  # the paper's BADM unless a preconditioner is named
             run_recipe.update(optimizer="badm", preconditioner=optimizer.removeprefix("badm").removeprefix("-")
                               or plain_solve())
-        own_scale = optimizer != "badm" or not LOCAL_SOLVES[recipe.get("preconditioner", plain_solve())].plain
-        lr = lrs.get(optimizer, DEFAULT_LEARNING_RATES.get(optimizer) if own_scale else None)
+        lr, source = compare_learning_rate(optimizer, recipe, lrs)
         if lr is not None:
             run_recipe["learning_rate"] = lr
+        print(f"hf-badm: {optimizer} at learning rate {run_recipe.get('learning_rate', 'the Trainer default')}: "
+              f"{source}", flush=True)
         model_args, task_args, _, args = parse(run_recipe, overrides, f"{recipe_path or name} ({optimizer})")
         check_output_dir(args, task_args)
         plan[optimizer] = run_recipe

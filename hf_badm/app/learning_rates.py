@@ -10,7 +10,13 @@ application's tables: the optimizer's own defaults (rho/sigma, the elementwise s
 
 from __future__ import annotations
 
-__all__ = ["COMPARE_LEARNING_RATES", "DEMO_LEARNING_RATES"]
+from typing import Any
+
+from hf_badm.app import RecipeError
+from hf_badm.optim.local_solve import LOCAL_SOLVES, plain_solve
+
+__all__ = ["COMPARE_LEARNING_RATES", "DEMO_LEARNING_RATES", "COMPARE_RULE", "compare_learning_rate",
+           "refuse_shared_learning_rate"]
 
 # ``badm`` is the paper's BADM (plain BADM's best: 3, both sizes); ``badm-<preconditioner>`` that variant's own scale.
 COMPARE_LEARNING_RATES: dict[str, float] = {
@@ -20,3 +26,29 @@ COMPARE_LEARNING_RATES: dict[str, float] = {
 }
 # The demo trains the tiny GPT-2, where AdamW's optimum was 1e-2: the demo compares tuned against tuned.
 DEMO_LEARNING_RATES: dict[str, float] = {"adamw_torch": 1e-2}
+# What compare_learning_rate does, for `hf-badm compare --help`.
+COMPARE_RULE = ("Each optimizer runs at the rate given here, else at its default ({defaults}); badm (the paper's BADM, "
+                "no preconditioner, even on a recipe that names one) at the recipe's learning_rate when the recipe is "
+                "plain BADM's, else at its default. Each run prints its rate and where it came from. The shared "
+                "--learning_rate is refused: it would set every optimizer's rate, AdamW's included.")
+
+
+def compare_learning_rate(optimizer: str, recipe: dict[str, Any], given: dict[str, float]) -> tuple[float | None, str]:
+    """``(learning rate, where it came from)`` of ``optimizer``'s run in ``hf-badm compare`` on ``recipe`` with
+    ``--learning_rates`` ``given`` (None: the recipe's, for an optimizer this table does not know)."""
+    if optimizer in given:
+        return given[optimizer], "--learning_rates"
+    recipe_is_plain_badm = (recipe.get("optimizer", "badm") == "badm"
+                            and LOCAL_SOLVES[recipe.get("preconditioner", plain_solve())].plain)
+    if optimizer == "badm" and recipe_is_plain_badm and "learning_rate" in recipe:
+        return None, "the recipe's learning_rate (the recipe is plain BADM's)"
+    if optimizer in COMPARE_LEARNING_RATES:
+        return COMPARE_LEARNING_RATES[optimizer], "its default (hf_badm.app.learning_rates)"
+    return None, "the recipe's learning_rate (no default for it)"
+
+
+def refuse_shared_learning_rate(overrides: list[str]) -> None:
+    """``--learning_rate`` after a compare's recipe would set every optimizer's rate and hide the per-optimizer ones."""
+    if any(t == "--learning_rate" or t.startswith("--learning_rate=") for t in overrides):
+        raise RecipeError("--learning_rate would run every optimizer (AdamW's included) at one rate and drop their "
+                          "defaults: give rates per optimizer, --learning_rates badm=1.0,adamw=1e-3")

@@ -28,7 +28,7 @@ from hf_badm.app.arguments import SFT_TASKS, SIZES, ModelArguments, TaskArgument
 from hf_badm.app.callbacks import AtMaxSteps, Clock, NothingToTrain, RunTotals, StopOnSignal, Stopped, StopWhenStuck
 from hf_badm.app.checkpoint import (STAGING, CheckpointMixin, discarded_on_failure, incomplete, latest_checkpoint,
                                      publish, verify_checkpoint)
-from hf_badm.app.checks import PEERS, check_sources, check_values
+from hf_badm.app.checks import check_sources, check_values
 from hf_badm.app.faults import fault
 from hf_badm.app.launch import announce_deepspeed_build, quiet_run, warn_single_process
 from hf_badm.app.output import OutputDirLock, check_output_dir, clear_replaced_run, clear_staging, newest_checkpoint
@@ -36,6 +36,7 @@ from hf_badm.app.plots import PLOT_SKIPPED, plot_runs
 from hf_badm.config import BADMConfig
 from hf_badm.factory import solve_report
 from hf_badm.optim.local_solve import LOCAL_SOLVES
+from hf_badm.peers import PEERS, create_peer_optimizer
 from hf_badm.trainer import BADMTrainerMixin, LossItemsMixin
 
 
@@ -121,12 +122,9 @@ def _run(stop: StopOnSignal, model_args: ModelArguments, task_args: TaskArgument
             if task_args.solve_report:
                 _write_solve_report(Path(task_args.solve_report), report.listing())
     elif task_args.optimizer in PEERS:
-        from hf_badm import peers
-
-        create = getattr(peers, f"create_{task_args.optimizer}_optimizer")
-        nu = {"nu": task_args.qhadam_nu} if task_args.optimizer == "muon_qhadam" and task_args.qhadam_nu is not None else {}
-        kwargs["optimizers"] = _start_up(create, model, args, adamw_lr=task_args.muon_adamw_lr,
-                                         solve_overrides=badm.solve_overrides, **nu)
+        options = {name: getattr(task_args, name) for name in PEERS[task_args.optimizer].options}
+        kwargs["optimizers"] = _start_up(create_peer_optimizer, task_args.optimizer, model, args, options,
+                                         solve_overrides=badm.solve_overrides, adamw_lr=task_args.muon_adamw_lr)
     out = Path(args.output_dir)
     lock = OutputDirLock(out) if args.process_index == 0 else nullcontext()
     totals, stuck, trainer = RunTotals(), StopWhenStuck(task_args.max_skipped_steps), None
