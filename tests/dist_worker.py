@@ -7,7 +7,8 @@ and construction raised. Trainer job keys: name, mode, ga (accumulation), steps,
 pad (unequal sub-batches), save_steps (0: none), resume (checkpoint), deepspeed (config dict), wiring (how BADM
 reaches the Trainer, as the README shows it: "badm_trainer" (default), "optimizers" (a plain Trainer with
 ``optimizers=create_badm_optimizer(...)``), "cls_kwargs" (``optimizer_cls_and_kwargs=``), "mixin" (TRL's
-SFTTrainer through BADMTrainerMixin)), noise_seed (gradients perturbed at rounding level: :class:`RoundingNoise`).
+SFTTrainer through BADMTrainerMixin)), noise_seed (gradients perturbed at rounding level: :class:`RoundingNoise`), schedule (lr_scheduler_type, default
+constant), penalties (sigma and rho instead of :data:`PENALTIES`).
 ``{"name": ..., "fsdp2": True, "steps": n}`` runs :func:`fsdp2_run` instead.
 """
 
@@ -43,12 +44,13 @@ def trainer_job(out: Path, job: dict) -> Trainer:
         from trl import SFTConfig as args_cls  # noqa: N813
     args = tiny_args(out / job["name"], args_cls, max_steps=job["steps"], gradient_accumulation_steps=job["ga"],
                      max_grad_norm=0.0, save_strategy="steps" if save else "no", save_steps=save or 500,
-                     deepspeed=job.get("deepspeed"), **({"max_length": 64, "bf16": False} if wiring == "mixin" else {}))
+                     deepspeed=job.get("deepspeed"), lr_scheduler_type=job.get("schedule", "constant"),
+                     **({"max_length": 64, "bf16": False} if wiring == "mixin" else {}))
     model = build_model(job, args)
     model = model.double() if job.get("double") else model
     data = chain_dataset(pad_to_random_length=job.get("pad", False))
     config = BADMConfig(mode=job["mode"], preconditioner=job.get("preconditioner", "none"),
-                        **PENALTIES[job.get("preconditioner", "none")])
+                        **job.get("penalties", PENALTIES[job.get("preconditioner", "none")]))
     if wiring == "optimizers":
         return Trainer(model=model, args=args, train_dataset=data,
                        optimizers=create_badm_optimizer(model, args, badm_config=config))
@@ -181,13 +183,18 @@ def ns_share_bytes(opt: BADM) -> int:
 
 
 def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "none",
-              extra: dict | None = None, **parallel) -> tuple[dict[str, torch.Tensor], list[float]]:
+              extra: dict | None = None, save: tuple[int, str] | None = None, resume: str | None = None,
+              **parallel) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Fused BADM (with weight decay) on a float64 tiny GPT-2, sharded with torch's FSDP2 ``fully_shard`` when
     world > 1 (Accelerate enables FSDP only on GPUs). Each step: 8 sequences split over the ranks; every rank
     computes its mean loss and FSDP's reduce-scatter averages the gradients (equal token counts: the global mean).
     ``newton_schulz``: the groups of create_badm_optimizer, and each sharded matrix orthogonalised whole on one
-    rank (``ParallelOrthogonaliser``)."""
+    rank (``ParallelOrthogonaliser``). ``save=(step, folder)``: a torch distributed checkpoint (DCP) after that step;
+    ``resume``: continue from one (saved on any world size)."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import fully_shard
+
+    from hf_badm.parallel.dcp import badm_state_dict, load_badm_state_dict
 
     from hf_badm.parallel import prepare_for_ranks
     from hf_badm.factory import badm_param_groups
@@ -203,14 +210,21 @@ def fsdp2_run(steps: int, rank: int = 0, world: int = 1, preconditioner: str = "
     meter = CommMeter(opt) if extra is not None else None
     ids = torch.tensor(chain_dataset()["input_ids"])
     per_rank = 8 // world
-    trace = []
-    for step in range(steps):
+    trace, first = [], 0
+    if resume is not None:
+        state = {**badm_state_dict(model, opt), "step": 0}
+        dcp.load(state, checkpoint_id=resume)
+        load_badm_state_dict(model, opt, state)
+        first = state["step"]
+    for step in range(first, steps):
         mine = ids[step * 8 + rank * per_rank: step * 8 + (rank + 1) * per_rank]
         loss = model(input_ids=mine, labels=mine).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         trace.append(loss.item())
+        if save is not None and step + 1 == save[0]:
+            dcp.save({**badm_state_dict(model, opt), "step": step + 1}, checkpoint_id=save[1])
     full = {n: (p.full_tensor() if world > 1 else p).detach().clone() for n, p in model.named_parameters()}
     if meter is not None:
         extra["comm"] = meter.calls
@@ -287,6 +301,14 @@ class MeterOnTrainBegin(TrainerCallback):
         self.extra["comm"] = self.meter.calls
 
 
+def expected_error(out: Path, job: dict, rank: int, err: ValueError) -> None:
+    """Record the start-up error a job with ``expect_error`` expects (any other job re-raises it)."""
+    if not job.get("expect_error"):
+        raise err
+    (out / job["name"] / f"error{rank}.txt").write_text(str(err))
+    reset_deepspeed_state()
+
+
 def run_job(out: Path, job: dict) -> None:
     rank = int(os.environ.get("RANK", "0"))
     extra: dict = {}
@@ -297,15 +319,13 @@ def run_job(out: Path, job: dict) -> None:
         if not dist.is_initialized():
             dist.init_process_group("gloo")
         params, trace = fsdp2_run(job["steps"], rank, dist.get_world_size(), job.get("preconditioner", "none"),
-                                  extra if job.get("meter") else None, **job.get("parallel", {}))
+                                  extra if job.get("meter") else None, job.get("save"), job.get("resume"),
+                                  **job.get("parallel", {}))
     else:
         try:
             trainer = trainer_job(out, job)
         except ValueError as err:
-            if not job.get("expect_error"):
-                raise
-            (out / job["name"] / f"error{rank}.txt").write_text(str(err))
-            reset_deepspeed_state()
+            expected_error(out, job, rank, err)
             return
         from hf_badm.factory import solve_report
 
@@ -321,7 +341,11 @@ def run_job(out: Path, job: dict) -> None:
             trainer.add_callback(MeterOnTrainBegin(trainer, extra))
         if job.get("noise_seed") is not None:
             trainer.add_callback(RoundingNoise(trainer, job["noise_seed"]))
-        trainer.train(resume_from_checkpoint=job.get("resume"))
+        try:
+            trainer.train(resume_from_checkpoint=job.get("resume"))
+        except ValueError as err:  # a checkpoint refused at start-up
+            expected_error(out, job, rank, err)
+            return
         params, trace = full_params(trainer), losses(trainer)
         if counter is not None:
             extra["ns_flops"] = counter.flops
