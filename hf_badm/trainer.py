@@ -40,12 +40,16 @@ from transformers.utils import logging
 from hf_badm.config import BADMConfig
 from hf_badm.factory import badm_param_groups, solve_report
 from hf_badm.parallel import attach_engine_layouts, prepare_for_ranks
+from hf_badm.parallel.reshard import (load_zero_state, save_zero_state, whole_zero_state_dict, zero_resume_problem,
+                                      zero_state_world)
+from hf_badm.parallel.zero import zero_optimizer_of
 from hf_badm.optim import BADM
 from hf_badm.optim.badm import reslot_state_dict
 
 __all__ = ["LossItemsMixin", "BADMTrainerMixin", "BADMTrainer", "BADMMetricsCallback", "find_badm", "split_micro_batch", "count_loss_items"]
 
 SLOT_FILE = "badm_slots_rank{rank}-of-{world}.pt"
+ENGINE_COUNTERS = ("global_steps", "global_samples")  # a DeepSpeed engine's, kept with BADM's ZeRO state
 
 logger = logging.get_logger(__name__)
 
@@ -72,12 +76,22 @@ PRIVATE_ATTRIBUTES: dict[str, str] = {
 CPU_MAP_LOCATION_FIXED = version.Version("5.18")
 
 
+# Called only on the transformers versions that have it (5.x): the re-partitioned resume of a DeepSpeed checkpoint
+# saved on another world size, refused in one line where the Trainer lacks it.
+RESHARD_HOOK = ("_prepare_for_training", ("max_steps", "train_dataloader", "resume_from_checkpoint"))
+
+
+def hook_parameters(trainer_cls: type, name: str) -> tuple[str, ...] | None:
+    """The parameters (after self) of the Trainer's method ``name``; None when it has none of that name."""
+    method = getattr(trainer_cls, name, None)
+    return tuple(inspect.signature(method).parameters)[1:] if callable(method) else None
+
+
 def check_private_hooks(trainer_cls: type = Trainer) -> None:
     """Fail with one line when the installed Trainer lacks a private method the mixin overrides, or names its
     parameters otherwise: an override the Trainer never calls would silently change what is trained or saved."""
     for name, expected in PRIVATE_HOOKS.items():
-        method = getattr(trainer_cls, name, None)
-        found = tuple(inspect.signature(method).parameters)[1:] if callable(method) else None
+        found = hook_parameters(trainer_cls, name)
         if found != expected:
             have = "does not have it" if found is None else f"has {name}({', '.join(found)})"
             raise RuntimeError(f"hf_badm needs Trainer.{name}({', '.join(expected)}), but the installed transformers "
@@ -280,22 +294,20 @@ class BADMTrainerMixin(LossItemsMixin):
             if ds.get("zero_optimization", {}).get("stage", 0) and not ds.get("zero_allow_untested_optimizer"):
                 raise ValueError('DeepSpeed ZeRO takes BADM as its (client) optimizer only with '
                                  '"zero_allow_untested_optimizer": true in the DeepSpeed config')
-        if self.badm_config.mode != "per_sub_batch":
-            return
-        if self.is_deepspeed_enabled:
-            raise ValueError('per_sub_batch mode absorbs each sub-batch\'s own gradient, but DeepSpeed (every ZeRO stage) '
-                             'reduces gradients and steps the optimizer inside its engine: use BADMConfig(mode="fused") '
-                             'with DeepSpeed, or per_sub_batch under plain data parallelism (DDP)')
-        if self.is_fsdp_enabled:
-            raise ValueError('per_sub_batch mode needs whole, un-reduced sub-batch gradients, but FSDP reduce-scatters '
-                             'and shards them: use BADMConfig(mode="fused") with FSDP, or per_sub_batch under DDP')
-        if self.args.fp16:
-            raise ValueError('per_sub_batch mode absorbs gradients as they are, and fp16 loss scaling would leave them '
-                             'scaled: use bf16, or BADMConfig(mode="fused") with fp16')
+        refusal = self.badm_config.engine_refusal(deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled,
+                                                  fp16=self.args.fp16)
+        if refusal is not None:
+            raise ValueError(refusal)
 
     # ------------------------------------------------------------------ per-sub-batch checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
+        zero = zero_optimizer_of(self.optimizer)
+        if zero is not None:  # DeepSpeed's files load on this world size only: BADM's own pieces, by parameter name
+            os.makedirs(output_dir, exist_ok=True)
+            engine = {key: getattr(self.model_wrapped, key) for key in ENGINE_COUNTERS}
+            save_zero_state(zero, output_dir, self.args.process_index, self.args.world_size, engine)
+            torch.distributed.barrier()  # every rank's pieces are in before rank 0 writes trainer_state.json
         opt = self._per_sub_batch_optimizer()
         if opt is not None and self.args.world_size > 1:  # the Trainer's optimizer.pt holds rank 0's slots only
             os.makedirs(output_dir, exist_ok=True)
@@ -305,9 +317,46 @@ class BADMTrainerMixin(LossItemsMixin):
             # rank 0 writes trainer_state.json (what marks a checkpoint) after this: every rank's slots come first
             torch.distributed.barrier()
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``train``; a checkpoint that cannot resume exactly here (a DeepSpeed one on another world
+        size without BADM's state files, under bf16/fp16, ...) is refused first, in one line, before anything runs."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            problem = zero_resume_problem(checkpoint, self.args.world_size, engine=self.is_deepspeed_enabled,
+                                          mixed_precision=self.args.bf16 or self.args.fp16,
+                                          can_reshard=hook_parameters(Trainer, RESHARD_HOOK[0]) == RESHARD_HOOK[1])
+            if problem is not None:
+                raise ValueError(f"resume_from_checkpoint: {problem}")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: str | None) -> Any:
+        """A DeepSpeed checkpoint of another world size (DeepSpeed's own files load on their world size only): the
+        engine is prepared without it, then the fp32 weights and BADM's state are re-partitioned from BADM's own files
+        (transformers 5; older versions are refused in :meth:`train`)."""
+        if resume_from_checkpoint is None or not self.is_deepspeed_enabled or zero_state_world(
+                resume_from_checkpoint) in (None, self.args.world_size):
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        counters = load_zero_state(zero_optimizer_of(self.optimizer), resume_from_checkpoint)
+        for key in ENGINE_COUNTERS:  # the engine's own step count names its next checkpoint folder (global_stepN)
+            setattr(self.model_wrapped, key, counters[key])
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The Trainer loads optimizer.pt (rank 0's slots); per-sub-batch then takes this rank's own slots
-        when the layout (world size, slots per rank) is unchanged, and re-slots all ranks' otherwise."""
+        when the layout (world size, slots per rank) is unchanged, and re-slots all ranks' otherwise. A DeepSpeed
+        checkpoint resumed without the engine takes BADM's whole state from its ZeRO state files."""
+        if checkpoint is not None and not self.is_deepspeed_enabled and zero_state_world(checkpoint) is not None:
+            names = {p: n for n, p in self.model.named_parameters()}
+            self.badm_optimizer.load_state_dict(whole_zero_state_dict(checkpoint, self.badm_optimizer, names))
+            self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+            return
         if checkpoint is not None and self._cpu_ranks_without_engine():
             _load_on_cpu(self.optimizer, self.lr_scheduler, checkpoint)
         else:
