@@ -294,18 +294,10 @@ class BADMTrainerMixin(LossItemsMixin):
             if ds.get("zero_optimization", {}).get("stage", 0) and not ds.get("zero_allow_untested_optimizer"):
                 raise ValueError('DeepSpeed ZeRO takes BADM as its (client) optimizer only with '
                                  '"zero_allow_untested_optimizer": true in the DeepSpeed config')
-        if self.badm_config.mode != "per_sub_batch":
-            return
-        if self.is_deepspeed_enabled:
-            raise ValueError('per_sub_batch mode absorbs each sub-batch\'s own gradient, but DeepSpeed (every ZeRO stage) '
-                             'reduces gradients and steps the optimizer inside its engine: use BADMConfig(mode="fused") '
-                             'with DeepSpeed, or per_sub_batch under plain data parallelism (DDP)')
-        if self.is_fsdp_enabled:
-            raise ValueError('per_sub_batch mode needs whole, un-reduced sub-batch gradients, but FSDP reduce-scatters '
-                             'and shards them: use BADMConfig(mode="fused") with FSDP, or per_sub_batch under DDP')
-        if self.args.fp16:
-            raise ValueError('per_sub_batch mode absorbs gradients as they are, and fp16 loss scaling would leave them '
-                             'scaled: use bf16, or BADMConfig(mode="fused") with fp16')
+        refusal = self.badm_config.engine_refusal(deepspeed=self.is_deepspeed_enabled, fsdp=self.is_fsdp_enabled,
+                                                  fp16=self.args.fp16)
+        if refusal is not None:
+            raise ValueError(refusal)
 
     # ------------------------------------------------------------------ per-sub-batch checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
