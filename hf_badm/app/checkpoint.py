@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from hf_badm.app import RecipeError, RunEnded
 from hf_badm.app.callbacks import SIGNALS, RunTotals
 from hf_badm.app.faults import fault
+from hf_badm.parallel.reshard import zero_state_world
 
 if TYPE_CHECKING:
     from transformers import TrainingArguments
@@ -56,6 +57,8 @@ def verify_checkpoint(checkpoint: str, args: TrainingArguments, allow_partial: b
     ``allow_partial`` missing files are reported on stderr and the resume goes on. Unreadable ones never pass."""
     ckpt = Path(checkpoint)
     _read_state(ckpt / "trainer_state.json")
+    if problem := resume_problem(ckpt, args):
+        raise RecipeError(f"resume_from_checkpoint: {problem}")
     missing: list[tuple[str, str]] = []
     if args.deepspeed:  # DeepSpeed keeps optimizer and schedule in the folder its `latest` file names
         tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None
@@ -63,7 +66,8 @@ def verify_checkpoint(checkpoint: str, args: TrainingArguments, allow_partial: b
     else:
         missing += _need(ckpt, "scheduler.pt", "scheduler.pt")
     if not (args.deepspeed or args.fsdp):  # FSDP and DeepSpeed save sharded optimizer and weights their own way
-        missing += _need(ckpt, "optimizer.pt", "optimizer.pt")
+        # a ZeRO checkpoint resumed without DeepSpeed: BADM's state files stand in for optimizer.pt
+        missing += [] if zero_state_world(ckpt) else _need(ckpt, "optimizer.pt", "optimizer.pt")
         if not any((ckpt / w).is_file() for w in WEIGHTS):
             missing.append((WEIGHTS[0], "weights"))
     missing += _rng_files(ckpt, args.world_size)
@@ -80,6 +84,19 @@ def verify_checkpoint(checkpoint: str, args: TrainingArguments, allow_partial: b
         raise RecipeError(f"resume_from_checkpoint: {ckpt / needed[0]} is missing: {WHY[dict(missing)[needed[0]]]}; "
                           "a partial resume cannot do without it")
     print(f"hf-badm: warning: partial resume (--allow_partial_resume): {named}", file=sys.stderr, flush=True)
+
+
+def resume_problem(ckpt: Path, args: TrainingArguments) -> str | None:
+    """Why a DeepSpeed checkpoint cannot resume exactly with these arguments (the check ``BADMTrainerMixin.train``
+    makes, here before anything is built or written)."""
+    from transformers import Trainer
+
+    from hf_badm.parallel.reshard import zero_resume_problem
+    from hf_badm.trainer import RESHARD_HOOK, hook_parameters
+
+    mixed = any(getattr(args, name, False) for name in ("bf16", "fp16"))  # TrainingArguments, or a stand-in without them
+    return zero_resume_problem(ckpt, args.world_size, engine=bool(args.deepspeed), mixed_precision=mixed,
+                               can_reshard=hook_parameters(Trainer, RESHARD_HOOK[0]) == RESHARD_HOOK[1])
 
 
 def _unlike_manifest(ckpt: Path, known_missing: set[str]) -> list[tuple[str, str]]:
