@@ -210,10 +210,18 @@ def create_badm_optimizer(
                      "BADMTrainerMixin), or Trainer(optimizer_cls_and_kwargs=badm_optimizer_cls_and_kwargs(args, ...)): "
                      "both create BADM where DeepSpeed takes it")
     config, extra = _split_config(dict(badm_kwargs))
-    optimizer = BADM(badm_param_groups(model, args.weight_decay, config=config),
-                     **config.optimizer_kwargs(args.learning_rate), **extra)
-    prepare_for_ranks(optimizer, args.world_size, **config.parallel_kwargs())
+    optimizer = build_badm(badm_param_groups(model, args.weight_decay, config=config), config, args, **extra)
     return optimizer, trainer_scheduler(optimizer, args, num_training_steps)
+
+
+def build_badm(groups: list[dict], config: BADMConfig, args: TrainingArguments, **extra: Any) -> BADM:
+    """BADM over ``groups`` with ``config``'s settings (sigma from the Trainer's learning rate where not given), made
+    ready for the run's ranks (``prepare_for_ranks``): what ``create_badm_optimizer`` and the mixin's
+    ``create_optimizer`` make (``optimizer_cls_and_kwargs=`` hands the Trainer :class:`ModelGroupedBADM`, which does
+    the same in its constructor)."""
+    optimizer = BADM(groups, **config.optimizer_kwargs(args.learning_rate), **extra)
+    prepare_for_ranks(optimizer, args.world_size, **config.parallel_kwargs())
+    return optimizer
 
 
 def refuse_deepspeed(args: TrainingArguments, factory: str, instead: str) -> None:

@@ -38,7 +38,7 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.utils import logging
 
 from hf_badm.config import BADMConfig
-from hf_badm.factory import badm_param_groups, solve_report
+from hf_badm.factory import badm_param_groups, build_badm, solve_report
 from hf_badm.parallel import attach_engine_layouts, prepare_for_ranks
 from hf_badm.parallel.reshard import (load_zero_state, save_zero_state, whole_zero_state_dict, zero_resume_problem,
                                       zero_state_world)
@@ -396,7 +396,7 @@ class BADMTrainerMixin(LossItemsMixin):
             opt_model = self.model if model is None else model
             groups = badm_param_groups(opt_model, self.args.weight_decay, self.get_decay_parameter_names(opt_model),
                                        self.badm_config)
-            self.optimizer = BADM(groups, **self.badm_config.optimizer_kwargs(self.args.learning_rate))
+            self.optimizer = build_badm(groups, self.badm_config, self.args)
             if self.args.should_log:  # what went where, once, before training: one line, and every tensor at debug
                 report = solve_report(opt_model, self.badm_config)
                 logger.info(str(report))
