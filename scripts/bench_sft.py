@@ -1,15 +1,5 @@
-"""LoRA instruction tuning of a pre-trained GPT-2 on the built-in tasks: exact match, AdamW vs Muon and the BADM family.
-
-A base model is pre-trained once (``hf-badm train``, AdamW) on the built-in stories mixed with built-in
-task examples written out as text (prompt and answer, drawn from another random stream than the SFT data),
-so that the base has seen the format; a base trained on the stories alone learns nothing from LoRA at this
-budget (exact match <= 2%, docs/benchmarks.md). Then LoRA adapters (all linear layers) are trained with
-TRL's SFTTrainer on the built-in instruction tasks, each optimizer over its own log-spaced learning-rate
-grid (AdamW, torch's Muon with AdamW elsewhere, plain BADM, BADM normalized, BADM newton_schulz); the best
-point (held-out loss) is re-run with more seeds. Reported: exact match of greedy completions on held-out
-prompts (and the base's before LoRA), held-out loss, and the steps each optimizer's best run needs to reach
-AdamW's final held-out loss (from the evaluation curve; exact match is scored once, at the end).
-"""
+"""LoRA instruction tuning of a GPT-2 pre-trained on stories and task examples (docs/benchmarks.md, "Instruction
+tuning"): exact match and held-out loss, each optimizer over its own lr grid, its best re-run to more seeds."""
 
 from __future__ import annotations
 
@@ -31,11 +21,9 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], list[float]]] = {
     "muon": ("Muon (+ AdamW elsewhere)", {"optimizer": "muon"}, [0.01, 0.03, 0.1, 0.3]),
     "badm": ("BADM fused", {"optimizer": "badm"}, [1.0, 3.0, 10.0, 30.0]),
     "badm_norm": ("BADM normalized", {"optimizer": "badm", "preconditioner": "normalized"}, [1e-3, 3e-3, 1e-2, 3e-2]),
+    # LoRA's A and B are linear maps (hf_badm.roles: orthogonalised by default). Left elementwise, a LoRA run has no
+    # matrix for newton_schulz (refused at start-up): its elementwise solve on every adapter is "badm_norm".
     "badm_ns": ("BADM newton_schulz", {"optimizer": "badm", "preconditioner": "newton_schulz"}, [0.01, 0.03, 0.1, 0.3]),
-    # LoRA's A and B are linear maps (hf_badm.roles: orthogonalised by default); this runs them elementwise instead
-    "badm_ns_lora_elementwise": ("BADM newton_schulz, LoRA A and B elementwise",
-                                 {"optimizer": "badm", "preconditioner": "newton_schulz",
-                                  "solve_overrides": r"\.lora_[AB]\.=elementwise"}, [0.01, 0.03, 0.1, 0.3]),
 }
 DEFAULT_OPTIMIZERS = ("adamw_torch", "muon", "badm", "badm_norm", "badm_ns")
 
@@ -57,7 +45,7 @@ def pretraining_mix(out_dir: Path, stories: int, task_examples: int, tasks: list
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.parser(__doc__)
     p.add_argument("--size", default="tiny", choices=["tiny", "small"])
     p.add_argument("--tasks", default="copy,lookup", help="built-in instruction tasks (comma-separated; all: "
                    "add,sub,mul,copy,reverse,lookup,sort)")
@@ -129,10 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         best[opt] = min((sft(opt, lr, 0) for lr in grid), key=lambda r: r["final_eval_loss"])
         for seed in range(1, a.seeds):
             sft(opt, best[opt]["learning_rate"], seed)
-    text = report(results, best, grids, setting, base_em, a, command)
-    print(text)
-    if not a.no_write:
-        bc.write_section(a.docs, SECTION, text)
+    bc.publish(a, SECTION, report(results, best, grids, setting, base_em, a, command))
 
 
 def report(results: bc.Results, best: dict[str, dict[str, Any]], grids: dict[str, list[float]], setting: str,
@@ -144,19 +129,9 @@ def report(results: bc.Results, best: dict[str, dict[str, Any]], grids: dict[str
 
     target = statistics.mean(r["final_eval_loss"] for r in seeds("adamw_torch")) if "adamw_torch" in best else None
     lines = [f"{SECTION}\n",
-             f"A GPT-2 {a.size} pre-trained with `hf-badm train` (AdamW, {a.pretrain_steps} steps of 16 x 64 tokens) on the "
-             f"built-in stories mixed with {a.pretrain_task_examples} built-in task examples as plain text (tasks "
-             f"{a.tasks}; another random stream than the SFT data); then LoRA adapters (r {a.lora_r}, alpha "
-             f"{2 * a.lora_r}, all linear layers) trained with TRL's SFTTrainer for {a.steps} steps of 16 "
-             f"prompt-completion pairs (completion-only loss) on the same tasks, cosine schedule, 10 warm-up steps, "
-             f"clipping 1.0. Each optimizer sweeps its own half-decade learning-rate grid (plain BADM rho/sigma "
-             f"{a.rho_over_sigma:g}; Muon: torch's on the LoRA matrices, AdamW at lr 0.1 elsewhere); the best by "
-             f"held-out loss is re-run to {a.seeds} seeds. Exact match: greedy completions of {a.examples} held-out "
-             f"prompts, scored once at the end; the base alone (before LoRA) scores {bc.fmt(base_em, '.3f')}. Steps to "
-             "target: the first evaluation (of 10, linearly interpolated) where the held-out loss reaches AdamW's "
-             "final held-out loss (mean over its seeds).\n",
              bc.stamp(results.meta, command, [r["load_1min"] for r in results.runs]),
-             f"- every run: [`results/{a.results.name}`](results/{a.results.name})\n",
+             f"- every run: [`results/{a.results.name}`](results/{a.results.name}); the base before LoRA: exact match "
+             f"{bc.fmt(base_em, '.3f')}\n",
              "| optimizer | best lr | held-out loss, mean over seeds | exact match, mean (per seed) | steps to AdamW's "
              "final held-out loss |", "|---|---:|---:|---|---:|"]
     for opt, b in best.items():
