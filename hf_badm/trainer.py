@@ -319,14 +319,16 @@ class BADMTrainerMixin(LossItemsMixin):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """The Trainer's ``train``; a checkpoint that cannot resume exactly here (a DeepSpeed one on another world
-        size without BADM's state files, under bf16/fp16, ...) is refused first, in one line, before anything runs."""
+        size without BADM's state files, under bf16/fp16, another engine's, ...) is refused first, in one line, before
+        anything runs."""
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
 
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str):
-            problem = zero_resume_problem(checkpoint, self.args.world_size, engine=self.is_deepspeed_enabled,
+            engine = "deepspeed" if self.is_deepspeed_enabled else "fsdp" if self.is_fsdp_enabled else None
+            problem = zero_resume_problem(checkpoint, self.args.world_size, engine=engine,
                                           mixed_precision=self.args.bf16 or self.args.fp16,
                                           can_reshard=hook_parameters(Trainer, RESHARD_HOOK[0]) == RESHARD_HOOK[1])
             if problem is not None:

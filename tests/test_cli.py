@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from hf_badm.app.cli import main
 from hf_badm.app.launch import unbuilt_deepspeed_op
 from hf_badm.app.plots import PLOT_SKIPPED
-from procs import launch_env, run_process_group
+from procs import free_port, launch_env, run_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max_steps", "3", "--num_train_examples", "200", "--num_eval_examples", "16", "--eval_steps", "2",
@@ -226,3 +227,56 @@ def test_accelerate_cpu_launch_of_two_processes_warns_that_it_trains_alone(tmp_p
     code, log = run_process_group(cmd, 540, cwd=ROOT, env=launch_env(OMP_NUM_THREADS="1"))
     assert code == 0, log[-4000:]
     assert log.count("hf-badm: warning: accelerate launch --cpu asked for several processes but started one") == 1
+
+
+@pytest.mark.timeout(600)
+def test_a_zero_checkpoint_of_two_ranks_resumes_on_one_rank_and_what_cannot_be_exact_is_refused(tmp_path, capsys):
+    """ZeRO-3 on 2 ranks, checkpoint at step 3 of 6, then the same command on 1 rank with --resume_from_checkpoint
+    (accumulation 2: the same global batch): BADM's state files are re-partitioned, and the final weights are the
+    uninterrupted 2-rank run's (plain BADM, float32, within 1e-4 max-relative; a Llama: no dropout, whose masks differ
+    per rank). Resumes that cannot be exact exit 2 with one line and write nothing: bf16 under DeepSpeed at another
+    world size; DeepSpeed's files without BADM's, resumed without DeepSpeed; a ZeRO checkpoint under FSDP (its
+    arguments only: the Trainer's FSDP needs GPUs)."""
+    from unittest import mock
+
+    from safetensors.torch import load_file
+
+    recipe = ["-m", "hf_badm", "train", "recipes/pretrain/tiny-gpt.yaml", *TINY, "--model_family", "llama",
+              "--max_steps", "6", "--use_cpu", "true"]
+    zero3 = ["--deepspeed", "recipes/launch/zero3.json"]
+    env = launch_env(OMP_NUM_THREADS="1")
+
+    def torchrun(ranks: int, *args: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               "--master_port", str(free_port()), *recipe, *zero3, *args]
+        code, log = run_process_group(cmd, 300, cwd=ROOT, env=env)
+        assert code == 0, log[-4000:]
+
+    torchrun(2, "--save_steps", "3", "--output_dir", str(tmp_path / "two"))
+    checkpoint = tmp_path / "two" / "checkpoint-3"
+    assert sorted(p.name for p in checkpoint.glob("badm_zero_rank*")) == ["badm_zero_rank0-of-2.pt",
+                                                                           "badm_zero_rank1-of-2.pt"]
+    torchrun(1, "--gradient_accumulation_steps", "2", "--resume_from_checkpoint", str(checkpoint),
+             "--output_dir", str(tmp_path / "one"))
+    full, moved = (load_file(tmp_path / run / "model.safetensors") for run in ("two", "one"))
+    start = load_file(checkpoint / "model.safetensors")
+    assert max(float((moved[k] - full[k]).abs().max() / full[k].abs().max()) for k in full) <= 1e-4
+    assert max(float((start[k] - full[k]).abs().max() / full[k].abs().max()) for k in full) > 1e-2  # steps 4-6 ran
+
+    bf16 = subprocess.run([sys.executable, *recipe, *zero3, "--bf16", "true", "--gradient_accumulation_steps", "2",
+                           "--resume_from_checkpoint", str(checkpoint), "--output_dir", str(tmp_path / "bf16")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    lines = bf16.stderr.strip().splitlines()
+    assert bf16.returncode == 2 and not bf16.stdout and len(lines) == 1 and "float32 only" in lines[0], bf16.stderr
+    assert not (tmp_path / "bf16").exists()
+    bare = tmp_path / "bare" / "checkpoint-3"
+    shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns("badm_zero_rank*"))
+    saved = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for args, why in (([str(bare)], "resumes under DeepSpeed on 2 ranks only, not on 1 rank without DeepSpeed"),
+                      ([str(checkpoint), "--fsdp", "full_shard"], "saved by DeepSpeed ZeRO: resuming it under FSDP")):
+        capsys.readouterr()
+        with mock.patch.dict(os.environ):  # TrainingArguments export FSDP's settings: not for the tests after this
+            assert main([*recipe[2:], "--resume_from_checkpoint", *args, "--output_dir", str(tmp_path / "no")]) == 2
+        out, err = capsys.readouterr()
+        assert not out and len(err.strip().splitlines()) == 1 and why in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == saved  # nothing written

@@ -87,15 +87,16 @@ def verify_checkpoint(checkpoint: str, args: TrainingArguments, allow_partial: b
 
 
 def resume_problem(ckpt: Path, args: TrainingArguments) -> str | None:
-    """Why a DeepSpeed checkpoint cannot resume exactly with these arguments (the check ``BADMTrainerMixin.train``
-    makes, here before anything is built or written)."""
+    """Why a checkpoint cannot resume exactly with these arguments (another world size or engine: the check
+    ``BADMTrainerMixin.train`` makes, here before anything is built or written)."""
     from transformers import Trainer
 
     from hf_badm.parallel.reshard import zero_resume_problem
     from hf_badm.trainer import RESHARD_HOOK, hook_parameters
 
     mixed = any(getattr(args, name, False) for name in ("bf16", "fp16"))  # TrainingArguments, or a stand-in without them
-    return zero_resume_problem(ckpt, args.world_size, engine=bool(args.deepspeed), mixed_precision=mixed,
+    engine = "deepspeed" if args.deepspeed else "fsdp" if args.fsdp else None
+    return zero_resume_problem(ckpt, args.world_size, engine=engine, mixed_precision=mixed,
                                can_reshard=hook_parameters(Trainer, RESHARD_HOOK[0]) == RESHARD_HOOK[1])
 
 

@@ -28,7 +28,7 @@ from hf_badm.optim.badm import BADM
 from hf_badm.parallel.zero import ZeroPartition, zero_partitions
 
 __all__ = ["ZERO_STATE_FILE", "ZERO_STATE_PATTERN", "save_zero_state", "load_zero_state", "zero_state_world",
-           "zero_resume_problem", "whole_zero_state_dict"]
+           "zero_resume_problem", "whole_zero_state_dict", "saved_engine"]
 
 ZERO_STATE_FILE = "badm_zero_rank{rank}-of-{world}.pt"
 ZERO_STATE_PATTERN = re.compile(r"badm_zero_rank(\d+)-of-(\d+)\.pt$")
@@ -84,22 +84,44 @@ def deepspeed_world(checkpoint: str | Path) -> int | None:
     return len(ranks) or None
 
 
-def zero_resume_problem(checkpoint: str | Path, world_size: int, *, engine: bool, mixed_precision: bool,
+# What Accelerate's FSDP saves (the Trainer's FSDP path: model and optimizer, whole or sharded per rank) and what a
+# torch distributed checkpoint holds (hf_badm.parallel.dcp's, FSDP2 in a plain loop)
+FSDP_FILES = ("pytorch_model_fsdp*", "optimizer.bin", "optimizer_[0-9]*", ".metadata")
+SAVED = {"deepspeed": "by DeepSpeed ZeRO", "fsdp": "by FSDP", None: "without an engine (one process or DDP)"}
+UNDER = {"deepspeed": "under DeepSpeed ZeRO", "fsdp": "under FSDP", None: "without an engine"}
+
+
+def saved_engine(checkpoint: str | Path) -> str | None:
+    """The engine whose files ``checkpoint`` holds: "deepspeed" (its ``latest``), "fsdp" (:data:`FSDP_FILES`), or None
+    (the Trainer's own ``optimizer.pt``: one process or DDP)."""
+    folder = Path(checkpoint)
+    if (folder / "latest").is_file():
+        return "deepspeed"
+    return "fsdp" if any(next(folder.glob(pattern), None) for pattern in FSDP_FILES) else None
+
+
+def zero_resume_problem(checkpoint: str | Path, world_size: int, *, engine: str | None, mixed_precision: bool,
                         can_reshard: bool) -> str | None:
-    """Why ``checkpoint`` cannot resume exactly on ``world_size`` ranks (``engine``: under DeepSpeed ZeRO), or None.
-    A DeepSpeed checkpoint resumes on its own world size through DeepSpeed, on another one (or without the engine)
-    through BADM's state files. ``can_reshard``: the installed Trainer lets the re-partitioning load run
-    (transformers 5's ``Trainer._prepare_for_training``)."""
+    """Why ``checkpoint`` cannot resume exactly on ``world_size`` ranks under ``engine`` ("deepspeed", "fsdp" or None),
+    or None. A DeepSpeed checkpoint resumes on its own world size through DeepSpeed, on another one (or without the
+    engine) through BADM's state files; nothing moves between FSDP and another engine (FSDP's state is sharded
+    DTensors in its own files, ZeRO's flat partitions and optimizer.pt whole tensors: none loads the others' files).
+    ``can_reshard``: the installed Trainer lets the re-partitioning load run (transformers 5's
+    ``Trainer._prepare_for_training``)."""
     try:
         saved, badm_world = deepspeed_world(checkpoint), zero_state_world(checkpoint)
     except ValueError as err:
         return str(err)
-    if saved is None:
-        if engine and (Path(checkpoint) / "trainer_state.json").is_file():
-            return (f"{checkpoint} holds no DeepSpeed checkpoint (saved without an engine, or with FSDP): resuming it "
-                    "under DeepSpeed ZeRO is not supported; resume it without DeepSpeed")
-        return None
-    if engine and saved == world_size:
+    by = saved_engine(checkpoint)
+    if (by != engine and "fsdp" in (by, engine)) or (by is None and engine == "deepspeed"):
+        if by is None and not (Path(checkpoint) / "trainer_state.json").is_file():
+            return None  # not a Trainer checkpoint: the Trainer says what is missing
+        back = {"deepspeed": "under DeepSpeed (any world size) or without an engine" if badm_world
+                else f"under DeepSpeed on {saved} ranks",
+                "fsdp": "under FSDP", None: "without an engine"}[by]
+        return (f"{checkpoint} was saved {SAVED[by]}: resuming it {UNDER[engine]} is not supported (each engine "
+                f"loads only its own files); resume it {back}")
+    if saved is None or engine == "deepspeed" and saved == world_size:
         return None
     where = f"on {world_size} rank{'s' if world_size > 1 else ''}" + ("" if engine else " without DeepSpeed")
     if badm_world is None:
