@@ -1,26 +1,6 @@
-"""Issue 20's search on real corpora: tuned AdamW, Muon and NorMuon against the BADM family's Muon-like settings, in
-stages that build on each other (one results file per corpus and size; scripts/bench_beyond_muon.sh runs them all).
-
-- ``peers``: AdamW's lr grid; Muon's and NorMuon's lr grid at elementwise lr 0.1, then their AdamW lr at the best lr
-  (each extended while its best lies on an edge).
-- ``badm``: newton_schulz at its shipped defaults (and lr 0.01) with Muon + QHAdam beside it; newton_schulz and
-  nsisa with the ``adam`` solve on the tensors Muon's peer gives AdamW (at Muon's best AdamW lr), so that a difference from Muon is the matrices'; lr grids.
-- ``search`` (the ADMM parts): rho/sigma of newton_schulz 0.05-9 and of nsisa 0.3-9 at their best lr; the authors'
-  warm-down; large slots (S = 2 of 8 sequences) without clipping, with the dual scaled by alpha_s or not.
-- ``cross`` (at every place, what the first stages left to one place or fixed): the ``normalized`` solve's own lr
-  (0.03 / 0.3 beside 0.1) at newton_schulz's lr 0.01 and 0.03, and its rho/sigma (4 and 19 beside 9: beta 0.8 /
-  0.95) at the best point; Muon + QHAdam's lr grid and its QHAdam lr, then at its best point QHAdam with the beta1
-  and nu of rho/sigma 4 (0.8, 3/4); the directions users pick after Muon crossed with BADM's other-tensor solve
-  (normuon, Polar Express coefficients, the match_rms_adamw lr scale, nsisa), each on its lr grid.
-- ``seeds``: the lr of Muon, NorMuon and the BADM candidates refined a quarter decade each side of its best (a
-  BADM setting whose effective step falls between two half-decade points of Muon's grid must not win by that), the
-  peers' AdamW lr too, then seed 1 of every optimizer's best point.
-
-``--report`` writes the section of docs/benchmarks.md from the results: per tokenisation and size each optimizer's best
-point on every corpus (mean of its seeds) with its steps to tuned Muon's final loss as a fraction of Muon's steps;
-each variant's default chosen by the geometric mean of that fraction over every corpus, size and tokenisation, and
-how far each one's own best is from it; the ablation of the BADM settings on the BPE tiny runs.
-"""
+"""Issue 20's search on real corpora (docs/benchmarks.md, "Real corpora: BADM beyond Muon"): tuned AdamW, Muon and
+NorMuon against the BADM family's Muon-like settings, in stages that build on each other (one results file per corpus
+and size; bench_beyond_muon.sh runs them all); ``--report`` writes the section from the recorded runs alone."""
 
 from __future__ import annotations
 
@@ -74,6 +54,7 @@ ABLATION = (("Muon (torch; AdamW elsewhere), tuned", "muon", None, None),
 
 
 def peers(sw: cv.Sweep, size: str, c: str) -> None:
+    """AdamW's lr grid; Muon's and NorMuon's lr at elementwise lr 0.1, then their AdamW lr (edges extended)."""
     lean = sw.args.lean
     for lr in (0.003, 0.01) if lean else (0.001, 0.003, 0.01, 0.03):
         sw.run("adamw_torch", lr, None, 0, size, c)
@@ -92,6 +73,8 @@ def peers(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def badm(sw: cv.Sweep, size: str, c: str) -> None:
+    """newton_schulz at its shipped defaults beside Muon + QHAdam; newton_schulz and nsisa with adam where Muon has
+    AdamW (at Muon's AdamW lr), so that a difference from Muon is the matrices'."""
     lean = sw.args.lean
     for lr in (0.03, 0.01):  # the shipped defaults (0.03), and at Muon's usual best; with QHAdam's peer beside it
         sw.run("badm_ns_norm", lr, cv.FIXED_RATIO["badm_ns_norm"], 0, size, c, 0.1)
@@ -107,6 +90,7 @@ def badm(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def search(sw: cv.Sweep, size: str, c: str) -> None:
+    """The ADMM parts: rho/sigma at the best lr, the authors' warm-down, large slots without clipping."""
     for o, ratios in (("badm_ns_adam", NS_RATIOS), ("badm_nsisa_adam", NSISA_RATIOS)):
         best = sw.best(o, size, c)
         for r in ratios:
@@ -118,6 +102,8 @@ def search(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def cross(sw: cv.Sweep, size: str, c: str) -> None:
+    """At every place what the first stages fixed: normalized's own lr and rho/sigma, Muon + QHAdam's lrs, and the
+    directions users pick after Muon (normuon, Polar Express, match_rms_adamw, nsisa) on their lr grids."""
     for lr in (0.01, 0.03):
         for elr in (0.03, 0.3):
             sw.run("badm_ns_norm", lr, cv.FIXED_RATIO["badm_ns_norm"], 0, size, c, elr)
@@ -140,9 +126,8 @@ def cross(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def refine(sw: cv.Sweep, size: str, c: str) -> None:
-    """Each candidate's best point at lr x 10**(+-1/4), the other coordinates held; Muon's AdamW lr likewise (BADM's
-    elementwise lr stays at 0.1: any doubt goes to the peers); Muon + QHAdam at newton_schulz's best lr. ``--lean``:
-    Muon, newton_schulz (normalized elsewhere) and Muon + QHAdam only."""
+    """Each candidate's best lr (and the peers' AdamW lr) x 10**(+-1/4): a setting between two grid points of Muon's
+    must not win by that; ``--lean``: Muon, newton_schulz (normalized elsewhere) and Muon + QHAdam only."""
     quarter = (10 ** -0.25, 10 ** 0.25)
     todo = ("muon", "badm_ns_norm", "muon_qhadam") if sw.args.lean else (*PEERS, *BADM, *SEARCH, "badm_ns_norm", "muon_qhadam")
     for o in todo:
@@ -160,8 +145,7 @@ def refine(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def split(sw: cv.Sweep, size: str, c: str) -> None:
-    """Fused projections split into parts, whole, or per head (newton_schulz, normalized elsewhere at 0.1), and Muon +
-    AdamW with the same split (at tuned Muon's AdamW lr): each on its lr grid, then seed 1 at its best."""
+    """Fused projections split into parts, whole or per head, and Muon with the split: lr grid, then seed 1."""
     for o in SPLIT:
         elr = sw.best("muon", size, c)["elementwise_lr"] if o == "muon_split" else 0.1
         for lr in cv.GRIDS[o]:
@@ -191,7 +175,7 @@ def corpus_key(corpus: str, tokens: str) -> str:
 
 
 def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """The eval curve averaged over seeds (their evaluations fall on the same steps)."""
+    """The eval curve averaged over seeds (evaluated at the same steps)."""
     return [{"step": pts[0]["step"], "eval_loss": statistics.mean(p["eval_loss"] for p in pts)}
             for pts in zip(*(r["curve"] for r in runs))]
 
@@ -244,8 +228,7 @@ class Report:
     def row(self, pts: list, size: str, keys: list[str], all_seeds: bool = True) -> tuple[list[str], float | None]:
         """A table row's cells (one per place) and the geometric mean of their fractions (None: one is missing)."""
         cells = [self.cell(p, size, k, all_seeds) for p, k in zip(pts, keys)]
-        fracs = [f for _, f in cells]
-        return [t for t, _ in cells], math.exp(statistics.mean(map(math.log, fracs))) if all(fracs) else None
+        return [t for t, _ in cells], bc.geomean([f for _, f in cells])
 
     def geomean(self, o: str, tokens: str, size: str) -> float | None:
         """The optimizer's geometric-mean fraction over the corpora at one tokenisation and size."""
@@ -322,7 +305,7 @@ class Report:
                 frac = self.fraction(p["curve"], size, k)
                 if frac is not None:
                     by_setting.setdefault((p["learning_rate"], p["rho_over_sigma"], p.get("elementwise_lr")), []).append(frac)
-        gms = {key: math.exp(statistics.mean(map(math.log, v))) for key, v in by_setting.items() if len(v) == len(places)}
+        gms = {key: bc.geomean(v) for key, v in by_setting.items() if len(v) == len(places)}
         if not gms:
             return None
         chosen = min(gms, key=gms.get)

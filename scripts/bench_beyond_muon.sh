@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# Issue 20's search on real corpora (docs/benchmarks.md, "Real corpora: BADM beyond Muon"): three corpora gathered at
-# run time, BPE and byte-level tokens, GPT-2 tiny and small, 2 seeds. Every run is cached by its key in
-# docs/results/real-corpora/, so a rerun only fills what is missing. On 2 CPU cores: about 5.5 hours (two queues at
-# once, one torch thread each).
+# Issue 20's search on real corpora (docs/benchmarks.md, "Real corpora"); runs are cached by key in
+# docs/results/real-corpora/, so a rerun fills only what is missing. 2 CPU cores: about 5.5 hours.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1

@@ -1,21 +1,9 @@
-"""Collectives and bytes per optimizer step, measured: plain DDP + AdamW, BADM fused under DDP, BADM
-per-sub-batch, and AdamW vs BADM fused under DeepSpeed ZeRO-2.
-
-Run on 2 CPU ranks (gloo)::
-
-    torchrun --standalone --nproc_per_node 2 scripts/bench_comm.py
-
-Each mode trains a GPT-2 (4 layers x 128, ~0.9M float32 parameters) with the Trainer for ``--skip`` steps, then
-records ``--steps`` optimizer steps with ``torch.profiler``: every collective the process group executes
-(``gloo:*`` / ``nccl:*`` events, also those issued by DDP's C++ reducer and by DeepSpeed) with its input
-dtype and shape. Bytes are the payload each rank hands to the collectives (an all-reduce of N bytes counts
-N, whatever the algorithm puts on the wire). Rank 0 writes the section "Communication per step" of
-docs/benchmarks.md.
-"""
+"""Collectives and bytes per optimizer step under DDP and DeepSpeed ZeRO-2, AdamW vs BADM (docs/benchmarks.md,
+"Communication per step"): every gloo/nccl event torch.profiler sees, on 2 CPU ranks:
+``torchrun --standalone --nproc_per_node 2 scripts/bench_comm.py`` (``--report``: the section from comm.json)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -112,25 +100,17 @@ def run_mode(optimizer: str, deepspeed: Path | None, out: Path, skip: int, steps
 
 
 def section(data: dict) -> str:
-    """The docs section from the result file (``--report`` rebuilds it without running)."""
+    """The section's generated part (its prose lives in the docs) from the result file."""
     steps, param_bytes = data["steps"], 4 * data["params"]
-    rows = ["| mode | collectives / step | of them ≥ 1 KiB | payload MiB / step / rank | payload / parameter bytes "
-            "| by kind (calls / step) |", "|---|---:|---:|---:|---:|---|"]
+    rows = []
     for name, calls in data["modes"].items():
-        total = sum(b for _, b in calls) / steps
-        kinds = Counter(k for k, _ in calls)
-        rows.append(f"| {name} | {len(calls) / steps:g} | {sum(b >= 1024 for _, b in calls) / steps:g} "
-                    f"| {total / 2**20:.3f} | {total / param_bytes:.3f} "
-                    f"| {', '.join(f'{k} {v / steps:g}' for k, v in sorted(kinds.items()))} |")
-    return (f"{SECTION}\n\nCollectives each rank executes per optimizer step, measured with `torch.profiler` (every "
-            f"`gloo:*` event, including DDP's C++ reducer and DeepSpeed's own calls), {data['world']} CPU ranks, GPT-2 "
-            f"4 x 128 ({data['params'] / 1e6:.2f}M float32 parameters = {param_bytes / 2**20:.2f} MiB), 2 micro-batches "
-            f"of 4 x 64 tokens per rank and step, mean over {steps} steps after {data['skip']}. Payload: bytes each "
-            "rank hands to the collectives (an all-reduce of N bytes counts N; ring all-reduce puts about 2N(W-1)/W on "
-            "the wire). The small ones are the Trainer's own (`average_tokens_across_devices` gathers the loss-item "
-            "count; per-sub-batch adds the weight sum to its one flat all-reduce).\n\n"
-            + bc.stamp(data["machine"], data["command"])
-            + "- every call: [`results/comm.json`](results/comm.json)\n\n" + "\n".join(rows) + "\n\n"
+        total, kinds = sum(b for _, b in calls) / steps, Counter(k for k, _ in calls)
+        rows.append([name, f"{len(calls) / steps:g}", f"{sum(b >= 1024 for _, b in calls) / steps:g}",
+                     f"{total / 2**20:.3f}", f"{total / param_bytes:.3f}",
+                     ", ".join(f"{k} {v / steps:g}" for k, v in sorted(kinds.items()))])
+    return (bc.stamp(data["machine"], data["command"]) + "- every call: [`results/comm.json`](results/comm.json)\n\n"
+            + "\n".join(bc.md_table(["mode", "collectives / step", "of them ≥ 1 KiB", "payload MiB / step / rank",
+                                     "payload / parameter bytes", "by kind (calls / step)"], "lrrrrl", rows)) + "\n\n"
             "Reading the rows: DDP's large all-reduces are its gradient buckets, its small one the used-parameter map "
             "of `find_unused_parameters` (the Trainer's default without gradient checkpointing); BADM fused adds "
             "nothing to DDP. Per-sub-batch reduces no gradients (`no_sync` on every micro-step) and sends one flat "
@@ -140,7 +120,7 @@ def section(data: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bc.parser(__doc__)
     parser.add_argument("--skip", type=int, default=2, help="optimizer steps before the profiled ones")
     parser.add_argument("--steps", type=int, default=4, help="profiled optimizer steps")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
@@ -166,10 +146,7 @@ def main() -> None:
                 else 1, "params": params, "steps": a.steps, "skip": a.skip, "modes": modes}
         if not a.no_write:
             bc.write_json(a.results, data)
-    text = section(data)
-    print(text)
-    if not a.no_write:
-        bc.write_section(a.docs, SECTION, text)
+    bc.publish(a, SECTION, f"{SECTION}\n\n{section(data)}")
 
 
 if __name__ == "__main__":

@@ -1,36 +1,26 @@
-"""The benchmark harness: what every script in scripts/ shares, so that each script is a thin command line.
-
-- run options: :func:`add_run_args` (threads, device, output dir, results file, docs file, no-write,
-  smoke) and :func:`smoke_paths` (a smoke run writes only under a temporary directory);
-- one training run: :func:`train` (``hf-badm train`` in this process: the CLI's parsing, then
-  ``hf_badm.app.run.run``) and :func:`steps_to_reach` on its eval curve;
-- corpora: ``builtin`` (the generated stories), ``stdlib_docs`` (real English prose gathered at run
-  time from the docstrings of Python's standard library and pydoc's topics), ``debian_changelogs`` (the
-  change entries of the Debian changelogs under /usr/share/doc) and ``licenses`` (the legal text of
-  /usr/share/common-licenses and the packages' copyright files); nothing copied into the repository:
-  :func:`corpus`, :func:`benchmark_tokenizer`;
-- measuring optimizers: :func:`state_bytes` (the tensors an optimizer keeps) and :class:`StepTimer`
-  (wall time of every ``optimizer.step()`` through torch's global step hooks, CUDA-synchronised);
-- results: :class:`Results` (one JSON file, written after every run), :func:`machine` and :func:`stamp`
-  (the machine and versions a table was measured on), :func:`write_section` (one section of
-  docs/benchmarks.md replaced, the others kept).
-"""
+"""The benchmark harness every script in scripts/ stands on, so that each script is a thin command line: run options,
+corpora gathered at run time, one `hf-badm train` run, the GPT-2-shaped parameters and optimizers timed step by step,
+subprocess workers, result files, machine stamps and the docs sections they write (protocols: docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime
+import gzip
 import hashlib
 import importlib
 import inspect
 import io
 import json
 import logging
+import math
 import os
 import platform
 import re
 import shlex
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +34,7 @@ sys.path.insert(0, str(ROOT))
 DOCS = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "docs" / "results"
 CORPORA = ("builtin", "stdlib_docs", "debian_changelogs", "licenses")
-
-# Settings every benchmark run shares unless a script overrides them.
-BASE_RECIPE: dict[str, Any] = {
+BASE_RECIPE: dict[str, Any] = {  # what every benchmark run shares unless a script overrides it
     "task": "pretrain", "model_family": "gpt2", "dataset": "builtin", "num_train_examples": 3000,
     "num_eval_examples": 200, "block_size": 64, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 64,
     "lr_scheduler_type": "cosine", "warmup_steps": 20, "max_grad_norm": 1.0, "weight_decay": 0.0,
@@ -57,12 +45,18 @@ BASE_RECIPE: dict[str, Any] = {
 
 # ----------------------------------------------------------------------------- run options
 
+def parser(doc: str | None, name: str | None = None, results: Path | None = None,
+           threads: int | None = 1) -> argparse.ArgumentParser:
+    """A script's parser (description: its docstring's first line); ``name``: with the shared run options."""
+    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    if name:
+        add_run_args(p, name, results, threads)
+    return p
+
+
 def add_run_args(p: argparse.ArgumentParser, name: str, results: Path | None = None, threads: int | None = 1) -> None:
-    """The options every benchmark script shares: threads, device, where runs and results go, smoke mode."""
-    p.add_argument("--threads", type=int, default=threads,
-                   help="torch threads (default %(default)s; none given: torch's own choice)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu",
-                   help="where training runs (default cpu; auto: CUDA when available)")
+    p.add_argument("--threads", type=int, default=threads, help="torch threads (default %(default)s: torch's choice)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="auto: CUDA when available")
     p.add_argument("--out-dir", type=Path, default=ROOT / "outputs" / f"bench-{name}", help="runs, tokenizers, corpora")
     p.add_argument("--results", type=Path, default=results or RESULTS / f"{name}.json", help="result JSON")
     p.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose section is updated")
@@ -83,32 +77,27 @@ def setup(a: argparse.Namespace) -> None:
     quiet()
     import torch
 
-    if a.threads:
+    if getattr(a, "threads", None):
         torch.set_num_threads(a.threads)
     if getattr(a, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
 
 
 def device_recipe(device: str) -> dict[str, Any]:
-    """Recipe fields for ``--device``: ``use_cpu`` unless the run may use CUDA."""
     return {"use_cpu": device == "cpu"}
 
 
 def quiet() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    for k, v in (("TOKENIZERS_PARALLELISM", "false"), ("TRANSFORMERS_VERBOSITY", "error"),
+                 ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1")):
+        os.environ.setdefault(k, v)
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    try:
+    with contextlib.suppress(ImportError):
         import datasets
 
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
 
 
 def load() -> float:
@@ -120,47 +109,57 @@ def command_line() -> str:
 
 
 def rotations(items: Sequence[Any], rounds: int) -> Iterator[tuple[int, Any]]:
-    """``(round, item)`` round-robin, the order rotated each round so that no item always runs first
-    (load drift on a shared machine then hits every item alike)."""
-    n = len(items)
+    """``(round, item)`` round-robin, rotated each round so that load drift hits every item alike."""
     for r in range(rounds):
-        for i in range(n):
-            yield r, items[(r + i) % n]
+        for i in range(len(items)):
+            yield r, items[(r + i) % len(items)]
+
+
+def run_key(key: str) -> str:
+    """A run's key as a directory name."""
+    return key.replace("|", "_").replace("=", "")
 
 
 # ----------------------------------------------------------------------------- corpora and tokenizers
 
 _STDLIB_SKIP = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "ensurepip", "lib2to3",
                 "pydoc_data", "xxsubtype", "msilib", "winreg", "winsound", "msvcrt", "nt"}
+DOC_DIR, LICENSE_DIR = Path("/usr/share/doc"), Path("/usr/share/common-licenses")
+CHANGELOG_CHARS = 3_000_000  # the changelogs hold ~8 M characters of entries; the first 3 M (by package) are plenty
 
 
-def _paragraphs(doc: str) -> Iterator[str]:
-    """Prose paragraphs of a docstring: one line each; code, doctests and tables left out."""
-    for para in re.split(r"\n\s*\n", inspect.cleandoc(doc)):
-        lines = [line.strip() for line in para.splitlines()]
-        if any(line.startswith((">>>", "...", "$ ", "%", "+--", "===", "***", "---")) for line in lines):
-            continue
-        text = " ".join(line for line in lines if line)
-        if len(text.split()) >= 8 and sum(c.isalpha() or c.isspace() for c in text) >= 0.85 * len(text):
-            yield text
+def _prose(text: str) -> bool:
+    """A paragraph worth keeping: at least 8 words, mostly letters and spaces (no code, tables or addresses)."""
+    return len(text.split()) >= 8 and sum(c.isalpha() or c.isspace() for c in text) >= 0.85 * len(text)
+
+
+class _Distinct(list):
+    """Paragraphs in order, exact duplicates dropped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def add(self, text: str) -> bool:
+        if _prose(text) and text not in self.seen:
+            self.seen.add(text)
+            self.append(text)
+            return True
+        return False
 
 
 def stdlib_docs_paragraphs() -> list[str]:
-    """English prose no one here wrote, from what every Python installation has: the docstrings of the
-    public standard-library modules (``sys.stdlib_module_names``, sorted) and of the classes, functions
-    and methods they define, then pydoc's topic texts (the language reference). Deterministic for a
-    given Python version; exact duplicates dropped."""
+    """English prose from every Python installation: the docstrings of the public standard-library modules and of
+    what they define (sorted), then pydoc's topics; code, doctests and tables left out. Deterministic per version."""
     if not hasattr(sys, "stdlib_module_names"):
         raise RuntimeError("the stdlib_docs corpus needs Python >= 3.10 (sys.stdlib_module_names)")
-    seen: set[str] = set()
-    out: list[str] = []
+    out = _Distinct()
 
     def add(doc: Any) -> None:
-        if isinstance(doc, str):
-            for p in _paragraphs(doc):
-                if p not in seen:
-                    seen.add(p)
-                    out.append(p)
+        for para in re.split(r"\n\s*\n", inspect.cleandoc(doc)) if isinstance(doc, str) else []:
+            lines = [line.strip() for line in para.splitlines()]
+            if not any(line.startswith((">>>", "...", "$ ", "%", "+--", "===", "***", "---")) for line in lines):
+                out.add(" ".join(line for line in lines if line))
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -177,29 +176,16 @@ def stdlib_docs_paragraphs() -> list[str]:
                     continue
                 if inspect.isclass(obj) or inspect.isroutine(obj):
                     add(obj.__doc__)
-                if inspect.isclass(obj):
-                    for member, f in sorted(vars(obj).items()):
-                        if (not member.startswith("_") or member == "__init__") and (
-                                inspect.isroutine(f) or isinstance(f, (property, classmethod, staticmethod))):
-                            add(getattr(f, "__doc__", None))
-        try:
+                for member, f in sorted(vars(obj).items()) if inspect.isclass(obj) else ():
+                    if (not member.startswith("_") or member == "__init__") and (
+                            inspect.isroutine(f) or isinstance(f, (property, classmethod, staticmethod))):
+                        add(getattr(f, "__doc__", None))
+        with contextlib.suppress(ImportError):
             from pydoc_data.topics import topics
 
             for key in sorted(topics):
                 add(topics[key])
-        except ImportError:
-            pass
-    return out
-
-
-def _prose(text: str) -> bool:
-    """A paragraph worth keeping: at least 8 words, mostly letters and spaces (no code, tables or addresses)."""
-    return len(text.split()) >= 8 and sum(c.isalpha() or c.isspace() for c in text) >= 0.85 * len(text)
-
-
-DOC_DIR = Path("/usr/share/doc")
-LICENSE_DIR = Path("/usr/share/common-licenses")
-CHANGELOG_CHARS = 3_000_000  # the changelogs hold ~8 M characters of entries; the first 3 M (by package) are plenty
+    return list(out)
 
 
 def _need(paths: list[Path], what: str, corpus_name: str) -> list[Path]:
@@ -209,15 +195,10 @@ def _need(paths: list[Path], what: str, corpus_name: str) -> list[Path]:
 
 
 def debian_changelogs_paragraphs(doc_dir: Path = DOC_DIR, max_chars: int = CHANGELOG_CHARS) -> list[str]:
-    """Change entries ("* ..." / "- ..." items, continuation lines joined) of every package's Debian changelog
-    (``<doc_dir>/*/changelog*.gz``, packages sorted), English written by maintainers; exact duplicates dropped,
-    stopped at ``max_chars``. Deterministic for a given set of installed packages."""
-    import gzip
-
+    """The change entries ("* ..." / "- ...", continuation lines joined) of every package's Debian changelog
+    (packages sorted), stopped at ``max_chars``."""
     files = _need(sorted(doc_dir.glob("*/changelog*.gz")), f"{doc_dir}/*/changelog*.gz", "debian_changelogs")
-    seen: set[str] = set()
-    out: list[str] = []
-    total = 0
+    out, total = _Distinct(), 0
     for f in files:
         try:
             lines = gzip.open(f, "rt", encoding="utf-8", errors="replace").read().splitlines()
@@ -229,25 +210,21 @@ def debian_changelogs_paragraphs(doc_dir: Path = DOC_DIR, max_chars: int = CHANG
             if item or not (line.startswith(" ") and line.strip() and entry and not line.strip().startswith("--")):
                 text = " ".join(entry)
                 entry = [item.group(1).strip()] if item else []
-                if _prose(text) and text not in seen:
-                    seen.add(text)
-                    out.append(text)
+                if out.add(text):
                     total += len(text)
                     if total >= max_chars:
-                        return out
+                        return list(out)
             else:
                 entry.append(line.strip())
-    return out
+    return list(out)
 
 
 def licenses_paragraphs(license_dir: Path = LICENSE_DIR, doc_dir: Path = DOC_DIR) -> list[str]:
-    """Legal English: the paragraphs of the license texts in ``license_dir`` and of every package's copyright file
-    (``<doc_dir>/*/copyright``; DEP-5 field lines and copyright notices left out), files sorted, exact duplicates
-    dropped (the same license recurs in many files)."""
+    """Legal English: the paragraphs of the license texts and of every package's copyright file (DEP-5 field lines
+    left out), files sorted."""
     files = _need(sorted(p for p in license_dir.glob("*") if p.is_file()), f"the license texts in {license_dir}",
                   "licenses") + sorted(doc_dir.glob("*/copyright"))
-    seen: set[str] = set()
-    out: list[str] = []
+    out = _Distinct()
     for f in files:
         try:
             text = f.read_text(encoding="utf-8", errors="replace")
@@ -255,11 +232,8 @@ def licenses_paragraphs(license_dir: Path = LICENSE_DIR, doc_dir: Path = DOC_DIR
             continue
         for block in re.split(r"\n\s*\.?\s*\n", text):  # DEP-5 writes blank lines inside a field as " ."
             lines = [ln.strip() for ln in block.splitlines() if not re.match(r"^[A-Z][A-Za-z-]*:(\s|$)", ln)]
-            para = " ".join(ln for ln in lines if ln and ln != ".")
-            if _prose(para) and para not in seen:
-                seen.add(para)
-                out.append(para)
-    return out
+            out.add(" ".join(ln for ln in lines if ln and ln != "."))
+    return list(out)
 
 
 # Corpora gathered at run time from what this machine ships: name -> (paragraphs, directory-name suffix).
@@ -269,8 +243,7 @@ GATHERED = {"stdlib_docs": (lambda: stdlib_docs_paragraphs(), f"-py{sys.version_
 
 
 def gathered(name: str, out_dir: Path, eval_every: int = 20) -> Path:
-    """A gathered corpus as a dataset directory (``train.txt`` and ``test.txt``, one paragraph per line; every
-    ``eval_every``-th paragraph held out) under ``out_dir``, gathered once (stdlib_docs: once per Python version)."""
+    """A gathered corpus as a dataset directory (train.txt, test.txt: every ``eval_every``-th paragraph), once."""
     paragraphs, suffix = GATHERED[name]
     path = out_dir / "corpus" / f"{name}{suffix}"
     if not (path / "test.txt").exists():
@@ -278,15 +251,10 @@ def gathered(name: str, out_dir: Path, eval_every: int = 20) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         (path / "train.txt").write_text("\n".join(p for i, p in enumerate(paras) if i % eval_every) + "\n")
         (path / "test.txt").write_text("\n".join(p for i, p in enumerate(paras) if not i % eval_every) + "\n")
-        digest = hashlib.sha256("\n".join(paras).encode()).hexdigest()
-        info_path(path).write_text(json.dumps({"paragraphs": len(paras), "characters": sum(map(len, paras)),
-                                                      "sha256": digest, "python": platform.python_version()}))
+        info_path(path).write_text(json.dumps({
+            "paragraphs": len(paras), "characters": sum(map(len, paras)), "python": platform.python_version(),
+            "sha256": hashlib.sha256("\n".join(paras).encode()).hexdigest()}))
     return path
-
-
-def stdlib_docs(out_dir: Path, eval_every: int = 20) -> Path:
-    """The ``stdlib_docs`` corpus as a dataset directory (:func:`gathered`)."""
-    return gathered("stdlib_docs", out_dir, eval_every)
 
 
 def corpus(name: str, out_dir: Path) -> str:
@@ -301,12 +269,11 @@ def corpus_name(spec: str) -> str:
     if spec == "builtin":
         return spec
     name = Path(spec).name
-    gathered = re.sub(r"-py\d+\.\d+$", "", name)  # a corpus gathered here, per Python version
-    return gathered if gathered != name else Path(spec).stem
+    short = re.sub(r"-py\d+\.\d+$", "", name)  # a corpus gathered here, per Python version
+    return short if short != name else Path(spec).stem
 
 
 def info_path(dataset_dir: Path) -> Path:
-    """Size and hash of a gathered corpus, beside (not inside) its dataset directory."""
     return dataset_dir.parent / f"{dataset_dir.name}.json"
 
 
@@ -319,8 +286,8 @@ CHAR_SUFFIX = "-char"  # a corpus name with this suffix: the same text, byte-lev
 
 
 def benchmark_tokenizer(out_dir: Path, dataset: str = "builtin", chars: bool = False) -> str:
-    """The benchmarks' BPE tokenizer (vocab 1024) of a corpus, trained on its training text, under ``out_dir``, once.
-    ``chars``: no merges (the 256 bytes and the 4 special tokens), i.e. character-level on ASCII text."""
+    """The benchmarks' BPE tokenizer (vocab 1024) of a corpus, trained on its training text, once; ``chars``: no
+    merges (the 256 bytes and 4 special tokens)."""
     from hf_badm.app.data import build_tokenizer
 
     name = corpus_name(dataset)
@@ -338,16 +305,13 @@ def benchmark_tokenizer(out_dir: Path, dataset: str = "builtin", chars: bool = F
 # ----------------------------------------------------------------------------- one training run
 
 def train(recipe: dict[str, Any], quiet_output: bool = True) -> dict[str, Any]:
-    """One ``hf-badm train`` run in this process (the CLI's own parsing, then ``hf_badm.app.run.run``).
-
-    Returns a compact summary: eval curve with training-only wall time (evaluation excluded) at each
-    eval point, final eval loss, training-only seconds per step, and the 1-minute load average."""
+    """One ``hf-badm train`` run in this process (the CLI's parsing, then ``hf_badm.app.run.run``): eval curve with
+    training-only seconds at each point, final losses, seconds per step, the 1-minute load average."""
     from hf_badm.app.cli import parse
     from hf_badm.app.run import run
 
     model_args, task_args, badm, args = parse(dict(recipe), [], "bench")
-    load_before = load()
-    start = time.perf_counter()
+    load_before, start = load(), time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()) if quiet_output else contextlib.nullcontext():
         metrics = run(model_args, task_args, badm, args)
     elapsed = time.perf_counter() - start
@@ -355,14 +319,12 @@ def train(recipe: dict[str, Any], quiet_output: bool = True) -> dict[str, Any]:
     for h in metrics["log_history"]:
         if "eval_loss" in h and "step" in h:
             eval_time += h.get("eval_runtime", 0.0)
-            wall = h.get("wall_time", last_wall)
-            curve.append({"step": h["step"], "eval_loss": h["eval_loss"], "train_s": max(wall - eval_time, 0.0)})
-        if "wall_time" in h:
-            last_wall = h["wall_time"]
-    steps = metrics["recipe"]["max_steps"]
+            curve.append({"step": h["step"], "eval_loss": h["eval_loss"],
+                          "train_s": max(h.get("wall_time", last_wall) - eval_time, 0.0)})
+        last_wall = h.get("wall_time", last_wall)
+    steps, final = metrics["recipe"]["max_steps"], metrics.get("eval_loss")
     train_s = metrics["train_runtime"] - eval_time
     train_losses = [h["loss"] for h in metrics["log_history"] if "loss" in h]
-    final = metrics.get("eval_loss")
     if curve and curve[-1]["step"] != steps and final is not None:
         curve.append({"step": steps, "eval_loss": final, "train_s": train_s})
     return {"final_eval_loss": final, "final_train_loss": train_losses[-1] if train_losses else None,
@@ -384,52 +346,133 @@ def steps_to_reach(curve: list[dict[str, float]], target: float, key: str = "ste
     return None
 
 
-# ----------------------------------------------------------------------------- measuring optimizers
+def geomean(values: Sequence[float | None]) -> float | None:
+    """Geometric mean; None when a value is missing (or there is none)."""
+    return math.exp(statistics.mean(map(math.log, values))) if values and all(values) else None
 
-def state_bytes(opt: Any) -> int:
-    """Bytes of every tensor an optimizer keeps in ``state`` (BADM's per-slot duals are lists of tensors;
-    0-d step counters excluded). Wrappers (accelerate's ``AcceleratedOptimizer``) are unwrapped."""
+
+def worker(argv: list[str], fn: Any) -> bool:
+    """The worker side of :func:`in_subprocess`: ``--worker SPEC.json`` runs ``fn(spec)`` and writes its result."""
+    if argv[:1] != ["--worker"]:
+        return False
+    quiet()
+    path = Path(argv[1])
+    path.with_suffix(".out.json").write_text(json.dumps(fn(json.loads(path.read_text()))))
+    return True
+
+
+def in_subprocess(script: str, spec: Any, work: Path, name: str) -> dict[str, Any]:
+    """``script --worker SPEC`` in a fresh process (its own peak memory and device state): its result or error."""
+    path = work / "specs" / f"{run_key(name)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(spec))
+    done = subprocess.run([sys.executable, script, "--worker", str(path)], capture_output=True, text=True)
+    return ({"error": done.stderr[-3000:]} if done.returncode else json.loads(path.with_suffix(".out.json").read_text()))
+
+
+# ----------------------------------------------------------------------------- parameters and optimizers measured
+
+def gpt2_shapes(vocab: int, positions: int, d: int, layers: int) -> list[tuple[int, ...]]:
+    """GPT-2's parameters in its module order (Conv1D weights stored in x out; LM head tied to the embedding)."""
+    layer = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return [(vocab, d), (positions, d)] + layer * layers + [(d,), (d,)]
+
+
+def gpt2_like_shapes(params_millions: float) -> list[tuple[int, ...]]:
+    """A GPT-2-style stack near the target size (a few huge matrices, many small vectors: what kernels see)."""
+    target = params_millions * 1e6
+    width = 64 * max(1, round(math.sqrt(target / 106) / 64))  # 106 d^2 ~ 6 layers + 32d vocab + 2d positions
+    layers = max(1, round((target - (34 * width + 2) * width) / (12 * width * width + 13 * width)))
+    return gpt2_shapes(32 * width, 2 * width, width, layers)
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    return gpt2_shapes(50257, 1024, 768, 12)  # GPT-2 small (124M)
+
+
+def make_params(shapes: list[tuple[int, ...]], seed: int, device: str = "cpu", scale: float = 0.02) -> list:
     import torch
 
-    opt = getattr(opt, "optimizer", opt)
-    total = 0
-    for state in opt.state.values():
-        for value in state.values():
-            for t in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(t, torch.Tensor) and t.dim() > 0:
-                    total += t.numel() * t.element_size()
-    return total
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=gen) * scale).to(device)) for s in shapes]
+
+
+def split_hidden(params: list, embeddings: int = 2) -> tuple[list, list]:
+    """hf_badm's grouping for newton_schulz and Muon: hidden matrices; the embeddings (the first tensors) and 1-D ones."""
+    hidden = [p for i, p in enumerate(params) if p.dim() == 2 and i >= embeddings]
+    return hidden, [p for i, p in enumerate(params) if p.dim() != 2 or i < embeddings]
+
+
+def newton_schulz_badm(params: list, lr: float = 0.03, embeddings: int = 2, **kw: Any) -> Any:
+    """BADM newton_schulz on the hidden matrices, ``normalized`` (its shipped sigma and rho) on the rest."""
+    from hf_badm import BADM
+    from hf_badm.optim.local_solve import LOCAL_SOLVES
+
+    hidden, rest = split_hidden(params, embeddings)
+    norm = LOCAL_SOLVES["normalized"]
+    return BADM([{"params": hidden}, {"params": rest, "preconditioner": "normalized", "sigma": norm.elementwise_sigma,
+                                      "rho": norm.rho_over_sigma * norm.elementwise_sigma}],
+                lr=lr, preconditioner="newton_schulz", **kw)
+
+
+def muon_adamw(params: list) -> Any:
+    from hf_badm.peers import MUON_ADAMW_LR, MuonWithAdamW
+
+    hidden, rest = split_hidden(params)
+    return MuonWithAdamW([{"params": hidden}], [{"params": rest}], lr=0.03, adamw_lr=MUON_ADAMW_LR)
+
+
+def state_bytes(opt: Any) -> int:
+    """Bytes of every tensor an optimizer keeps in ``state`` (lists of tensors too; 0-d counters excluded)."""
+    import torch
+
+    opt = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer
+    return sum(t.numel() * t.element_size() for state in opt.state.values() for value in state.values()
+               for t in (value if isinstance(value, (list, tuple)) else [value])
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any) -> float:
+    """Seconds of one call, CUDA-synchronised around it."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median, IQR and minimum in ms (load only adds time: the minimum helps read a noisy run)."""
+    q1, med, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return {"median_ms": med * 1e3, "iqr_ms": (q3 - q1) * 1e3, "min_ms": min(samples) * 1e3}
 
 
 class StepTimer:
-    """Wall time of every ``optimizer.step()`` of any torch optimizer while active, through torch's global
-    step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``_post_hook``), the clock read
-    after a CUDA synchronisation when CUDA is in use. Only the outermost optimizer's step is timed (an
-    optimizer made of two inner ones counts once). Keeps the last optimizer seen (for :func:`state_bytes`)."""
+    """Wall time of every outermost ``optimizer.step()`` of any torch optimizer while active (torch's global step
+    hooks, CUDA-synchronised); keeps the last optimizer seen."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
         self.optimizer: Any = None
         self._depth, self._t0, self._handles = 0, 0.0, []
 
-    @staticmethod
-    def _sync() -> None:
-        import torch
-
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-
-    def _pre(self, opt: Any, args: Any, kwargs: Any) -> None:
+    def _pre(self, opt: Any, *_: Any) -> None:
         if self._depth == 0:
-            self._sync()
-            self._t0 = time.perf_counter()
-            self.optimizer = opt
+            sync()
+            self._t0, self.optimizer = time.perf_counter(), opt
         self._depth += 1
 
-    def _post(self, opt: Any, args: Any, kwargs: Any) -> None:
+    def _post(self, opt: Any, *_: Any) -> None:
         self._depth -= 1
         if self._depth == 0:
-            self._sync()
+            sync()
             self.seconds.append(time.perf_counter() - self._t0)
 
     def __enter__(self) -> "StepTimer":
@@ -443,10 +486,10 @@ class StepTimer:
             h.remove()
 
 
-# ----------------------------------------------------------------------------- results and docs
+# ----------------------------------------------------------------------------- results, stamps, docs, plots
 
 class Results:
-    """All runs of a benchmark in one JSON file, written after every run so partial sweeps survive."""
+    """All runs of a benchmark in one JSON file, written after every run so that partial sweeps survive."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -455,7 +498,7 @@ class Results:
 
     @classmethod
     def merged(cls, paths: list[Path]) -> "Results":
-        """Read-only union of several result files (the report reads every corpus and size)."""
+        """Read-only union of several result files."""
         out = cls(Path("/nonexistent/merged.json"))
         for path in paths:
             data = json.loads(path.read_text())
@@ -469,6 +512,9 @@ class Results:
     def add(self, run: dict[str, Any]) -> None:
         self.runs = [r for r in self.runs if r["key"] != run["key"]] + [run]
         write_json(self.path, {"machine": self.meta, "runs": self.runs})
+
+    def loads(self) -> list[float]:
+        return [r["load_1min"] for r in self.runs if "load_1min" in r]
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -485,25 +531,20 @@ def machine() -> dict[str, str]:
     import transformers
 
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError):
         found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
         cpu = found.group(1).strip() if found else cpu
-    except OSError:
-        pass
     meta = {"cpu": cpu, "cores": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads()),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
     if torch.cuda.is_available():
-        meta["gpu"] = torch.cuda.get_device_name(0)
-        meta["cuda"] = str(torch.version.cuda)
+        meta.update(gpu=torch.cuda.get_device_name(0), cuda=str(torch.version.cuda))
     return meta
 
 
 def stamp(meta: dict[str, str], command: str, loads: list[float] | None = None) -> str:
     """The command, machine, versions and date lines under a table."""
-    load_text = ""
-    if loads:
-        load_text = f" (1-minute load average during the runs {min(loads):.1f}–{max(loads):.1f})"
+    load_text = f" (1-minute load average during the runs {min(loads):.1f}–{max(loads):.1f})" if loads else ""
     gpu = f"; GPU {meta['gpu']} (CUDA {meta.get('cuda')})" if meta.get("gpu") else ""
     return (f"- command: `{command}`\n"
             f"- machine: {meta['cpu']}, {meta['torch_threads']} torch threads of {meta['cores']} cores, shared"
@@ -511,20 +552,65 @@ def stamp(meta: dict[str, str], command: str, loads: list[float] | None = None) 
             f"- date: {meta['date']}\n")
 
 
-def write_section(path: Path, title: str, text: str) -> None:
-    """Replace only the section ``title`` (up to the next ``## `` heading); other sections survive."""
+_GENERATED = ("- command:", "|", "#", "**", "![")  # where a section's own prose (kept by keep_intro) ends
+
+
+def write_section(path: Path, title: str, text: str, keep_intro: bool = False) -> None:
+    """Replace only the section ``title`` (up to the next ``## `` heading). ``keep_intro``: the section's prose (the
+    lines before its first stamp, table or subsection) stays as the docs hold it, ``text`` replaces the rest."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"# Benchmarks\n\n{text}")
         return
     doc = path.read_text()
     pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    if pattern.search(doc):
+    old = pattern.search(doc)
+    if old and keep_intro:
+        intro = []
+        for line in old.group(0).splitlines()[1:]:
+            if line.startswith(_GENERATED):
+                break
+            intro.append(line)
+        text = "\n".join([title, *intro]).rstrip("\n") + "\n\n" + text[len(title):].lstrip("\n")
+    if old:
         doc = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", doc, count=1).rstrip("\n") + "\n"
     else:
         doc = doc.rstrip("\n") + "\n\n" + text
     path.write_text(doc)
 
 
+def publish(a: argparse.Namespace, title: str, text: str) -> None:
+    """Print a section and, unless ``--no-write``, write it (its prose kept) into ``--docs``."""
+    print(text)
+    if not a.no_write:
+        write_section(a.docs, title, text, keep_intro=True)
+
+
 def fmt(value: Any, spec: str = ".3f", none: str = "–") -> str:
     return none if value is None else format(value, spec)
+
+
+def md_table(header: Sequence[str], align: str, rows: list[Sequence[Any]]) -> list[str]:
+    """Markdown table lines; ``align``: one letter per column, ``l`` left, ``r`` right."""
+    return (["| " + " | ".join(header) + " |", "|" + "".join("---|" if c == "l" else "---:|" for c in align)]
+            + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def figure(ncols: int, size: tuple[float, float]) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=size)
+
+
+def save_figure(fig: Any, title: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

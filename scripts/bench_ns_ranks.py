@@ -1,14 +1,6 @@
-"""Newton-Schulz work split across data-parallel ranks (``hf_badm.parallel.ParallelOrthogonaliser``): one fused
-``newton_schulz`` optimizer step on 1 and on 2 CPU processes (gloo), side by side in one run.
-
-Each rank holds the same GPT-2-style parameters and the same (reduced) gradients, as DDP gives them; the step is
-timed (median of interleaved repetitions after warm-up, the ranks synchronised before each) and its matmul FLOPs
-counted per rank (torch's FLOP counter). 1 rank runs once with 1 thread and once with 2 (this machine's 2 cores);
-2 ranks run with 1 thread each.
-
-    .venv/bin/python scripts/bench_ns_ranks.py                    # ~25M parameters, writes docs/ (results, section)
-    .venv/bin/python scripts/bench_ns_ranks.py --params-millions 2 --reps 3 --out /tmp/x   # quick
-"""
+"""Newton-Schulz across ranks (docs/benchmarks.md, "Newton-Schulz across ranks"; docs/distributed.md): one fused
+newton_schulz step on 1 and 2 gloo ranks, its time and matmul FLOPs per rank (DDP's work split); ``--sharded``: the
+bytes each rank's collectives move under DeepSpeed ZeRO-3 and FSDP2 at 2 and 4 ranks (tests/dist_worker.py's jobs)."""
 
 from __future__ import annotations
 
@@ -24,10 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
-from bench_step import gpt2_like_shapes, make_params, newton_schulz_badm  # noqa: E402
 
 SECTION = "## Newton-Schulz across ranks: the work split of fused newton_schulz"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT, TESTS = bc.ROOT, bc.ROOT / "tests"
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -41,8 +32,8 @@ def worker(a: argparse.Namespace) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     torch.set_num_threads(a.threads)
-    params = make_params(gpt2_like_shapes(a.params_millions), seed=0)
-    opt = newton_schulz_badm(params)
+    params = bc.make_params(bc.gpt2_like_shapes(a.params_millions), seed=0)
+    opt = bc.newton_schulz_badm(params)
     prepare_for_ranks(opt, world)
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]
@@ -85,43 +76,73 @@ def launch(a: argparse.Namespace, world: int, threads: int, out: Path) -> None:
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
 
 
+def sharded(out_dir: Path) -> None:
+    """ZeRO-3 (the model built after the arguments, partitioned as made) and FSDP2 at 2 and 4 ranks: per rank the bytes
+    collectives materialise inside BADM.step against its own fp32 Newton-Schulz share, and (ZeRO-3) its NS FLOPs
+    against 1 rank's."""
+    import torch
+
+    sys.path.insert(0, str(TESTS))
+    from dist_worker import run_job
+    from procs import launch_env, run_process_group
+
+    jobs = [{"name": "zero3", "mode": "fused", "ga": 1, "steps": 6, "preconditioner": "newton_schulz", "meter": True,
+             "deepspeed": json.loads((ROOT / "recipes" / "launch" / "zero3.json").read_text()), "build": "from_config"},
+            {"name": "fsdp2", "fsdp2": True, "steps": 6, "preconditioner": "newton_schulz", "meter": True}]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_job(Path(tmp) / "one", {**jobs[0], "deepspeed": None, "ga": 4, "meter": False, "build": "before"})
+        one = torch.load(Path(tmp) / "one" / "zero3" / "rank0.pt", weights_only=True)["ns_flops"]
+        for world in (2, 4):
+            out = Path(tmp) / f"w{world}"
+            code, log = run_process_group([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                           "--nproc_per_node", str(world), str(TESTS / "dist_worker.py"), str(out),
+                                           json.dumps(jobs)], 900, cwd=TESTS, env=launch_env(OMP_NUM_THREADS="1"))
+            if code:
+                raise SystemExit(log[-4000:])
+            for engine, rank in ((e, r) for e in ("zero3", "fsdp2") for r in range(world)):
+                r = torch.load(out / engine / f"rank{rank}.pt", weights_only=True)
+                flops = statistics.mean(r["ns_flops"]) / statistics.mean(one) if "ns_flops" in r else None
+                rows.append({"engine": engine, "world": world, "rank": rank, "bytes": r["comm"][-1][0],
+                             "own_fp32_ns_share": r["comm"][-1][1], "ratio": round(max(b / s for b, s in r["comm"]), 3),
+                             "ns_flops_vs_one_rank": None if flops is None else round(flops, 3)})
+    print("\n".join(bc.md_table(["engine", "ranks", "rank", "bytes in BADM.step's collectives", "own fp32 NS share",
+                                 "ratio", "NS FLOPs / 1 rank"], "lllllll",
+                                [[r["engine"], r["world"], r["rank"], f"{r['bytes']:,}", f"{r['own_fp32_ns_share']:,}",
+                                  f"{r['ratio']:.2f}", bc.fmt(r["ns_flops_vs_one_rank"], ".2f")] for r in rows])))
+    bc.write_json(out_dir / "ns_sharded.json", {"model": "tiny GPT-2 (2 x 32, 8 hidden matrices)", "rows": rows})
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.parser(__doc__)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--params-millions", type=float, default=25.0)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--out", default=None, help="results folder (default: docs/results, and the section in docs/)")
+    p.add_argument("--sharded", action="store_true", help="ZeRO-3 and FSDP2 at 2 and 4 ranks (ns_sharded.json)")
     a = p.parse_args(argv)
     if a.worker:
         worker(a)
         return
     bc.quiet()
+    if a.sharded:
+        return sharded(Path(a.out) if a.out else bc.RESULTS)
     with tempfile.TemporaryDirectory() as tmp:
         for world, threads in ((1, 1), (1, 2), (2, 1)):
             launch(a, world, threads, Path(tmp))
         rows = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob("*.json"))]
     one = next(r for r in rows if r["world"] == 1 and r["threads"] == 1)
-    lines = ["| ranks x threads | rank | step median ms | step min ms | matmul GFLOP on this rank | FLOPs / 1 rank |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (r["world"], r["threads"], r["rank"])):
-        lines.append(f"| {r['world']} x {r['threads']} | {r['rank']} | {r['median_ms']:.1f} | {r['min_ms']:.1f} | "
-                     f"{r['flops'] / 1e9:.2f} | {r['flops'] / one['flops']:.2f}x |")
-    table = "\n".join(lines)
+    table = bc.md_table(["ranks x threads", "rank", "step median ms", "step min ms", "matmul GFLOP on this rank",
+                         "FLOPs / 1 rank"], "lrrrrr", [
+        [f"{r['world']} x {r['threads']}", r["rank"], f"{r['median_ms']:.1f}", f"{r['min_ms']:.1f}",
+         f"{r['flops'] / 1e9:.2f}", f"{r['flops'] / one['flops']:.2f}x"]
+        for r in sorted(rows, key=lambda r: (r["world"], r["threads"], r["rank"]))])
     meta = bc.machine()
-    text = (f"{SECTION}\n\nOne fused `newton_schulz` step (normalized on the elementwise tensors) of a GPT-2-style stack "
-            f"of {one['params'] / 1e6:.1f}M parameters, the same gradients on every rank (as DDP's all-reduce leaves "
-            "them): with 2 ranks each matrix is orthogonalised on one rank (largest first onto the least-loaded rank) "
-            f"and one all_gather brings the directions to both. Median of {a.reps} steps after {a.warmup} warm-up "
-            "steps, ranks synchronised before each.\n\n" + table + "\n\n"
-            + bc.stamp(meta, bc.command_line()))
-    print(text)
-    out = Path(a.out) if a.out else ROOT / "docs" / "results"
-    bc.write_json(out / "ns_ranks.json", {"machine": meta, "rows": rows})
-    if a.out is None:
-        bc.write_section(ROOT / "docs" / "benchmarks.md", SECTION, text)
-
+    bc.write_json(Path(a.out or bc.RESULTS) / "ns_ranks.json", {"machine": meta, "rows": rows})
+    a.docs, a.no_write = bc.DOCS, a.out is not None
+    bc.publish(a, SECTION, "\n".join([SECTION, "", *table, "", bc.stamp(meta, bc.command_line())]))
 
 if __name__ == "__main__":
     main()

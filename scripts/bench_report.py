@@ -1,14 +1,8 @@
-"""The summary that opens docs/benchmarks.md and the README's results, written from the result files under
-docs/results/ alone (nothing trained): one table per question (which optimizer, how fast per step, how much
-memory, how it scales across ranks), and the README's demo table.
-
-    python scripts/bench_report.py           # rewrites the summary section and the README's generated blocks
-    python scripts/bench_report.py --demo    # first runs `hf-badm demo` and records it in docs/results/demo.json
-"""
+"""The summary that opens docs/benchmarks.md (one table per question) and the README's generated blocks, from the
+result files alone: ``python scripts/bench_report.py`` (``--demo``: first run `hf-badm demo`, recorded in demo.json)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -24,7 +18,7 @@ import bench_common as bc  # noqa: E402
 
 SECTION = "## Summary: which optimizer, how fast, how much memory, how it scales"
 README = bc.ROOT / "README.md"
-SETTINGS = [(t, s) for t, s in bm.SETTINGS]
+SETTINGS = list(bm.SETTINGS)
 # Rows of the "which optimizer" table: (label, optimizer in the real-corpora runs, how to select it).
 WHICH = (("AdamW", "adamw_torch", "adamw"), ("Muon (torch's; AdamW elsewhere)", "muon", "muon"),
          ("Muon with QHAdam elsewhere (nu 8/9)", "muon_qhadam", "muon_qhadam"),
@@ -172,7 +166,7 @@ def run_demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.parser(__doc__)
     p.add_argument("--demo", action="store_true", help="run `hf-badm demo` first and record it (about a minute)")
     p.add_argument("--docs", type=Path, default=bc.DOCS)
     p.add_argument("--readme", type=Path, default=README)

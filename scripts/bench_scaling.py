@@ -1,16 +1,5 @@
-"""Sub-batch scaling of BADM: sub-batches S in {1, 2, 4, 8} x batch sizes, both modes, at a fixed token budget.
-
-The paper leaves open how batch and sub-batch sizes trade computation for convergence. Here every
-run sees the same number of training tokens (so a batch twice as large takes half the steps), on the
-tiny GPT-2 and the built-in corpus, with one BADM setting (lr, rho/sigma; default: the convergence
-sweep's best for the tiny model). Per run: final held-out loss and training time per step.
-
-- ``per_sub_batch``: each batch of B sequences is split into S sub-batches of B/S sequences; each
-  sub-batch has its own dual and its own gradient clipping (the literal algorithm).
-- ``fused``: the same S sub-batches as gradient-accumulation micro-batches (B/S sequences each);
-  BADM consumes the accumulated mean gradient, so the iterates equal S = 1 up to clipping and
-  float rounding: only time per step changes with S.
-"""
+"""Sub-batch scaling of BADM (docs/benchmarks.md, "Sub-batch scaling"): S sub-batches x batch size at a fixed token
+budget, per_sub_batch (a dual per sub-batch) against fused (the same pieces as gradient accumulation)."""
 
 from __future__ import annotations
 
@@ -27,7 +16,7 @@ SECTION = "## Sub-batch scaling: S x batch size at a fixed token budget"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.parser(__doc__)
     p.add_argument("--sub-batches", default="1,2,4,8")
     p.add_argument("--batch-sizes", default="8,16,32")
     p.add_argument("--tokens", type=int, default=300 * 16 * 64, help="training tokens per run (default 307,200)")
@@ -82,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = [m for m in ("per_sub_batch", "fused") if any(r["mode"] == m for r in runs)]
     batches = sorted({r["batch"] for r in runs})
     subs = sorted({r["sub_batches"] for r in runs})
-    text = report(runs, a, command, subs, batches, modes, results.meta)
-    print(text)
-    if not a.no_write:
-        bc.write_section(a.docs, SECTION, text)
+    bc.publish(a, SECTION, report(runs, a, command, subs, batches, modes, results.meta))
 
 
 def report(runs: list[dict[str, Any]], a: argparse.Namespace, command: str, subs: list[int], batches: list[int],
@@ -95,13 +81,6 @@ def report(runs: list[dict[str, Any]], a: argparse.Namespace, command: str, subs
         return bc.fmt(None if r is None or r[field] is None else r[field] * scale, spec)
 
     lines = [f"{SECTION}\n",
-             f"BADM (lr {a.lr:g}, rho/sigma {a.rho_over_sigma:g}) on GPT-2 {a.size}, built-in corpus, block 64, "
-             f"every run {runs[0]['tokens'] if runs else a.tokens:,} training tokens (steps = tokens / (batch x 64)), "
-             "cosine schedule with warm-up of steps/15, clipping 1.0 (per sub-batch in per_sub_batch mode), seed 0. "
-             "per_sub_batch splits each batch into S sub-batches with their own duals; fused runs the same S pieces "
-             "as gradient-accumulation micro-batches (same iterates as S = 1 up to clipping and rounding, so only "
-             "its time per step depends on S). ms/step is training time only, one run each on a shared CPU "
-             "(see the load range): differences below ~20% are noise.\n",
              bc.stamp(meta, command, [r["load_1min"] for r in runs]),
              f"- every run: [`results/scaling.json`](results/scaling.json)\n"]
     header = "| batch (sequences) | steps | " + " | ".join(f"S={s}" for s in subs) + " |"
@@ -121,35 +100,19 @@ def report(runs: list[dict[str, Any]], a: argparse.Namespace, command: str, subs
 
 
 def plot(runs: list[dict[str, Any]], subs: list[int], batches: list[int], modes: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = bc.figure(2, (11, 4.2))
     for mode, ls in zip(modes, ("-", "--")):
         for b in batches:
             q = sorted((r for r in runs if r["batch"] == b and r["mode"] == mode and r["final_eval_loss"] is not None),
                        key=lambda r: r["sub_batches"])
-            if not q:
-                continue
-            xs = [r["sub_batches"] for r in q]
-            axes[0].plot(xs, [r["final_eval_loss"] for r in q], ls, marker="o", label=f"{mode}, batch {b}")
-            axes[1].plot(xs, [r["s_per_step"] * 1e3 / b for r in q], ls, marker="o", label=f"{mode}, batch {b}")
-    axes[0].set_ylabel("held-out loss at fixed tokens")
-    axes[1].set_ylabel("training ms per step per sequence")
-    for ax in axes:
-        ax.set_xscale("log", base=2)
+            for ax, y in zip(axes, ([r["final_eval_loss"] for r in q], [r["s_per_step"] * 1e3 / b for r in q])):
+                ax.plot([r["sub_batches"] for r in q], y, ls, marker="o", label=f"{mode}, batch {b}")
+    for ax, label in zip(axes, ("held-out loss at fixed tokens", "training ms per step per sequence")):
+        ax.set(ylabel=label, xlabel="sub-batches S per step", xscale="log")
         ax.set_xticks(subs, [str(s) for s in subs])
-        ax.set_xlabel("sub-batches S per step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("BADM sub-batch scaling (fixed token budget)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return bc.save_figure(fig, "BADM sub-batch scaling (fixed token budget)", path)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,5 @@
-"""End-to-end Trainer throughput and memory: BADM (fused, per-sub-batch S=4) vs AdamW and SGD+momentum.
-
-Each run is ``hf-badm train`` (in a fresh process, so peak memory is its own) pre-training a GPT-2
-from config on the built-in corpus, without evaluation. Measured per run: training tokens/s, the
-time inside ``optimizer.step()`` (torch's global optimizer step hooks; per-sub-batch's
-``absorb_sub_batch()`` calls run inside the training step and are timed by scripts/bench_step.py)
-and its share of the training time, the optimizer state bytes, and the process's peak resident memory. Optimizers run
-round-robin for several rounds so that load drift on a shared CPU hits all of them alike; the tables
-report medians over rounds.
-"""
+"""End-to-end Trainer throughput and memory (docs/benchmarks.md, "Throughput and memory"): `hf-badm train` in a fresh
+process per run, every optimizer step timed, optimizers round-robin over rounds (medians reported)."""
 
 from __future__ import annotations
 
@@ -49,7 +41,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.parser(__doc__)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--sizes", default="tiny,small")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
@@ -89,22 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         results.add(entry)
         print(f"{key}: {entry['tokens_per_second']:,.0f} tok/s, optimizer {entry['opt_ms_per_step']:.1f} ms/step "
               f"({entry['opt_share']:.1%}), load {entry['load_1min']:.1f}", flush=True)
-    text = report(results, sizes, opts, a, command)
-    print(text)
-    if not a.no_write:
-        bc.write_section(a.docs, SECTION, text)
+    bc.publish(a, SECTION, report(results, sizes, opts, a, command))
 
 
 def report(results: bc.Results, sizes: list[str], opts: list[str], a: argparse.Namespace, command: str) -> str:
     lines = [f"{SECTION}\n",
-             f"`hf-badm train` pre-training GPT-2 from config (tiny 2x64, small 4x128) on the built-in corpus, batch 16 x 64 "
-             f"tokens, {a.steps} steps, no evaluation, one fresh process per run, {a.rounds} interleaved rounds "
-             "(medians shown). Optimizer time is the wall time of `optimizer.step()` (torch's global optimizer "
-             "step hooks; median over steps, the first two excluded); per-sub-batch's absorb_sub_batch() calls run "
-             "inside the training step (their cost: the optimizer-step section); its share is of the whole training "
-             "step. Peak memory is the process's peak "
-             "resident set (CPU; dominated by the Python/torch runtime at these sizes), state is the optimizer's "
-             "tensors exactly.\n",
              bc.stamp(results.meta, command, [r["load_1min"] for r in results.runs]),
              "- every run: [`results/throughput.json`](results/throughput.json)\n",
              "| model | optimizer | tokens/s | vs AdamW | step ms | optimizer ms/step | optimizer share | state MiB "

@@ -1,7 +1,5 @@
-"""What hf_badm.roles makes of every causal-LM family of the installed transformers: each family built tiny
-(tests/families.py), its trainable tensors counted by role and solve under newton_schulz, the fused projections split
-and the tensors not recognised. Writes docs/results/families.json and docs/families.md (run: python
-scripts/family_roles.py)."""
+"""What hf_badm.roles makes of every causal-LM family of the installed transformers, each built tiny
+(tests/families.py): writes docs/results/families.json and docs/families.md (`python scripts/family_roles.py`)."""
 
 from __future__ import annotations
 

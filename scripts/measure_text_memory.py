@@ -1,12 +1,5 @@
-"""Peak memory of loading and tokenizing one huge single-line text file, the way `hf-badm train` does.
-
-A data folder holds ``train.txt`` (one line of ``--mb`` MB: built-in stories joined by spaces) and a short
-``test.txt``; a fresh process loads it (``load_text_dataset``), trains the default tokenizer and cuts the text
-into blocks (``tokenize_for_causal_lm``). Its peak RSS, and that of a process that only imports the same
-modules, go to docs/results/text_memory.json (docs/data.md quotes them).
-
-    python scripts/measure_text_memory.py [--mb 20] [--no-write]
-"""
+"""Peak memory of loading and tokenizing one huge single-line text file as `hf-badm train` does, and of a process
+that only imports the same modules (docs/data.md): ``python scripts/measure_text_memory.py [--mb 20] [--no-write]``."""
 
 from __future__ import annotations
 
