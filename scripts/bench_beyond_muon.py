@@ -145,14 +145,18 @@ def refine(sw: cv.Sweep, size: str, c: str) -> None:
 
 
 def split(sw: cv.Sweep, size: str, c: str) -> None:
-    """Fused projections split into parts, whole or per head, and Muon with the split: lr grid, then seed 1."""
-    for o in SPLIT:
-        elr = sw.best("muon", size, c)["elementwise_lr"] if o == "muon_split" else 0.1
+    """Fused projections split into parts, whole or per head, Muon with the split, and torch's Muon again (at the AdamW
+    lr the peers stage tuned), each on its lr grid then seed 1, all in ``split/``: every row of that table on one
+    machine (runs of one recipe on different CPUs differ by more than these variants do)."""
+    elr = sw.best("muon", size, c)["elementwise_lr"]
+    main, sw.results = sw.results, bc.Results(sw.results.path.parent / "split" / sw.results.path.name)
+    for o in ("muon", *SPLIT):
         for lr in cv.GRIDS[o]:
-            sw.run(o, lr, cv.FIXED_RATIO[o], 0, size, c, elr)
+            sw.run(o, lr, cv.FIXED_RATIO.get(o), 0, size, c, elr if o in PEERS + ("muon_split",) else 0.1)
         sw.widen(o, size, c, "learning_rate")
         b = sw.best(o, size, c)
         sw.run(o, b["learning_rate"], b["rho_over_sigma"], 1, size, c, b["elementwise_lr"])
+    sw.results = main
 
 
 LEAN_SEEDS = ("adamw_torch", *PEERS, "muon_qhadam", "muon_qhadam_b8", "badm_ns_norm", "badm_ns_norm_e4",
@@ -266,28 +270,26 @@ class Report:
         return "\n".join(out)
 
     def split_table(self) -> str:
-        """Fused projections: torch's Muon as users run it, Muon with the split, and newton_schulz split, whole and per
-        head, beside the runs before hf_badm.roles (BPE tokens, both sizes)."""
+        """Fused projections (``split/``, one machine): torch's Muon as users run it, Muon with the split, and
+        newton_schulz split, whole and per head (BPE tokens, both sizes)."""
         out = ["### Fused projections: split into parts, whole, or per head (BPE tokens)\n",
-               "GPT-2's `c_attn` holds Q, K and V; since hf_badm.roles each is orthogonalised on its own by default. "
-               "Cell as above: mean of 2 seeds at each row's best lr, and steps to tuned torch Muon's final loss as a "
-               "fraction of its steps. 'before roles': the earlier runs of newton_schulz, c_attn whole and GPT-2's "
-               "Conv1D scaled by its stored (in, out) shape (since roles, as the out x in map it is: on GPT-2's MLP that "
-               "moves the larger scale from c_proj to c_fc). '–': not run yet (`bench_beyond_muon.py --stages split` "
-               "fills the places in).\n"]
-        rows = ("muon", "muon_split", "badm_ns_norm", *SPLIT[1:])
+               "GPT-2's `c_attn` holds Q, K and V; since hf_badm.roles each is orthogonalised on its own by default, and "
+               "GPT-2's Conv1D weights are scaled as the out x in maps they are. Every row here ran on one machine, torch's "
+               "Muon included (`--stages split`, results in [`results/real-corpora/split/`](results/real-corpora/split/)): "
+               "the same recipe run on another machine ended further from these runs than these rows are from each "
+               "other, so they are not compared with the tables above (each run records its CPU). Cell as above: mean of 2 seeds at each row's best lr, and steps to this "
+               "table's torch Muon's final loss as a fraction of its steps.\n"]
         for size in ("tiny", "small"):
             keys = list(CORPORA)
             if not any(self.point("muon_split", size, k) for k in keys):
                 continue
             out += [f"GPT-2 {size}:\n", "| optimizer | " + " | ".join(keys) + " | geometric mean | its best lr |",
                     "|---|" + "---:|" * len(keys) + "---:|---|"]
-            for o in rows:
+            for o in ("muon", *SPLIT):
                 pts = [self.point(o, size, k) for k in keys]
                 cells, gm = self.row(pts, size, keys)
-                label = cv.LABELS[o] + (" (before roles)" if o == "badm_ns_norm" else "")
                 lrs = ", ".join(f"{p['learning_rate']:g}" for p in pts if p)
-                out.append(f"| {label} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f')}x | {lrs} |")
+                out.append(f"| {cv.LABELS[o]} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f')}x | {lrs} |")
             out.append("")
         return "\n".join(out)
 
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         text = "\n".join([SECTION + "\n", note, stamp,
                           "- every run (all points, all seeds, eval curves): "
                           "[`results/real-corpora/`](results/real-corpora/)\n", rep.tables(), rep.defaults(),
-                          rep.ablation(), rep.split_table()])
+                          rep.ablation(), load(a.results / "split").split_table()])
         print(text)
         bc.write_section(a.docs, SECTION, text)
         return

@@ -510,6 +510,9 @@ class Results:
         return next((r for r in self.runs if r["key"] == key), None)
 
     def add(self, run: dict[str, Any]) -> None:
+        """Record ``run`` (replacing its key's earlier run) with the CPU it ran on: the file's ``machine`` is its
+        last writer's, and one recipe's loss differs between machines."""
+        run = {**run, "cpu": run.get("cpu", self.meta["cpu"])}
         self.runs = [r for r in self.runs if r["key"] != run["key"]] + [run]
         write_json(self.path, {"machine": self.meta, "runs": self.runs})
 
