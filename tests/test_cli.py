@@ -12,10 +12,12 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from transformers import Trainer
 
 from hf_badm.app.cli import main
 from hf_badm.app.launch import unbuilt_deepspeed_op
 from hf_badm.app.plots import PLOT_SKIPPED
+from hf_badm.trainer import RESHARD_HOOK, hook_parameters
 from procs import free_port, launch_env, run_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,6 +231,8 @@ def test_accelerate_cpu_launch_of_two_processes_warns_that_it_trains_alone(tmp_p
     assert log.count("hf-badm: warning: accelerate launch --cpu asked for several processes but started one") == 1
 
 
+@pytest.mark.skipif(hook_parameters(Trainer, RESHARD_HOOK[0]) != RESHARD_HOOK[1],
+                    reason="transformers 4.x lacks Trainer._prepare_for_training: refused (tests/test_reshard.py)")
 @pytest.mark.timeout(600)
 def test_a_zero_checkpoint_of_two_ranks_resumes_on_one_rank_and_what_cannot_be_exact_is_refused(tmp_path, capsys):
     """ZeRO-3 on 2 ranks, checkpoint at step 3 of 6, then the same command on 1 rank with --resume_from_checkpoint

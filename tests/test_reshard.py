@@ -2,7 +2,8 @@
 engines"): DeepSpeed ZeRO-2/3 written on 2 ranks resumed on 1 and on 4 (BADM's own world-size-free state files), and
 without DeepSpeed; FSDP2 through torch's distributed checkpoint on 1 and 4 ranks; a resume that cannot be exact refused
 in one line. One 2-rank launch writes every checkpoint (and runs on uninterrupted), one launch per new world size
-resumes them all."""
+resumes them all; the 4-rank one also writes plain BADM's ZeRO-2/3 checkpoints that one more 2-rank launch resumes
+(4 -> 2)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 import transformers
 
+from hf_badm.parallel.reshard import zero_resume_problem
 from test_distributed import launch, max_rel, norm_rel, result, zero_config
 
 RESHARDS = int(transformers.__version__.split(".")[0]) >= 5  # Trainer._prepare_for_training; 4.x refuses in one line
@@ -38,15 +40,21 @@ def resumed(out: Path, world: int) -> None:
     if world == 1:  # without DeepSpeed: BADM's whole state by parameter name, the weights from model.safetensors
         jobs.append({**zero_job(2, "none", name="z2_none_plain", ga=4, resume=str(out / "z2_none" / "checkpoint-5")),
                      "deepspeed": None})
+    if world == 4:  # plain BADM's checkpoints of 4 ranks, for 4 -> 2 (one more launch, below)
+        jobs += [zero_job(s, "none", name=f"z{s}_none_4", ga=1, save_steps=5) for s in (2, 3)]
     jobs.append({"name": f"fsdp2_on{world}", "fsdp2": True, "steps": 10, "resume": str(out / "fsdp2_dcp")})
     launch(out, jobs, nproc=world)
+    if world == 4:
+        launch(out, [zero_job(s, "none", name=f"z{s}_none_4on2", resume=str(out / f"z{s}_none_4" / "checkpoint-5"))
+                     for s in (2, 3)])
 
 
 @pytest.mark.skipif(not RESHARDS, reason="transformers 4.x lacks Trainer._prepare_for_training: refused (tested below)")
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world", [1, 4])
 def test_zero_and_fsdp2_checkpoints_of_two_ranks_resume_on_another_world_size(saved, world):
-    """The issue's bounds after 10 steps (5 on 2 ranks, 5 on the new world size), float32 under ZeRO: plain BADM
+    """The issue's bounds after 10 steps (5 on 2 ranks, 5 on the new world size; on 4 also plain BADM's checkpoints
+    of 4 ranks resumed on 2 against the 4-rank run), float32 under ZeRO: plain BADM
     max-relative 1e-4; newton_schulz 1e-3 on every tensor but the attention biases, whose key third has no gradient in
     exact arithmetic (the normalized solve turns its rounding into steps of size lr), and 1e-2 norm-wise over all.
     FSDP2 (float64, DCP) within 1e-6."""
@@ -61,17 +69,31 @@ def test_zero_and_fsdp2_checkpoints_of_two_ranks_resume_on_another_world_size(sa
             assert norm_rel(moved, full) <= 1e-2, (stage, pre)
     if world == 1:
         assert max_rel(result(saved, "z2_none_plain")["params"], result(saved, "z2_none")["params"]) <= 1e-4
+    if world == 4:  # and back: checkpoints of 4 ranks resumed on 2
+        for stage in (2, 3):
+            moved, full = result(saved, f"z{stage}_none_4on2")["params"], result(saved, f"z{stage}_none_4")["params"]
+            assert max_rel(moved, full) <= 1e-4, stage
     assert max_rel(result(saved, f"fsdp2_on{world}")["params"], result(saved, "fsdp2")["params"]) <= 1e-6
 
 
 @pytest.mark.timeout(600)
 def test_a_resume_that_cannot_be_exact_is_refused_in_one_line(saved, tmp_path):
-    """DeepSpeed's files alone (a checkpoint without BADM's) at another world size: one line naming why, nothing run."""
+    """DeepSpeed's files alone (a checkpoint without BADM's) at another world size, and FSDP2's torch distributed
+    checkpoint under DeepSpeed: one line naming why, nothing run. A ZeRO checkpoint under FSDP is refused by the same
+    check (here its function: the Trainer's FSDP needs GPUs)."""
     bare = tmp_path / "checkpoint-5"
     shutil.copytree(saved / "z2_none" / "checkpoint-5", bare)
     for f in bare.glob("badm_zero_rank*"):
         f.unlink()
-    launch(tmp_path, [zero_job(2, "none", name="refused", ga=4, resume=str(bare), expect_error=True)], nproc=1)
-    message = (tmp_path / "refused" / "error0.txt").read_text()
-    assert "\n" not in message and "resumes under DeepSpeed on 2 ranks only" in message
-    assert not (tmp_path / "refused" / "rank0.pt").exists()
+    launch(tmp_path, [zero_job(2, "none", name="refused", ga=4, resume=str(bare), expect_error=True),
+                      zero_job(2, "none", name="dcp", ga=4, resume=str(saved / "fsdp2_dcp"), expect_error=True)],
+           nproc=1)
+    for name, why in (("refused", "resumes under DeepSpeed on 2 ranks only"),
+                      ("dcp", "was saved by FSDP: resuming it under DeepSpeed ZeRO is not supported")):
+        message = (tmp_path / name / "error0.txt").read_text()
+        assert "\n" not in message and why in message, message
+        assert not (tmp_path / name / "rank0.pt").exists()
+    for world in (1, 2):
+        problem = zero_resume_problem(saved / "z3_none" / "checkpoint-5", world, engine="fsdp", mixed_precision=False,
+                                      can_reshard=True)
+        assert "was saved by DeepSpeed ZeRO: resuming it under FSDP is not supported" in problem
