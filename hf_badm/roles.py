@@ -30,7 +30,8 @@ from torch import nn
 from hf_badm.optim.solves.newton_schulz import WHOLE, MatrixView
 from hf_badm.parallel.shapes import full_shape
 
-__all__ = ["TensorRole", "tensor_roles", "MATRIX_ROLES", "SPLITS", "OVERRIDE_ACTIONS", "parse_overrides", "FUSED"]
+__all__ = ["TensorRole", "tensor_roles", "MATRIX_ROLES", "SPLITS", "OVERRIDE_ACTIONS", "parse_overrides", "FUSED",
+           "FUSED_MODULES"]
 
 MATRIX_ROLES = ("linear", "experts", "router", "adapter")  # linear maps: the orthogonalising solve takes them
 SPLITS = ("parts", "heads", "none")
@@ -58,6 +59,10 @@ class TensorRole:
 
 # ------------------------------------------------------------------------------------------------ fused layouts
 Parts = list[tuple[str, list[int]]]  # each part's label and its output rows, in the order they are used
+# The head size that split="heads" cuts the parts in: one for every part, each part's own (a part not named stays
+# whole: a gate of one row per head is not a head), or None (no heads: the parts are the finest cut).
+HeadDims = int | dict[str, int] | None
+Builder = Callable[[Any, int], tuple[Parts, HeadDims]]
 
 
 def _grouped(groups: int, pattern: list[tuple[str, int]]) -> Parts:
@@ -70,6 +75,12 @@ def _grouped(groups: int, pattern: list[tuple[str, int]]) -> Parts:
             rows[label] += range(start, start + size)
             start += size
     return list(rows.items())
+
+
+def _per_head(heads: int, pattern: list[tuple[str, int]]) -> tuple[Parts, dict[str, int]]:
+    """``view(..., heads, sum of sizes)`` then ``split(sizes)``: each head's parts one after the other, each part cut
+    per head by its own size under split="heads"."""
+    return _grouped(heads, pattern), dict(pattern)
 
 
 def _attention(q: int, kv: int, head_dim: int, groups: int = 1, labels: str = "qkv") -> tuple[Parts, int]:
@@ -123,8 +134,8 @@ def _mpt_or_dbrx_qkv(config: Any, rows: int) -> tuple[Parts, int]:
 
 
 def _per_head_qkv(config: Any, rows: int) -> tuple[Parts, int]:
-    """GPT-NeoX, Persimmon, Bloom ``query_key_value``: ``view(..., heads, 3 * head_dim)`` (or (heads, 3, head_dim)):
-    each head's q, k and v rows one after the other."""
+    """GPT-NeoX, Persimmon, Bloom ``query_key_value``, MiniMax's lightning attention ``qkv_proj``: ``view(..., heads,
+    3 * head_dim)`` (or (heads, 3, head_dim)): each head's q, k and v rows one after the other."""
     heads, _, head_dim = _heads(config)
     return _attention(head_dim, head_dim, head_dim, groups=heads)
 
@@ -156,12 +167,6 @@ def _halves(first: str, second: str) -> Callable[[Any, int], tuple[Parts, None]]
 _gate_up = _halves("gate", "up")
 
 
-def _minimax_qkv(config: Any, rows: int) -> tuple[Parts, int]:
-    """MiniMax lightning attention ``qkv_proj``: ``reshape(..., heads, 3 * head_dim)`` then split: per head."""
-    heads, _, head_dim = _heads(config)
-    return _attention(head_dim, head_dim, head_dim, groups=heads)
-
-
 def _mamba_x_proj(config: Any, rows: int) -> tuple[Parts, None]:
     """Mamba ``x_proj``: ``split([time_step_rank, state, state])``: dt, B and C."""
     state = _first(config, "state_size", "mamba_d_state")
@@ -182,26 +187,97 @@ def _mla_kv_a(config: Any, rows: int) -> tuple[Parts, None]:
     return _grouped(1, [("c_kv", config.kv_lora_rank), ("k_rope", config.qk_rope_head_dim)]), None
 
 
-def _mla_kv_b(config: Any, rows: int) -> tuple[Parts, None]:
+def _mla_kv_b(config: Any, rows: int) -> tuple[Parts, dict[str, int]]:
     """MLA ``kv_b_proj``: ``view(..., heads, nope + v)`` then split: per head [k_nope; v]."""
-    nope, v = config.qk_nope_head_dim, config.v_head_dim
-    return _grouped(config.num_attention_heads, [("k", nope), ("v", v)]), None
+    return _per_head(config.num_attention_heads, [("k", config.qk_nope_head_dim), ("v", config.v_head_dim)])
 
 
-def _gated_q(config: Any, rows: int) -> tuple[Parts, int]:
-    """Qwen3-Next/3.5 gated attention ``q_proj``: ``view(..., -1, head_dim * 2)`` then ``chunk(2)``: per head [q; gate]."""
+def _gated_q(config: Any, rows: int) -> tuple[Parts, dict[str, int]]:
+    """Qwen3-Next/3.5, Qwen4-exp gated attention ``q_proj``: ``view(..., -1, head_dim * 2)`` then ``chunk(2)``: per
+    head [q; gate]."""
     heads, _, head_dim = _heads(config)
-    return _grouped(heads, [("q", head_dim), ("gate", head_dim)]), head_dim
+    return _per_head(heads, [("q", head_dim), ("gate", head_dim)])
 
 
-def _gdn_qkv(config: Any, rows: int) -> tuple[Parts, int]:
-    """Gated DeltaNet ``in_proj_qkv``: ``split([key_dim, key_dim, value_dim])``."""
-    key = config.linear_num_key_heads * config.linear_key_head_dim
-    return _grouped(1, [("q", key), ("k", key), ("v", rows - 2 * key)]), config.linear_key_head_dim
+def _axk2_q_gate(config: Any, rows: int) -> tuple[Parts, dict[str, int]]:
+    """AXK2 ``q_gate_proj``: ``view(..., heads, qk_head_dim + v_head_dim)`` then ``split``: per head [q; gate]. The
+    query's nope and rope columns stay one part: they are one query head (one dot product with the key)."""
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    return _per_head(config.num_attention_heads, [("q", qk), ("gate", config.v_head_dim)])
 
 
-# (model_type, the weight's name ending) -> its parts from the config and its output rows, and the head size
-FUSED: dict[tuple[str, str], Callable[[Any, int], tuple[Parts, int | None]]] = {
+def _gdn_dims(config: Any) -> tuple[int, int, int, int]:
+    """Gated DeltaNet's (key heads, key head dim, value heads, value head dim)."""
+    return (config.linear_num_key_heads, config.linear_key_head_dim, config.linear_num_value_heads,
+            config.linear_value_head_dim)
+
+
+def _gdn_qkv(config: Any, rows: int) -> tuple[Parts, dict[str, int]]:
+    """Gated DeltaNet ``in_proj_qkv`` (Qwen3.5, Qwen4-exp, Lara-mini): ``split([key_dim, key_dim, value_dim])``; q and
+    k in heads of linear_key_head_dim, v of linear_value_head_dim."""
+    kh, kd, vh, vd = _gdn_dims(config)
+    return _grouped(1, [("q", kh * kd), ("k", kh * kd), ("v", vh * vd)]), {"q": kd, "k": kd, "v": vd}
+
+
+def _gdn_qkvz(config: Any, rows: int) -> tuple[Parts, dict[str, int]]:
+    """Qwen3-Next ``in_proj_qkvz`` (``fix_query_key_value_ordering``): ``view(..., key heads, -1)`` then ``split([kd,
+    kd, r * vd, r * vd])`` with r value heads per key head: q, k, v and the output gate z interleaved per key head."""
+    kh, kd, vh, vd = _gdn_dims(config)
+    return _grouped(kh, [("q", kd), ("k", kd), ("v", vh // kh * vd), ("z", vh // kh * vd)]), \
+        {"q": kd, "k": kd, "v": vd, "z": vd}
+
+
+def _gdn_ba(config: Any, rows: int) -> tuple[Parts, None]:
+    """Qwen3-Next ``in_proj_ba``: ``view(..., key heads, -1)`` then ``split([r, r])``: each value head's b (beta) and a
+    (decay) logits, interleaved per key head; one row per head, so no per-head cut."""
+    kh, _, vh, _ = _gdn_dims(config)
+    return _grouped(kh, [("b", vh // kh), ("a", vh // kh)]), None
+
+
+def _qwen4_index_qk(config: Any, rows: int) -> tuple[Parts, int]:
+    """Qwen4-exp indexer ``index_qk_proj``: ``split([indexer heads, indexer kv heads] x indexer_head_dim)``: its
+    queries and keys."""
+    return _attention(config.indexer_n_heads * config.indexer_head_dim, config.indexer_kv_heads * config.indexer_head_dim,
+                      config.indexer_head_dim, labels="qk")
+
+
+def _zamba_in_proj(config: Any, rows: int) -> tuple[Parts, int]:
+    """Zamba ``in_proj``: ``view(batch, -1, 2, seq).chunk(2, dim=2)``: x and the gate z interleaved row by row, each
+    in ``n_mamba_heads`` heads that scan independently."""
+    inner = config.mamba_expand * config.hidden_size
+    return _grouped(inner, [("x", 1), ("z", 1)]), inner // config.n_mamba_heads
+
+
+def _xlstm_qkvo(config: Any, rows: int) -> tuple[Parts, dict[str, int]]:
+    """xLSTM (weight_mode="fused") ``qkv_opreact``: ``tensor_split`` at qk, 2 qk, 2 qk + v: q, k, v and the output
+    gate, each in num_heads heads."""
+    qk, v, heads = int(config.hidden_size * config.qk_dim_factor), int(config.hidden_size * config.v_dim_factor), \
+        config.num_heads
+    return _grouped(1, [("q", qk), ("k", qk), ("v", v), ("o", v)]), \
+        {"q": qk // heads, "k": qk // heads, "v": v // heads, "o": v // heads}
+
+
+def _split_at(first: str, second: str, size: Callable[[Any], int]) -> Builder:
+    """Two concatenated parts of ``size(config)`` rows each, cut as ``x[..., :size]``, ``x[..., size:]``."""
+    return lambda config, rows: (_grouped(1, [(first, size(config)), (second, size(config))]), None)
+
+
+# Where the module holding the projection, not the family, tells the layout (DeepSeek-V4's compressors of both kinds
+# are ``self_attn.compressor``): (class of the projection's owner, the projection's attribute) -> builder. The
+# compressed sparse attention's compressor and its indexer project to two series (kv and their softmax gates):
+# ``[..., :head_dim]`` pools into the next window (Ca), ``[..., head_dim:]`` into its own (Cb). The heavily compressed
+# attention's compressor projects one series (head_dim rows): nothing to split.
+FUSED_MODULES: dict[tuple[str, str], Builder] = {
+    **{("DeepseekV4CSACompressor", proj): _split_at("a", "b", lambda c: c.head_dim) for proj in ("kv_proj", "gate_proj")},
+    **{("DeepseekV4Indexer", proj): _split_at("a", "b", lambda c: c.index_head_dim) for proj in ("kv_proj", "gate_proj")},
+}
+
+
+# (model_type, the weight's name ending) -> its parts from the config and its output rows, and the head size.
+# Left whole, as one map: a query cut in nope and rope columns (MLA q_proj/q_b_proj, the DSA indexers' wq_b): both
+# halves form one query head, one dot product with one key; zamba's per-head x_proj_weight/dt_proj_weight are not
+# nn.Linear weights (named, elementwise: solve_overrides can route them).
+FUSED: dict[tuple[str, str], Builder] = {
     ("gpt2", "attn.c_attn.weight"): _gpt2_c_attn,
     ("gpt2", "crossattention.c_attn.weight"): _gpt2_c_attn,
     ("imagegpt", "attn.c_attn.weight"): _gpt2_c_attn,
@@ -210,6 +286,8 @@ FUSED: dict[tuple[str, str], Callable[[Any, int], tuple[Parts, int | None]]] = {
     ("phi3", "qkv_proj.weight"): _phi3_qkv,
     ("phi3", "gate_up_proj.weight"): _gate_up,
     ("phi4_multimodal", "self_attn.qkv_proj.weight"): _phi3_qkv,
+    ("phi4_multimodal", "feed_forward_in.gate_up_proj.weight"): _halves("up", "gate"),  # the audio MLP: chunk(2) = up, gate
+    ("phi4_multimodal", "feed_forward_out.gate_up_proj.weight"): _halves("up", "gate"),
     ("phi4_multimodal", "gate_up_proj.weight"): _gate_up,
     ("glm", "gate_up_proj.weight"): _gate_up,
     ("glm4", "gate_up_proj.weight"): _gate_up,
@@ -223,8 +301,19 @@ FUSED: dict[tuple[str, str], Callable[[Any, int], tuple[Parts, int | None]]] = {
     ("bloom", "query_key_value.weight"): _per_head_qkv,
     ("falcon", "query_key_value.weight"): _falcon_qkv,
     ("codegen", "qkv_proj.weight"): _codegen_qkv,
-    ("minimax", "qkv_proj.weight"): _minimax_qkv,
+    ("minimax", "qkv_proj.weight"): _per_head_qkv,
     ("jetmoe", "kv_proj.weight"): _halves("k", "v"),
+    ("modernbert-decoder", "mlp.Wi.weight"): _halves("input", "gate"),  # chunk(2): act(input) * gate
+    ("moshi", "mlp.fc1.weight"): _gate_up,  # view(..., 2, -1): act([..., 0, :]) * [..., 1, :]
+    ("axk2", "self_attn.q_gate_proj.weight"): _axk2_q_gate,
+    ("qwen3_next", "linear_attn.in_proj_qkvz.weight"): _gdn_qkvz,
+    ("qwen3_next", "linear_attn.in_proj_ba.weight"): _gdn_ba,
+    **{(family, "indexer.index_qk_proj.weight"): _qwen4_index_qk for family in ("qwen4_exp", "qwen4_exp_text")},
+    ("zamba", "mamba.in_proj.weight"): _zamba_in_proj,
+    # xLSTM with weight_mode="fused" (the default "single" keeps q, k, v, the gates and the MLP's halves apart)
+    ("xlstm", "mlstm_layer.qkv_opreact.weight"): _xlstm_qkvo,
+    ("xlstm", "mlstm_layer.ifgate_preact.weight"): _split_at("i", "f", lambda c: c.num_heads),
+    ("xlstm", "ffn.proj_up_gate_z.weight"): _halves("gate", "z"),
     **{(family, "shared_mlp.input_linear.weight"): _gate_up
        for family in ("granitemoehybrid", "granitemoeshared", "granitemoe_swa")},
     **{(family, "in_proj.weight"): _halves("x", "z") for family in ("mamba", "falcon_mamba", "jamba")},
@@ -233,14 +322,16 @@ FUSED: dict[tuple[str, str], Callable[[Any, int], tuple[Parts, int | None]]] = {
        for family in ("mamba2", "nemotron_h", "bamba", "falcon_h1", "granitemoehybrid", "zamba2")},
     **{(family, "self_attn.kv_a_proj_with_mqa.weight"): _mla_kv_a for family in (
         "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "kimi_linear", "longcat_flash",
-        "minicpm3", "youtu", "sarvam_mla", "axk1", "axk2", "bailing_hybrid", "hy_v4")},
+        "minicpm3", "youtu", "sarvam_mla", "axk1", "axk2", "bailing_hybrid", "hy_v4", "dots3_note",
+        "dots3_note_text")},
     **{(family, "self_attn.kv_b_proj.weight"): _mla_kv_b for family in (
         "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "kimi_linear", "longcat_flash",
-        "minicpm3", "youtu", "sarvam_mla", "axk1", "axk2", "bailing_hybrid", "hy_v4")},
+        "minicpm3", "youtu", "sarvam_mla", "axk1", "axk2", "bailing_hybrid", "hy_v4", "dots3_note",
+        "dots3_note_text")},
     **{(family, "self_attn.q_proj.weight"): _gated_q for family in (
-        "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")},
+        "qwen3_next", "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp", "qwen4_exp_text")},
     **{(family, "linear_attn.in_proj_qkv.weight"): _gdn_qkv for family in (
-        "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")},
+        "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp", "qwen4_exp_text", "lara_mini")},
     **{(family, "in_proj.weight"): lambda config, rows: (_grouped(1, [(x, rows // 3) for x in "BCx"]), None)
        for family in ("lfm2", "lfm2_moe", "lfm3")},
 }
@@ -256,13 +347,22 @@ def _experts_parts(module: nn.Module, attr: str, rows: int) -> tuple[Parts, None
     return _grouped(rows // 2, [("gate", 1), ("up", 1)]), None
 
 
-def _view(transposed: bool, parts: Parts, head_dim: int | None, split: str) -> tuple[MatrixView, tuple[str, ...]]:
+def _cut_heads(parts: Parts, head_dim: HeadDims) -> Parts:
+    """Each part cut in heads of its :data:`HeadDims` size (a part without one stays whole)."""
+    out: Parts = []
+    for label, rows in parts:
+        size = head_dim.get(label) if isinstance(head_dim, dict) else head_dim
+        out += [(f"{label}{h}", rows[h * size:(h + 1) * size]) for h in range(len(rows) // size)] if size else \
+            [(label, rows)]
+    return out
+
+
+def _view(transposed: bool, parts: Parts, head_dim: HeadDims, split: str) -> tuple[MatrixView, tuple[str, ...]]:
     """The :class:`MatrixView` of a weight with these parts under ``split``, and the parts' labels."""
     if split == "none" or len(parts) < 2:
         return MatrixView(transposed=transposed), ()
     if split == "heads" and head_dim:
-        parts = [(f"{label}{h}", rows[h * head_dim:(h + 1) * head_dim]) for label, rows in parts
-                 for h in range(len(rows) // head_dim)]
+        parts = _cut_heads(parts, head_dim)
     order = tuple(r for _, rows in parts for r in rows)
     return (MatrixView(transposed=transposed, order=None if order == tuple(range(len(order))) else order,
                        sizes=tuple(len(rows) for _, rows in parts)), tuple(label for label, _ in parts))
@@ -361,7 +461,8 @@ def tensor_roles(model: nn.Module, split: str = "parts", overrides: str = "") ->
         module, shape = modules[owner], tuple(full_shape(p))
         role, transposed = _role(name, module, attr, len(shape), id(p) in embeddings)
         rows = shape[-1] if transposed else (shape[-2] if len(shape) > 1 else 0)
-        parts, head_dim = _parts(model_type, config, name, module, attr, role, rows)
+        parent, _, proj = owner.rpartition(".")
+        parts, head_dim = _parts(model_type, config, name, module, attr, role, rows, (type(modules[parent]).__name__, proj))
         action = "matrix" if role in MATRIX_ROLES else "elementwise"
         for pattern, chosen in rules:
             if re.search(pattern, name):
@@ -384,16 +485,19 @@ def tensor_roles(model: nn.Module, split: str = "parts", overrides: str = "") ->
     return out
 
 
-def _parts(model_type: str | None, config: Any, name: str, module: nn.Module, attr: str, role: str,
-           rows: int) -> tuple[Parts, int | None]:
-    """A fused weight's parts (:data:`FUSED`, or the experts module's own flags), checked against its rows."""
+def _parts(model_type: str | None, config: Any, name: str, module: nn.Module, attr: str, role: str, rows: int,
+           holder: tuple[str, str]) -> tuple[Parts, HeadDims]:
+    """A fused weight's parts (:data:`FUSED_MODULES` by the class holding the projection, :data:`FUSED` by family and
+    name, or the experts module's own flags), checked against its rows. ``holder``: (the class of the module holding
+    the projection, the projection's attribute)."""
     if role == "experts":
         parts, head_dim = _experts_parts(module, attr, rows)
     elif isinstance(module, nn.MultiheadAttention) and attr == "in_proj_weight":
         # F.multi_head_attention_forward: in_proj_weight.chunk(3) (q, k, v), embed_dim rows each
         parts, head_dim = _grouped(1, [(label, module.embed_dim) for label in "qkv"]), module.head_dim
     else:
-        builder = next((b for (family, end), b in FUSED.items() if family == model_type and name.endswith(end)), None)
+        builder = FUSED_MODULES.get(holder) or next(
+            (b for (family, end), b in FUSED.items() if family == model_type and name.endswith(end)), None)
         if builder is None or role != "linear":
             return [], None
         parts, head_dim = builder(config, rows)

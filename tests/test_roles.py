@@ -9,9 +9,12 @@ import math
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.xlstm.modeling_xlstm import xLSTMPreTrainedModel
 
 from hf_badm import BADM, BADMConfig
+from families import build_tiny, instantiate, tiny_batch, tiny_config
 from hf_badm.factory import badm_param_groups, solve_report
+from hf_badm.roles import tensor_roles
 from reference import newton_schulz5
 from tiny import tiny_model
 
@@ -27,14 +30,18 @@ def tiny(model_type: str, **extra) -> torch.nn.Module:
 
 
 def first_step(model: torch.nn.Module, **config) -> tuple[dict, dict, dict]:
-    """One fused newton_schulz step at rho = sigma in float64 (the momentum is the gradient): before, grads, after."""
+    """One fused newton_schulz step at rho = sigma in float64 (the momentum is the gradient): before, grads, after.
+    A tensor the text forward does not reach (an audio tower's) gets a seeded random gradient, so it steps too."""
     model = model.double()
     if any(p.dim() == 3 for p in model.parameters()):
         model.set_experts_implementation("eager")
     cfg = BADMConfig(preconditioner="newton_schulz", sigma=1 / LR, ns_dtype="float64", **config)
     opt = BADM(badm_param_groups(model, 0.0, config=cfg), **cfg.optimizer_kwargs(LR))
-    ids = torch.randint(1, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    model(input_ids=ids, labels=ids).loss.backward()
+    model(**tiny_batch(model)).loss.backward()
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     opt.step()
@@ -160,3 +167,134 @@ def test_overrides_route_by_name_and_a_pattern_that_matches_nothing_is_refused()
         solve_report(model, BADMConfig(preconditioner="newton_schulz", solve_overrides="norm=matrix"))
     with pytest.raises(ValueError, match="regex=action"):
         BADMConfig(preconditioner="newton_schulz", solve_overrides="norm=sideways")
+
+
+# ------------------------------------------------------------------------------------------------ more fused layouts
+# Each layout is written here as its modeling file cuts the projection's output (the module's own split where it is a
+# method, else the same view/split on the output indices), independently of hf_badm.roles.FUSED; the view must yield
+# exactly those rows, and one step must equal the literal per-part Muon step.
+def fused(model: torch.nn.Module, layouts: dict[str, list[torch.Tensor]], split: str = "parts") -> None:
+    """``layouts``: weight-name ending -> each part's output rows (index tensors, as forward cuts them)."""
+    roles = tensor_roles(model, split)
+    for suffix, rows in layouts.items():
+        names = [n for n in roles if n.endswith(suffix)]
+        assert names, suffix
+        for name in names:
+            w = model.get_parameter(name).detach()
+            maps = roles[name].view.maps(w)
+            assert len(maps) == len(rows) and all(torch.equal(m, w[r]) for m, r in zip(maps, rows)), name
+    check(model, {suffix: (False, [r.tolist() for r in rows]) for suffix, rows in layouts.items()}, ns_split=split)
+
+
+def outputs(layer: torch.nn.Module, proj: str) -> torch.Tensor:
+    """The output indices of ``layer.<proj>``, as forward's view/split sees its output."""
+    return torch.arange(getattr(layer, proj).out_features)
+
+
+def layer_of(model: torch.nn.Module, cls: str) -> torch.nn.Module:
+    return next(m for m in model.modules() if type(m).__name__ == cls)
+
+
+@pytest.mark.parametrize("split", ["parts", "heads"])
+def test_qwen3_next_in_proj_qkvz_and_ba_are_interleaved_per_key_head(split):
+    """Qwen3-Next's gated DeltaNet: the module's own fix_query_key_value_ordering, run on the output indices, cuts
+    in_proj_qkvz into q, k, v, z and in_proj_ba into b, a (2 key heads, 4 value heads: 2 value heads per key head)."""
+    model = build_tiny("qwen3_next")
+    layer = layer_of(model, "Qwen3NextGatedDeltaNet")
+    assert layer.num_v_heads // layer.num_k_heads == 2
+    q, k, v, z, b, a = layer.fix_query_key_value_ordering(outputs(layer, "in_proj_qkvz")[None, None],
+                                                          outputs(layer, "in_proj_ba")[None, None])
+    if split == "parts":
+        qkvz = [x.flatten() for x in (q, k, v, z)]
+    else:  # each head of q and k (key heads), of v and z (value heads)
+        qkvz = [head for x in (q, k, v, z) for head in x[0, 0]]
+    fused(model, {"in_proj_qkvz.weight": qkvz, "in_proj_ba.weight": [b.flatten(), a.flatten()]}, split)
+
+
+@pytest.mark.parametrize("family", ["qwen4_exp_text", "lara_mini"])
+def test_gated_deltanet_in_proj_qkv_q_gate_and_indexer(family):
+    """in_proj_qkv: split([key_dim, key_dim, value_dim]); Qwen4-exp's gated q_proj: view(..., -1, 2 * head_dim).chunk(2);
+    its indexer's index_qk_proj: split([heads, kv heads] x head_dim)."""
+    model = build_tiny(family)
+    gdn = next(m for m in model.modules() if hasattr(m, "in_proj_qkv"))
+    layouts = {"in_proj_qkv.weight": list(torch.split(outputs(gdn, "in_proj_qkv"), [gdn.key_dim, gdn.key_dim,
+                                                                                     gdn.value_dim]))}
+    if family == "qwen4_exp_text":
+        attn = next(m for m in model.modules() if hasattr(m, "indexer"))
+        q, gate = torch.chunk(outputs(attn, "q_proj").view(-1, 2 * attn.head_dim), 2, dim=-1)
+        index = attn.indexer
+        layouts["self_attn.q_proj.weight"] = [q.flatten(), gate.flatten()]
+        layouts["index_qk_proj.weight"] = list(torch.split(outputs(index, "index_qk_proj"), [
+            index.index_n_heads * index.index_head_dim, index.index_kv_heads * index.index_head_dim]))
+    fused(model, layouts)
+
+
+def test_zamba_in_proj_interleaves_x_and_gate_row_by_row():
+    """Zamba's Mamba in_proj: view(batch, -1, 2, seq).chunk(2, dim=2): even rows x, odd rows the gate."""
+    model = build_tiny("zamba")
+    x, gate = outputs(layer_of(model, "ZambaMambaMixer"), "in_proj").view(-1, 2).unbind(-1)
+    fused(model, {"mamba.in_proj.weight": [x, gate]})
+
+
+@pytest.mark.parametrize("split", ["parts", "heads"])
+def test_axk2_q_gate_and_mla_kv_b_are_cut_per_head(split):
+    """AXK2's q_gate_proj: view(..., heads, qk_head_dim + v_head_dim).split: per head [q; gate]; MLA kv_b_proj:
+    view(..., heads, nope + v).split: per head [k_nope; v]. 'heads' cuts each part per head at its own size."""
+    model = build_tiny("axk2")
+    attn = next(m for m in model.modules() if hasattr(m, "q_gate_proj"))
+    q, gate = outputs(attn, "q_gate_proj").view(attn.num_heads, -1).split([attn.qk_head_dim, attn.v_head_dim], -1)
+    k, v = outputs(attn, "kv_b_proj").view(attn.num_heads, -1).split([attn.qk_nope_head_dim, attn.v_head_dim], -1)
+    cut = (lambda x: list(x)) if split == "heads" else (lambda x: [x.flatten()])
+    fused(model, {"q_gate_proj.weight": cut(q) + cut(gate), "kv_b_proj.weight": cut(k) + cut(v)}, split)
+
+
+def test_deepseek_v4_compressors_split_their_two_series_and_the_heavy_one_stays_whole():
+    """DeepSeek-V4's compressed sparse attention: the compressor's and its indexer's kv_proj and gate_proj outputs are
+    [..., :head_dim] (pooled into the next window) and [..., head_dim:] (its own); the heavily compressed attention's
+    compressor (the same name, one series) is one map."""
+    model = build_tiny("deepseek_v4")
+    csa, index = layer_of(model, "DeepseekV4CSACompressor"), layer_of(model, "DeepseekV4Indexer")
+    layouts = {f"{i}.self_attn.compressor.{proj}.weight": [outputs(csa, proj)[:csa.head_dim], outputs(csa, proj)[
+        csa.head_dim:]] for i, m in enumerate(model.model.layers) if m.self_attn.compressor is csa
+        for proj in ("kv_proj", "gate_proj")}
+    layouts |= {f"indexer.{proj}.weight": [outputs(index, proj)[:index.head_dim], outputs(index, proj)[index.head_dim:]]
+                for proj in ("kv_proj", "gate_proj")}
+    fused(model, layouts)
+    roles = tensor_roles(model)
+    heavy = [n for n, r in roles.items() if "compressor.kv_proj" in n and type(
+        model.get_submodule(n.rsplit(".", 2)[0])).__name__ == "DeepseekV4HCACompressor"]
+    assert heavy and all(roles[n].matrix and not roles[n].parts for n in heavy)
+
+
+def test_fused_mlp_halves_modernbert_decoder_moshi_and_phi4_audio():
+    """ModernBERT-decoder Wi: chunk(2) = (input, gate); Moshi fc1: view(..., 2, -1) = [0] gated, [1]; Phi-4-MM's
+    audio MLP gate_up_proj: chunk(2) = (up, gate)."""
+    model = build_tiny("modernbert-decoder")
+    fused(model, {"mlp.Wi.weight": list(outputs(layer_of(model, "ModernBertDecoderMLP"), "Wi").chunk(2))})
+    model = build_tiny("moshi")
+    fused(model, {"mlp.fc1.weight": list(outputs(layer_of(model, "MoshiGatingMLP"), "fc1").view(2, -1))})
+    model = build_tiny("phi4_multimodal")
+    audio = layer_of(model, "Phi4MultimodalAudioMLP")
+    fused(model, {"feed_forward_in.gate_up_proj.weight": list(outputs(audio, "gate_up_proj").chunk(2))})
+    assert tensor_roles(model)[next(n for n in tensor_roles(model) if n.endswith("feed_forward_in.gate_up_proj.weight"))
+                                ].parts == ("up", "gate")
+
+
+def test_xlstm_fused_weight_mode_splits_qkvo_gates_and_mlp(monkeypatch):
+    """xLSTM with weight_mode="fused": qkv_opreact tensor_split at (qk, 2 qk, 2 qk + v); ifgate_preact at num_heads;
+    the MLP's proj_up_gate_z at up_proj_dim. transformers 5.24's init of the fused gate bias fails (it adds a 2-heads
+    tensor to a heads slice), so the model is built without it and filled with seeded values: the layout and the step
+    check do not depend on them."""
+    config = tiny_config("xlstm")
+    config.weight_mode = "fused"
+    monkeypatch.setattr(xLSTMPreTrainedModel, "_init_weights", lambda self, module: None)
+    model = instantiate("xlstm", config)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p.data, std=0.1)
+    layer, ffn = layer_of(model, "xLSTMLayer"), layer_of(model, "xLSTMFeedForward")
+    fused(model, {
+        "qkv_opreact.weight": list(torch.tensor_split(outputs(layer, "qkv_opreact"), (
+            layer.qk_dim, 2 * layer.qk_dim, 2 * layer.qk_dim + layer.v_dim))),
+        "ifgate_preact.weight": list(torch.tensor_split(outputs(layer, "ifgate_preact"), (config.num_heads,))),
+        "proj_up_gate_z.weight": list(torch.tensor_split(outputs(ffn, "proj_up_gate_z"), (ffn.up_proj_dim,)))})
