@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from transformers.models.xlstm.modeling_xlstm import xLSTMPreTrainedModel
+from transformers.initialization import no_init_weights
 
 from hf_badm import BADM, BADMConfig
 from families import build_tiny, instantiate, tiny_batch, tiny_config
@@ -280,15 +280,15 @@ def test_fused_mlp_halves_modernbert_decoder_moshi_and_phi4_audio():
                                 ].parts == ("up", "gate")
 
 
-def test_xlstm_fused_weight_mode_splits_qkvo_gates_and_mlp(monkeypatch):
+def test_xlstm_fused_weight_mode_splits_qkvo_gates_and_mlp():
     """xLSTM with weight_mode="fused": qkv_opreact tensor_split at (qk, 2 qk, 2 qk + v); ifgate_preact at num_heads;
     the MLP's proj_up_gate_z at up_proj_dim. transformers 5.24's init of the fused gate bias fails (it adds a 2-heads
     tensor to a heads slice), so the model is built without it and filled with seeded values: the layout and the step
     check do not depend on them."""
     config = tiny_config("xlstm")
     config.weight_mode = "fused"
-    monkeypatch.setattr(xLSTMPreTrainedModel, "_init_weights", lambda self, module: None)
-    model = instantiate("xlstm", config)
+    with no_init_weights():  # transformers' own switch: no init at all, whichever class's _init_weights
+        model = instantiate("xlstm", config)
     torch.manual_seed(0)
     for p in model.parameters():
         torch.nn.init.normal_(p.data, std=0.1)
