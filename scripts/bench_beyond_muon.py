@@ -21,7 +21,7 @@ SEARCH = ("badm_nsisa_adam_sq", "badm_ns_adam_s2", "badm_nsisa_adam_s2", "badm_n
 NS_RATIOS = (0.05, 0.3, 1.25, 3.0, 9.0)
 NSISA_RATIOS = (0.3, 3.0, 9.0)
 CROSS = ("badm_nsisa", "badm_normuon", "badm_ns_norm_pe", "badm_ns_norm_rms")
-SPLIT = ("muon_split", "badm_ns_norm_parts", "badm_ns_norm_whole", "badm_ns_norm_heads")
+SPLIT = ("muon_split", "muon_whole", "badm_ns_norm_parts", "badm_ns_norm_whole", "badm_ns_norm_heads")
 STAGES = ("peers", "badm", "search", "cross", "seeds", "split")
 SECTION = "## Real corpora: BADM beyond Muon"
 CORPORA = ("stdlib_docs", "debian_changelogs", "licenses")
@@ -152,7 +152,7 @@ def split(sw: cv.Sweep, size: str, c: str) -> None:
     main, sw.results = sw.results, bc.Results(sw.results.path.parent / "split" / sw.results.path.name)
     for o in ("muon", *SPLIT):
         for lr in cv.GRIDS[o]:
-            sw.run(o, lr, cv.FIXED_RATIO.get(o), 0, size, c, elr if o in PEERS + ("muon_split",) else 0.1)
+            sw.run(o, lr, cv.FIXED_RATIO.get(o), 0, size, c, elr if o in PEERS + SPLIT[:2] else 0.1)
         sw.widen(o, size, c, "learning_rate")
         b = sw.best(o, size, c)
         sw.run(o, b["learning_rate"], b["rho_over_sigma"], 1, size, c, b["elementwise_lr"])

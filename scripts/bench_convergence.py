@@ -44,6 +44,7 @@ LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_to
           "muon_qhadam": "Muon (torch, + QHAdam nu 8/9 elsewhere)",
           "muon_qhadam_b8": "Muon (torch, + QHAdam beta1 0.8, nu 3/4 elsewhere)",
           "muon_split": "Muon + AdamW with fused projections split (BADM newton_schulz, adam elsewhere, rho = sigma)",
+          "muon_whole": "Muon + AdamW with fused projections whole (BADM newton_schulz, adam elsewhere, rho = sigma)",
           "badm_ns_norm_parts": "BADM newton_schulz, fused projections split into parts (elementwise normalized)",
           "badm_ns_norm_whole": "BADM newton_schulz, fused projections whole (elementwise normalized)",
           "badm_ns_norm_heads": "BADM newton_schulz, attention parts split per head (elementwise normalized)"}
@@ -71,7 +72,8 @@ VARIANTS.update(badm_ns_adam=NS_ADAM, badm_nsisa_adam=NSISA_ADAM,
                 badm_ns_adam_s2={**NS_ADAM, **S2}, badm_nsisa_adam_s2={**NSISA_ADAM, **S2},
                 badm_nsisa_adam_s2_one={**NSISA_ADAM, **S2, "solve_settings": "dual_scale=one"})
 # Fused projections (issue 24): badm_ns_norm / badm_ns_adam runs predate hf_badm.roles; these name their split.
-VARIANTS.update(muon_split={**NS_ADAM, "ns_split": "parts"}, badm_ns_norm_parts={**NS_NORM, "ns_split": "parts"},
+VARIANTS.update(muon_split={**NS_ADAM, "ns_split": "parts"}, muon_whole={**NS_ADAM, "ns_split": "none"},
+                badm_ns_norm_parts={**NS_NORM, "ns_split": "parts"},
                 badm_ns_norm_whole={**NS_NORM, "ns_split": "none"}, badm_ns_norm_heads={**NS_NORM, "ns_split": "heads"})
 # Each variant's elementwise rho/sigma (else 9: beta 0.9): adam at rho = sigma (AdamW); normalized at 4 and 19.
 ELEMENTWISE_RATIO = {**{o: 1.0 for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "adam"},
@@ -79,7 +81,7 @@ ELEMENTWISE_RATIO = {**{o: 1.0 for o, v in VARIANTS.items() if v.get("elementwis
 # Preconditioned variants sweep lr at their solve's rho/sigma; per-sub-batch ones at their fused variant's best.
 FIXED_RATIO = {name: LOCAL_SOLVES[VARIANTS[name]["preconditioner"]].rho_over_sigma for name in VARIANTS if name.startswith("badm_")
                and name not in ("badm_s4", "badm_ns_norm_s4")}
-FIXED_RATIO.update(badm_ns_norm_r3=3.0, badm_ns_norm_r9=9.0, muon_split=1.0)  # rho != sigma: the dual as QH momentum over NS directions
+FIXED_RATIO.update(badm_ns_norm_r3=3.0, badm_ns_norm_r9=9.0, muon_split=1.0, muon_whole=1.0)  # rho != sigma: the dual as QH momentum over NS directions
 # Optimizers whose other tensors have a learning rate of their own -> the optimizer whose best lr it starts from.
 ELEMENTWISE_FROM = {**{o: "badm_norm" for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "normalized"},
                     **{o: "adamw_torch" for o, v in VARIANTS.items() if v.get("elementwise_preconditioner") == "adam"},
@@ -109,7 +111,7 @@ GRIDS: dict[str, list[float]] = {
     "muon": [0.01, 0.03, 0.1],
     "normuon": [0.01, 0.03, 0.1],
     "muon_qhadam": [0.01, 0.03],
-    **{o: [0.01, 0.03, 0.1] for o in ("muon_split", "badm_ns_norm_parts", "badm_ns_norm_whole", "badm_ns_norm_heads")},
+    **{o: [0.01, 0.03, 0.1] for o in ("muon_split", "muon_whole", "badm_ns_norm_parts", "badm_ns_norm_whole", "badm_ns_norm_heads")},
 }
 RATIOS = [1.5, 4.0, 9.0, 19.0]  # BADM rho/sigma: beta = 0.6, 0.8, 0.9, 0.95
 

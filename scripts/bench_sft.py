@@ -23,7 +23,8 @@ OPTIMIZERS: dict[str, tuple[str, dict[str, Any], list[float]]] = {
     "badm_norm": ("BADM normalized", {"optimizer": "badm", "preconditioner": "normalized"}, [1e-3, 3e-3, 1e-2, 3e-2]),
     # LoRA's A and B are linear maps (hf_badm.roles: orthogonalised by default). Left elementwise, a LoRA run has no
     # matrix for newton_schulz (refused at start-up): its elementwise solve on every adapter is "badm_norm".
-    "badm_ns": ("BADM newton_schulz", {"optimizer": "badm", "preconditioner": "newton_schulz"}, [0.01, 0.03, 0.1, 0.3]),
+    "badm_ns": ("BADM newton_schulz", {"optimizer": "badm", "preconditioner": "newton_schulz"},
+                [0.003, 0.01, 0.03, 0.1, 0.3]),
 }
 DEFAULT_OPTIMIZERS = ("adamw_torch", "muon", "badm", "badm_norm", "badm_ns")
 
