@@ -70,7 +70,7 @@ NS_BUCKET_NUMEL = Setting(
     _check_bucket_numel)
 NS_COMM_DTYPE = Setting(
     "ns_comm_dtype", str, "float32", "newton_schulz on several ranks: the dtype matrix pieces travel in on sharded "
-    "engines. 'float32' is exact; 'bfloat16' halves the bytes.", one_of, lambda: tuple(COMM_DTYPES))
+    "engines. 'float32' is exact for float32 weights (ZeRO's master weights; a float64 model's pieces are rounded to it); 'bfloat16' halves the bytes.", one_of, lambda: tuple(COMM_DTYPES))
 # Every field of BADMConfig, in its order.
 CONFIG_SETTINGS: dict[str, Setting] = {s.name: s for s in (
     SIGMA, RHO, MODE, SUB_BATCHES, SUB_BATCH_WEIGHTS, NONFINITE, PRECONDITIONER, ELEMENTWISE_PRECONDITIONER,

@@ -90,7 +90,7 @@ class ParallelOrthogonaliser:
     """``BADM.orthogonaliser`` for fused mode on several data-parallel ranks (see the module docstring).
 
     Replicas stay bit-identical: each direction is computed once, by its owner, and copied. ``bucket_numel`` bounds
-    the elements of the matrices one sharded exchange holds; ``comm_dtype`` ("float32", exact, or "bfloat16", half
+    the elements of the matrices one sharded exchange holds; ``comm_dtype`` ("float32", exact for float32 pieces, or "bfloat16", half
     the bytes) is the dtype their pieces travel in. Not for per-sub-batch mode, where each rank orthogonalises its
     own slots' momenta (its inputs differ from the other ranks')."""
 
