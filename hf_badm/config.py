@@ -143,14 +143,14 @@ class BADMConfig:
             return None
         if deepspeed:
             return ("per_sub_batch mode absorbs each sub-batch's own gradient, but DeepSpeed (every ZeRO stage) reduces "
-                    "gradients and steps the optimizer inside its engine: use mode fused with DeepSpeed, or "
-                    "per_sub_batch under plain data parallelism (DDP)")
+                    "gradients and steps the optimizer inside its engine: use mode='fused' (--mode fused) with "
+                    "DeepSpeed, or per_sub_batch under plain data parallelism (DDP)")
         if fsdp:
             return ("per_sub_batch mode needs whole, un-reduced sub-batch gradients, but FSDP reduce-scatters and shards "
-                    "them: use mode fused with FSDP, or per_sub_batch under DDP")
+                    "them: use mode='fused' (--mode fused) with FSDP, or per_sub_batch under DDP")
         if fp16:
             return ("per_sub_batch mode absorbs gradients as they are, and fp16 loss scaling would leave them scaled: "
-                    "use bf16, or mode fused with fp16")
+                    "use bf16, or mode='fused' (--mode fused) with fp16")
         return None
 
     def parallel_kwargs(self) -> dict[str, Any]:

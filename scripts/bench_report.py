@@ -95,6 +95,22 @@ def ranks_table() -> str:
     return "\n".join(out)
 
 
+def split_note(docs: str = "") -> str:
+    """The shipped newton_schulz since hf_badm.roles against torch's Muon, both run on one machine (the rows above
+    predate roles and ran on another); ``docs``: the path to docs/ from where the note is read."""
+    rep = bm.load(bc.RESULTS / "real-corpora" / "split")
+    keys = list(bm.CORPORA)
+    gms = {size: rep.row([rep.point("badm_ns_norm_parts", size, k) for k in keys], size, keys)[1]
+           for size in ("tiny", "small")}
+    done = ", ".join(f"BPE {size} {bc.fmt(gm, '.2f')}x" for size, gm in gms.items() if gm is not None)
+    return ("The newton_schulz rows above ran before `hf_badm.roles` (GPT-2's `c_attn` orthogonalised whole, its "
+            "Conv1D weights scaled by their stored shape). The shipped default since then (`c_attn` split into Q, K, "
+            "V; Conv1D scaled as the out x in map), with torch's Muon run again beside it on one machine: "
+            f"{done or 'not yet run'} of that Muon's steps ([Fused projections]({docs and docs + 'benchmarks.md'}"
+            f"#fused-projections-split-into-parts-whole-or-per-head-bpe-tokens), "
+            f"[`{docs}results/real-corpora/split/`]({docs}results/real-corpora/split/)).\n")
+
+
 def summary() -> str:
     rep = bm.load()
     time_table, mem_table = step_tables()
@@ -107,7 +123,7 @@ def summary() -> str:
         "tokens, 2 seeds; below 1x is faster than tuned Muon). Each column: the geometric mean over the three corpora "
         "of each optimizer at its best point per corpus; the last column: the one setting that is best over all 12 "
         f"places, run unchanged at each. Details: [Real corpora](#real-corpora-badm-beyond-muon), {link('real-corpora/')}.\n",
-        which_table(rep), "",
+        which_table(rep), "", split_note(),
         "The paper's BADM (plain, fused) was swept on the built-in corpus only, where AdamW reaches its final loss in "
         "about a third of the steps ([Convergence](#convergence-pre-training-sweeps-and-speed-up-vs-adamw)).\n",
         "### How fast per step: one `optimizer.step()`, median\n",
@@ -137,7 +153,7 @@ def demo_table() -> str:
 
 def readme_blocks() -> dict[str, str]:
     rep = bm.load()
-    return {"which": which_table(rep), "demo": demo_table()}
+    return {"which": which_table(rep) + "\n\n" + split_note("docs/").rstrip(), "demo": demo_table()}
 
 
 def replace_blocks(text: str, blocks: dict[str, str]) -> str:
