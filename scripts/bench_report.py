@@ -177,8 +177,9 @@ def run_demo() -> None:
     slim = {name: {"recipe": {"learning_rate": m["recipe"]["learning_rate"]},
                    "log_history": [h for h in m["log_history"] if "loss" in h][-1:], **{k: m.get(k) for k in keep}}
             for name, m in runs.items()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bc.ROOT, capture_output=True, text=True).stdout
     bc.write_json(bc.RESULTS / "demo.json", {"command": "hf-badm demo", "machine": bc.machine(), "wall_s": wall,
-                                             "runs": slim})
+                                             "commit": commit.strip() or "unknown", "runs": slim})
 
 
 def main(argv: list[str] | None = None) -> None:
