@@ -2,8 +2,9 @@
 engines"): DeepSpeed ZeRO-2/3 written on 2 ranks resumed on 1 and on 4 (BADM's own world-size-free state files), and
 without DeepSpeed; FSDP2 through torch's distributed checkpoint on 1 and 4 ranks; a resume that cannot be exact refused
 in one line. One 2-rank launch writes every checkpoint (and runs on uninterrupted), one launch per new world size
-resumes them all; the 4-rank one also writes plain BADM's ZeRO-2/3 checkpoints that one more 2-rank launch resumes
-(4 -> 2)."""
+resumes them all; the 4-rank one also writes ZeRO-2/3 checkpoints that one more 2-rank launch resumes (4 -> 2).
+Plain BADM runs GPT-2; newton_schulz runs Llama, whose every tensor has a gradient (GPT-2's key bias has none in exact
+arithmetic: the normalized solve turns its rounding, which a new world size reorders, into lr-sized steps)."""
 
 from __future__ import annotations
 
@@ -15,21 +16,24 @@ import torch
 import transformers
 
 from hf_badm.parallel.reshard import zero_resume_problem
-from test_distributed import launch, max_rel, norm_rel, result, zero_config
+from test_distributed import launch, max_rel, result, zero_config
 
 RESHARDS = int(transformers.__version__.split(".")[0]) >= 5  # Trainer._prepare_for_training; 4.x refuses in one line
 CASES = [(stage, pre) for stage in (2, 3) for pre in ("none", "newton_schulz")]
+FAMILY = {"none": "gpt2", "newton_schulz": "llama"}
+BOUND = {"none": 1e-4, "newton_schulz": 1e-3}  # the issue's, max-relative on every tensor
 
 
 def zero_job(stage: int, pre: str, **extra) -> dict:
     return {"name": f"z{stage}_{pre}", "mode": "fused", "steps": 10, "ga": 2, "deepspeed": zero_config(stage),
-            "preconditioner": pre, "schedule": "linear", **extra}
+            "preconditioner": pre, "family": FAMILY[pre], "schedule": "linear", **extra}
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reshard")
     launch(out, [*(zero_job(s, p, save_steps=5) for s, p in CASES),
+                 zero_job(2, "none", name="ddp", deepspeed=None, save_steps=5),  # optimizer.pt: refused under ZeRO
                  {"name": "fsdp2", "fsdp2": True, "steps": 10, "save": [5, str(out / "fsdp2_dcp")]}])
     return out
 
@@ -40,56 +44,53 @@ def resumed(out: Path, world: int) -> None:
     if world == 1:  # without DeepSpeed: BADM's whole state by parameter name, the weights from model.safetensors
         jobs.append({**zero_job(2, "none", name="z2_none_plain", ga=4, resume=str(out / "z2_none" / "checkpoint-5")),
                      "deepspeed": None})
-    if world == 4:  # plain BADM's checkpoints of 4 ranks, for 4 -> 2 (one more launch, below)
-        jobs += [zero_job(s, "none", name=f"z{s}_none_4", ga=1, save_steps=5) for s in (2, 3)]
+    if world == 4:  # checkpoints of 4 ranks, for 4 -> 2 (one more launch, below)
+        jobs += [zero_job(s, p, name=f"z{s}_{p}_4", ga=1, save_steps=5) for s, p in CASES]
     jobs.append({"name": f"fsdp2_on{world}", "fsdp2": True, "steps": 10, "resume": str(out / "fsdp2_dcp")})
     launch(out, jobs, nproc=world)
     if world == 4:
-        launch(out, [zero_job(s, "none", name=f"z{s}_none_4on2", resume=str(out / f"z{s}_none_4" / "checkpoint-5"))
-                     for s in (2, 3)])
+        launch(out, [zero_job(s, p, name=f"z{s}_{p}_4on2", resume=str(out / f"z{s}_{p}_4" / "checkpoint-5"))
+                     for s, p in CASES])
 
 
 @pytest.mark.skipif(not RESHARDS, reason="transformers 4.x lacks Trainer._prepare_for_training: refused (tested below)")
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world", [1, 4])
 def test_zero_and_fsdp2_checkpoints_of_two_ranks_resume_on_another_world_size(saved, world):
-    """The issue's bounds after 10 steps (5 on 2 ranks, 5 on the new world size; on 4 also plain BADM's checkpoints
-    of 4 ranks resumed on 2 against the 4-rank run), float32 under ZeRO: plain BADM
-    max-relative 1e-4; newton_schulz 1e-3 on every tensor but the attention biases, whose key third has no gradient in
-    exact arithmetic (the normalized solve turns its rounding into steps of size lr), and 1e-2 norm-wise over all.
-    FSDP2 (float64, DCP) within 1e-6."""
+    """The issue's bounds after 10 steps (5 on 2 ranks, 5 on the new world size; on 4 also checkpoints of 4 ranks
+    resumed on 2 against the 4-rank run), float32 under ZeRO, max-relative on every tensor: plain BADM 1e-4,
+    newton_schulz 1e-3. FSDP2 (float64, DCP) within 1e-6."""
     resumed(saved, world)
     for stage, pre in CASES:
         full, moved = result(saved, f"z{stage}_{pre}")["params"], result(saved, f"z{stage}_{pre}_on{world}")["params"]
-        if pre == "none":
-            assert max_rel(moved, full) <= 1e-4, (stage, pre)
-        else:
-            weights = [k for k in full if "c_attn.bias" not in k]
-            assert max_rel({k: moved[k] for k in weights}, {k: full[k] for k in weights}) <= 1e-3, (stage, pre)
-            assert norm_rel(moved, full) <= 1e-2, (stage, pre)
+        assert max_rel(moved, full) <= BOUND[pre], (stage, pre)
+        if world == 4:  # and back: checkpoints of 4 ranks resumed on 2
+            moved, full = result(saved, f"z{stage}_{pre}_4on2")["params"], result(saved, f"z{stage}_{pre}_4")["params"]
+            assert max_rel(moved, full) <= BOUND[pre], (stage, pre, "4 -> 2")
     if world == 1:
         assert max_rel(result(saved, "z2_none_plain")["params"], result(saved, "z2_none")["params"]) <= 1e-4
-    if world == 4:  # and back: checkpoints of 4 ranks resumed on 2
-        for stage in (2, 3):
-            moved, full = result(saved, f"z{stage}_none_4on2")["params"], result(saved, f"z{stage}_none_4")["params"]
-            assert max_rel(moved, full) <= 1e-4, stage
     assert max_rel(result(saved, f"fsdp2_on{world}")["params"], result(saved, "fsdp2")["params"]) <= 1e-6
 
 
 @pytest.mark.timeout(600)
 def test_a_resume_that_cannot_be_exact_is_refused_in_one_line(saved, tmp_path):
-    """DeepSpeed's files alone (a checkpoint without BADM's) at another world size, and FSDP2's torch distributed
-    checkpoint under DeepSpeed: one line naming why, nothing run. A ZeRO checkpoint under FSDP is refused by the same
+    """DeepSpeed's files alone (a checkpoint without BADM's) at another world size, FSDP2's torch distributed
+    checkpoint under DeepSpeed, and DDP's (the Trainer's optimizer.pt) under DeepSpeed: one line naming why, nothing
+    run. A ZeRO checkpoint under FSDP is refused by the same
     check (here its function: the Trainer's FSDP needs GPUs)."""
     bare = tmp_path / "checkpoint-5"
     shutil.copytree(saved / "z2_none" / "checkpoint-5", bare)
     for f in bare.glob("badm_zero_rank*"):
         f.unlink()
     launch(tmp_path, [zero_job(2, "none", name="refused", ga=4, resume=str(bare), expect_error=True),
-                      zero_job(2, "none", name="dcp", ga=4, resume=str(saved / "fsdp2_dcp"), expect_error=True)],
+                      zero_job(2, "none", name="dcp", ga=4, resume=str(saved / "fsdp2_dcp"), expect_error=True),
+                      zero_job(2, "none", name="ddp", ga=4, resume=str(saved / "ddp" / "checkpoint-5"),
+                               expect_error=True)],
            nproc=1)
     for name, why in (("refused", "resumes under DeepSpeed on 2 ranks only"),
-                      ("dcp", "was saved by FSDP: resuming it under DeepSpeed ZeRO is not supported")):
+                      ("dcp", "was saved by FSDP: resuming it under DeepSpeed ZeRO is not supported"),
+                      ("ddp", "saved without an engine (one process or DDP): resuming it under DeepSpeed ZeRO is not "
+                              "supported")):
         message = (tmp_path / name / "error0.txt").read_text()
         assert "\n" not in message and why in message, message
         assert not (tmp_path / name / "rank0.pt").exists()
