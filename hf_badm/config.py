@@ -11,7 +11,7 @@ from hf_badm.optim.badm import KEYWORD_SETTINGS
 from hf_badm.optim.local_solve import LOCAL_SOLVES, elementwise_solves
 from hf_badm.optim.settings import MODE, NONFINITE, NS_DTYPE, OPTIMIZER_SETTINGS, PRECONDITIONER, RHO, SIGMA, Setting, \
     solve_settings
-from hf_badm.optim.validation import count, one_of, positive
+from hf_badm.optim.validation import count, one_of, penalty
 from hf_badm.parallel.orthogonalise import COMM_DTYPES, DEFAULT_BUCKET_NUMEL, check_parallel_settings
 from hf_badm.roles import SPLITS, parse_overrides
 
@@ -50,10 +50,10 @@ SOLVE_SETTINGS = Setting(
 ELEMENTWISE_SIGMA = Setting(
     "elementwise_sigma", float, None, "newton_schulz: sigma of the parameters that are not hidden weight matrices "
     "(embeddings, LM head, norms, biases). Default: 10 (lr 0.1) for normalized and adam, 0.1 for second_moment "
-    "(measured, docs/preconditioners.md).", positive)
+    "(measured, docs/preconditioners.md).", penalty)
 ELEMENTWISE_RHO = Setting(
     "elementwise_rho", float, None, "newton_schulz: rho of those parameters. Default: 9 * elementwise_sigma (beta 0.9) "
-    "for normalized, elementwise_sigma for adam, 600 for second_moment (sigma << rho sqrt(v) works).", positive)
+    "for normalized, elementwise_sigma for adam, 600 for second_moment (sigma << rho sqrt(v) works).", penalty)
 NS_SPLIT = Setting(
     "ns_split", str, "parts", "newton_schulz: how a fused projection (GPT-2's c_attn, Phi-3's qkv_proj and "
     "gate_up_proj, GPT-NeoX's query_key_value, fused expert gate_up_proj...) is orthogonalised. 'parts': each part (Q, "

@@ -16,6 +16,7 @@ from hf_badm.app.recipe import parse, recipe_parser
 from hf_badm.config import CONFIG_SETTINGS
 from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.optim.settings import OPTIMIZER_SETTINGS, Setting, solve_settings
+from hf_badm.optim.validation import penalty
 
 BADM_KEYWORDS = inspect.signature(BADM.__init__).parameters
 PARSER = {action.dest: action for action in recipe_parser()._actions}
@@ -25,6 +26,11 @@ def bad_value(setting: Setting) -> object:
     """A value the setting's check refuses: an unknown name, or a negative number (every numeric BADM setting is a
     positive number, a count or a rate in [0, 1))."""
     return "no_such_name" if setting.type is str else setting.type(-1)
+
+
+def bad_values(setting: Setting) -> list[object]:
+    """:func:`bad_value`, and for a penalty (sigma, rho) the positive values outside its range too."""
+    return [bad_value(setting), *((1e13, 1e-13) if setting.validate is penalty else ())]
 
 
 def params() -> list[torch.Tensor]:
@@ -49,14 +55,23 @@ def test_badm_and_badmconfig_share_the_optimizer_settings(name):
     setting = OPTIMIZER_SETTINGS[name]
     assert CONFIG_SETTINGS[name] is setting
     assert BADM_KEYWORDS[name].default == setting.default
-    bad = bad_value(setting)
-    with pytest.raises(ValueError, match=name) as from_badm:
-        BADM(params(), **{name: bad})
-    with pytest.raises(ValueError, match=name) as from_config:
-        BADMConfig(**{name: bad})
-    assert str(from_config.value) == f"BADMConfig.{from_badm.value}"
-    with pytest.raises(RecipeError, match=name):
-        parse({name: bad}, [])
+    for bad in bad_values(setting):
+        with pytest.raises(ValueError, match=name) as from_badm:
+            BADM(params(), **{name: bad})
+        with pytest.raises(ValueError, match=name) as from_config:
+            BADMConfig(**{name: bad})
+        assert str(from_config.value) == f"BADMConfig.{from_badm.value}"
+        with pytest.raises(RecipeError, match=name):
+            parse({name: bad}, [])
+
+
+@pytest.mark.parametrize("name", ["elementwise_sigma", "elementwise_rho"])
+def test_the_elementwise_penalties_have_the_penalties_check(name):
+    """newton_schulz's elementwise sigma and rho are penalties too: the recipe refuses what BADM would."""
+    assert CONFIG_SETTINGS[name].validate is penalty
+    for bad in bad_values(CONFIG_SETTINGS[name]):
+        with pytest.raises(RecipeError, match=name):
+            parse({name: bad, "preconditioner": "newton_schulz"}, [])
 
 
 @pytest.mark.parametrize("name", list(solve_settings()))

@@ -19,6 +19,7 @@ from hf_badm.app import RecipeError
 from hf_badm.app.arguments import ModelArguments, TaskArguments
 from hf_badm.app.data import FILE_BUILDERS
 from hf_badm.optim.local_solve import LOCAL_SOLVES
+from hf_badm.optim.validation import PENALTY_RANGE
 from hf_badm.peers import PEERS
 
 if TYPE_CHECKING:
@@ -26,9 +27,6 @@ if TYPE_CHECKING:
 
     from hf_badm.config import BADMConfig
 
-# BADM's penalties outside this range overflow or stall in float32 (sigma 1e-300 overflows at step 1;
-# rho 1e308 never moves the weights); the tuned values lie between 1e-2 and 1e4.
-PENALTY_RANGE = (1e-12, 1e12)
 COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
           "eval_accumulation_steps", "save_total_limit")
 INTERVALS = ("logging_steps", "save_steps", "eval_steps")
@@ -154,11 +152,7 @@ def _check_optimizer(name: str) -> None:
 
 
 def _check_badm(badm: BADMConfig, args: TrainingArguments) -> None:
-    low, high = PENALTY_RANGE
-    for name in ("sigma", "rho", "elementwise_sigma", "elementwise_rho"):
-        value = getattr(badm, name)
-        if value is not None and not low <= value <= high:
-            raise RecipeError(f"{name}={value:g} is outside {low:g}..{high:g}: BADM would overflow or stop learning")
+    low, high = PENALTY_RANGE  # BADMConfig checked sigma, rho and their elementwise forms (optim/settings.py)
     if badm.sigma is None and not low <= 1 / args.learning_rate <= high:
         raise RecipeError(f"learning_rate={args.learning_rate:g} gives BADM sigma = 1/learning_rate outside "
                           f"{low:g}..{high:g}: use a learning rate in {1 / high:g}..{1 / low:g} or set sigma")

@@ -19,7 +19,7 @@ from hf_badm.optim.settings import MODE, NONFINITE, NS_DTYPE, PRECONDITIONER, de
 from hf_badm.optim.solves.newton_schulz import (Iterations, Orthogonaliser, local_orthogonaliser,
                                                 resolve_ns_dtype)
 from hf_badm.optim.state_dict import checked_state_dict
-from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, positive
+from hf_badm.optim.validation import all_finite, check_hyper_parameters, non_negative, penalty, positive
 
 __all__ = ["BADM", "NonFiniteGradientError", "reslot_state_dict"]
 
@@ -197,7 +197,7 @@ class BADM(Optimizer):
                         foreach=foreach, preconditioner=preconditioner,
                         **_registered_settings(built_in, dict(solve_settings or {})))
         check_hyper_parameters(defaults)
-        defaults["rho"] = default_rho(preconditioner, sigma) if rho is None else positive("rho", rho)
+        defaults["rho"] = default_rho(preconditioner, sigma) if rho is None else penalty("rho", rho)
         self.mode = mode
         self.nonfinite = nonfinite
         self.skipped_steps = 0
@@ -245,14 +245,14 @@ class BADM(Optimizer):
         group = dict(param_group)
         if "sigma" in group or "lr" in group:
             if "sigma" in group and "lr" in group:
-                sigma, lr = positive("sigma", group["sigma"]), positive("lr", _lr_value(group["lr"]))
+                sigma, lr = penalty("sigma", group["sigma"]), positive("lr", _lr_value(group["lr"]))
                 if not math.isclose(lr * sigma, 1.0, rel_tol=1e-9):
                     raise ValueError(f"param group gives sigma={sigma} and lr={lr}; lr means 1/sigma: give one")
             else:
                 group["sigma"], group["lr"] = _resolve_sigma_lr(group.get("sigma"), group.get("lr"), 1.0)
             group.setdefault("rho", self._group_rho(group))
         if "rho" in group:
-            group["rho"] = positive("rho", group["rho"])
+            group["rho"] = penalty("rho", group["rho"])
         if "weight_decay" in group:
             group["weight_decay"] = non_negative("weight_decay", group["weight_decay"])
         check_hyper_parameters(group)
@@ -702,8 +702,8 @@ def _resolve_sigma_lr(sigma: float | None, lr: float | Tensor | None,
         raise ValueError(f"give sigma or lr (lr means 1/sigma), not both: sigma={sigma!r}, lr={lr!r}")
     if lr is not None:
         value = positive("lr", _lr_value(lr))
-        return 1.0 / value, lr if isinstance(lr, Tensor) else value
-    sigma = default_sigma if sigma is None else positive("sigma", sigma)
+        return penalty("sigma = 1/lr", 1.0 / value), lr if isinstance(lr, Tensor) else value
+    sigma = default_sigma if sigma is None else penalty("sigma", sigma)
     return sigma, 1.0 / sigma
 
 

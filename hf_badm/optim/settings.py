@@ -17,7 +17,7 @@ from typing import Any
 from hf_badm.optim import solves  # noqa: F401  (registers the built-in local solves)
 from hf_badm.optim.local_solve import LOCAL_SOLVES
 from hf_badm.optim.solves.newton_schulz import NS_DTYPES
-from hf_badm.optim.validation import one_of, positive
+from hf_badm.optim.validation import one_of, penalty
 
 __all__ = ["Setting", "SIGMA", "RHO", "MODE", "NONFINITE", "PRECONDITIONER", "NS_DTYPE", "OPTIMIZER_SETTINGS",
            "MODES", "NONFINITE_ACTIONS", "solve_settings", "default_rho"]
@@ -56,10 +56,10 @@ class Setting:
 
 
 SIGMA = Setting("sigma", float, None, "BADM penalty sigma > 0; the step size is 1/sigma. Default: 1 / learning_rate.",
-                positive)
+                penalty)
 RHO = Setting("rho", float, None, "BADM proximal coefficient rho > 0; momentum beta = rho/(rho+sigma). Default: the "
               "local solve's measured rho/sigma times sigma: 9 * sigma (beta 0.9) for the paper's BADM and normalized, "
-              "sigma for newton_schulz, 6000 * sigma for second_moment.", positive)
+              "sigma for newton_schulz, 6000 * sigma for second_moment.", penalty)
 MODE = Setting("mode", str, "fused", "'fused': one buffer, consumes the accumulated/reduced gradient (exact for steady "
                "weights). 'per_sub_batch': literal per-slot duals, one slot per sub-batch.", one_of, lambda: MODES)
 NONFINITE = Setting("nonfinite", str, "skip", "On a NaN/Inf gradient: 'skip' the step (or sub-batch) with a warning, "

@@ -10,13 +10,27 @@ from torch import Tensor
 
 from hf_badm.optim.local_solve import LOCAL_SOLVES, check_settings
 
-__all__ = ["positive", "non_negative", "fraction", "count", "one_of", "check_hyper_parameters", "all_finite"]
+__all__ = ["PENALTY_RANGE", "penalty", "positive", "non_negative", "fraction", "count", "one_of", "check_hyper_parameters", "all_finite"]
 
 
 def positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+# BADM's penalties (sigma, rho) outside this range overflow or stall in float32 (sigma 1e-300 overflows at step 1;
+# rho 1e308 never moves the weights); the tuned values lie between 1e-2 and 1e4.
+PENALTY_RANGE = (1e-12, 1e12)
+
+
+def penalty(name: str, value: Any) -> float:
+    """A penalty of BADM's (sigma, rho and their elementwise forms): positive and within :data:`PENALTY_RANGE`."""
+    value = positive(name, value)
+    low, high = PENALTY_RANGE
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value:g} is outside {low:g}..{high:g}: BADM would overflow or stop learning")
+    return value
 
 
 def non_negative(name: str, value: Any) -> float:
