@@ -354,16 +354,19 @@ class Report:
         return "\n".join(out) + "\n"
 
 
+# The sweep settings of every stage (cv.Sweep's protocol fields): its steps, every optimizer, the CPU.
+PROTOCOL = {"steps": {"tiny": 300, "small": 150}, "device": "cpu", "fixed": [], "elementwise_lr": None,
+            "optimizers": list(cv.LABELS), "threads": 1}
+
+
 def load(results: Path = bc.RESULTS / "real-corpora") -> Report:
     """The recorded runs as a :class:`Report` (no corpus gathered, nothing run)."""
-    a = argparse.Namespace(steps={"tiny": 300, "small": 150}, device="cpu", fixed=[], elementwise_lr=None,
-                           optimizers=list(cv.LABELS), extend=1, lean=False, args=None)
-    sw = cv.Sweep(a, bc.Results.merged(sorted(results.glob("*.json"))), {}, {})
-    return Report(sw)
+    a = argparse.Namespace(**PROTOCOL, extend=1, lean=False)
+    return Report(cv.Sweep(a, bc.Results.merged(sorted(results.glob("*.json"))), {}, {}))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.parser(__doc__)
     p.add_argument("--corpus", action="append", default=[], choices=sorted(bc.GATHERED))
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     p.add_argument("--char", action="store_true", help="byte-level tokens (no merges)")
@@ -380,8 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if not a.report and not a.corpus:
         p.error("--corpus is needed to run points (or --report to write the section)")
-    a.steps, a.device, a.fixed, a.elementwise_lr = {"tiny": 300, "small": 150}, "cpu", [], None
-    a.optimizers, a.threads = list(cv.LABELS), 1
+    vars(a).update(PROTOCOL)
     bc.setup(a)
     base = {**bc.BASE_RECIPE, "num_train_examples": 3000, "num_eval_examples": 100}
     if a.report:  # reads the results only: no corpus is gathered

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -57,13 +58,8 @@ def collectives(trace: Path) -> list[tuple[str, int]]:
         backend, _, kind = event.get("name", "").partition(":")
         if backend in ("gloo", "nccl") and kind:
             args = event.get("args", {})
-            nbytes = 0
-            for dtype, dims in zip(args.get("Input type", []), args.get("Input Dims", [])):
-                n = 1
-                for d in dims:
-                    n *= d
-                nbytes += n * ITEM_BYTES.get(dtype, 4)
-            out.append((kind, nbytes))
+            out.append((kind, sum(math.prod(dims) * ITEM_BYTES.get(dtype, 4)
+                                  for dtype, dims in zip(args.get("Input type", []), args.get("Input Dims", [])))))
     return out
 
 
@@ -124,9 +120,7 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=2, help="optimizer steps before the profiled ones")
     parser.add_argument("--steps", type=int, default=4, help="profiled optimizer steps")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of: " + ", ".join(MODES))
-    parser.add_argument("--results", type=Path, default=bc.RESULTS / "comm.json", help="result JSON")
-    parser.add_argument("--docs", type=Path, default=bc.DOCS, help="markdown file whose section is (re)written")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
+    bc.add_output_args(parser, bc.RESULTS / "comm.json")
     parser.add_argument("--report", action="store_true", help="rebuild the section from the result JSON (runs nothing)")
     a = parser.parse_args()
     bc.quiet()

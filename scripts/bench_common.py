@@ -58,10 +58,15 @@ def add_run_args(p: argparse.ArgumentParser, name: str, results: Path | None = N
     p.add_argument("--threads", type=int, default=threads, help="torch threads (default %(default)s: torch's choice)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu", help="auto: CUDA when available")
     p.add_argument("--out-dir", type=Path, default=ROOT / "outputs" / f"bench-{name}", help="runs, tokenizers, corpora")
-    p.add_argument("--results", type=Path, default=results or RESULTS / f"{name}.json", help="result JSON")
+    add_output_args(p, results or RESULTS / f"{name}.json")
+    p.add_argument("--smoke", action="store_true", help="seconds-long check (writes only under a temporary directory)")
+
+
+def add_output_args(p: argparse.ArgumentParser, results: Path) -> None:
+    """Where a benchmark's results and docs section go (:func:`publish`)."""
+    p.add_argument("--results", type=Path, default=results, help="result JSON")
     p.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose section is updated")
     p.add_argument("--no-write", action="store_true", help="do not update the markdown file")
-    p.add_argument("--smoke", action="store_true", help="seconds-long check (writes only under a temporary directory)")
 
 
 def smoke_paths(a: argparse.Namespace, name: str) -> Path:
@@ -83,8 +88,11 @@ def setup(a: argparse.Namespace) -> None:
         raise SystemExit("--device cuda: torch sees no CUDA device")
 
 
-def device_recipe(device: str) -> dict[str, Any]:
-    return {"use_cpu": device == "cpu"}
+def recipe(key: str, out_dir: Path, device: str, steps: int, fields: dict[str, Any]) -> dict[str, Any]:
+    """A run's recipe: :data:`BASE_RECIPE`, ``steps`` with an evaluation every tenth of them, the device, and an
+    output directory named after the run's key; ``fields`` on top."""
+    return {**BASE_RECIPE, "max_steps": steps, "eval_steps": max(1, steps // 10), "use_cpu": device == "cpu",
+            "output_dir": str(out_dir / "runs" / run_key(key)), **fields}
 
 
 def quiet() -> None:
@@ -516,6 +524,12 @@ class Results:
         self.runs = [r for r in self.runs if r["key"] != run["key"]] + [run]
         write_json(self.path, {"machine": self.meta, "runs": self.runs})
 
+    def record(self, run: dict[str, Any]) -> None:
+        """:meth:`add` a training run and print its final loss, seconds per step and load."""
+        self.add(run)
+        print(f"{run['key']}: eval {fmt(run['final_eval_loss'], '.4f')}  {run['s_per_step'] * 1e3:.0f} ms/step  "
+              f"load {run['load_1min']:.1f}", flush=True)
+
     def loads(self) -> list[float]:
         return [r["load_1min"] for r in self.runs if "load_1min" in r]
 
@@ -553,6 +567,12 @@ def stamp(meta: dict[str, str], command: str, loads: list[float] | None = None) 
             f"- machine: {meta['cpu']}, {meta['torch_threads']} torch threads of {meta['cores']} cores, shared"
             f"{load_text}{gpu}; torch {meta['torch']}, transformers {meta['transformers']}, Python {meta['python']}\n"
             f"- date: {meta['date']}\n")
+
+
+def head(title: str, meta: dict[str, str], command: str, runs: list[dict[str, Any]], link: str,
+         note: str = "") -> list[str]:
+    """A section's first lines: its title, the stamp (with the load during ``runs``), where every run is recorded."""
+    return [f"{title}\n", stamp(meta, command, [r["load_1min"] for r in runs]), f"- every run: [`{link}`]({link}){note}\n"]
 
 
 _GENERATED = ("- command:", "|", "#", "**", "![")  # where a section's own prose (kept by keep_intro) ends

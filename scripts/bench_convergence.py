@@ -137,9 +137,8 @@ def recipe(opt: str, lr: float, ratio: float | None, seed: int, size: str, corpu
     """A sweep point's key and recipe (BADM: sigma = 1/lr, rho = ratio sigma)."""
     key = f"{corpus}|{size}|{opt}|lr={lr:.4g}|r={ratio if ratio is not None else '-'}|seed={seed}"
     key += (f"|elr={elementwise_lr:.4g}" if elementwise_lr is not None else "") + (f"|{device}" if device != "cpu" else "")
-    r = {**base, "model_size": size, "dataset": dataset, "max_steps": steps, "eval_steps": max(1, steps // 10),
-         "learning_rate": lr, "seed": seed, "tokenizer_name_or_path": tokenizer, **bc.device_recipe(device),
-         "output_dir": str(out / "runs" / bc.run_key(key))}
+    r = bc.recipe(key, out, device, steps, {**base, "model_size": size, "dataset": dataset, "learning_rate": lr,
+                                            "seed": seed, "tokenizer_name_or_path": tokenizer})
     if opt in VARIANTS:
         r.update(optimizer="badm", rho=ratio / lr, **VARIANTS[opt])
         if elementwise_lr is not None:
@@ -191,9 +190,7 @@ class Sweep:
         entry = {"key": key, "corpus": corpus, "device": self.args.device, "size": size, "optimizer": opt,
                  "learning_rate": lr, "rho_over_sigma": ratio, "elementwise_lr": elr, "seed": seed, "max_steps": steps,
                  "tokens": steps * r["per_device_train_batch_size"] * r["block_size"], **summary}
-        self.results.add(entry)
-        print(f"{key}: eval {bc.fmt(entry['final_eval_loss'], '.4f')}  {entry['s_per_step']*1e3:.0f} ms/step  "
-              f"load {entry['load_1min']:.1f}", flush=True)
+        self.results.record(entry)
         return entry
 
     def points(self, opt: str, size: str, corpus: str, seed: int = 0) -> list[dict[str, Any]]:
@@ -427,7 +424,7 @@ def report(sweep: Sweep, corpora: list[str], sizes: list[str], docs_dir: Path, r
     return "\n".join(text), summaries
 
 
-def corpora_of(specs: list[str], out_dir: Path, chars: bool) -> dict[str, tuple[str, str]]:
+def corpora_of(specs: list[str], out_dir: Path, chars: bool = False) -> dict[str, tuple[str, str]]:
     """name -> (dataset recipe value, tokenizer directory); ``chars``: byte-level tokens, names ending in -char."""
     return {bc.corpus_name(spec) + (bc.CHAR_SUFFIX if chars else ""): (spec, bc.benchmark_tokenizer(out_dir, spec, chars))
             for spec in specs}
@@ -526,7 +523,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=2, help="seeds of each optimizer's best point")
     p.add_argument("--fixed", default="", help="comma-separated optimizers run at their grid only, never extended")
     p.add_argument("--extend", type=int, default=3, help="at most this many grid extensions per optimizer and axis")
-    p.add_argument("--char", action="store_true", help="byte-level tokens (no merges); each corpus is named NAME-char")
     p.add_argument("--num-train", type=int, default=3000)
     p.add_argument("--num-eval", type=int, default=100)
     bc.add_run_args(p, "convergence", results=bc.RESULTS / "convergence")
@@ -565,7 +561,7 @@ def main(argv: list[str] | None = None) -> None:
         a.grids, a.ratios = {k: v[1:3] or v for k, v in GRIDS.items()}, [9.0]
     bc.setup(a)
     base = {**bc.BASE_RECIPE, "num_train_examples": a.num_train, "num_eval_examples": a.num_eval}
-    corpora = corpora_of([bc.corpus(n, a.out_dir) for n in a.corpus or ["builtin"]], a.out_dir, a.char)
+    corpora = corpora_of([bc.corpus(n, a.out_dir) for n in a.corpus or ["builtin"]], a.out_dir)
     sweep = Sweep(a, bc.Results.merged([]), base, corpora)
     suffix = ("" if a.device == "cpu" else f"-{a.device}") + (f"-{a.shard}" if a.shard else "")
     for corpus in corpora if not a.report_only else ():

@@ -11,7 +11,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -49,9 +48,7 @@ def worker(a: argparse.Namespace) -> None:
     for _ in range(a.reps):
         if world > 1:
             dist.barrier()
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        times.append(bc.timed(step))
     with FlopCounterMode(display=False) as mode:
         step()
     rank = dist.get_rank() if world > 1 else 0

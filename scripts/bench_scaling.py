@@ -16,7 +16,7 @@ SECTION = "## Sub-batch scaling: S x batch size at a fixed token budget"
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = bc.parser(__doc__)
+    p = bc.parser(__doc__, "scaling")
     p.add_argument("--sub-batches", default="1,2,4,8")
     p.add_argument("--batch-sizes", default="8,16,32")
     p.add_argument("--tokens", type=int, default=300 * 16 * 64, help="training tokens per run (default 307,200)")
@@ -24,10 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rho-over-sigma", type=float, default=9.0)
     p.add_argument("--modes", default="per_sub_batch,fused")
     p.add_argument("--size", default="tiny", choices=["tiny", "small"])
-    bc.add_run_args(p, "scaling")
-    p.add_argument("--commands", default=None, help="the commands to document (when the runs came from several)")
     a = p.parse_args(argv)
-    command = a.commands or bc.command_line()
+    command = bc.command_line()
     subs = [int(s) for s in a.sub_batches.split(",")]
     batches = [int(b) for b in a.batch_sizes.split(",")]
     modes = a.modes.split(",")
@@ -49,22 +47,17 @@ def main(argv: list[str] | None = None) -> None:
                 if results.get(key):
                     continue
                 steps = max(1, a.tokens // (b * block))
-                r: dict[str, Any] = {**bc.BASE_RECIPE, "model_size": a.size, "num_train_examples": num_train,
-                                     "num_eval_examples": num_eval, "optimizer": "badm", "learning_rate": a.lr,
-                                     "rho": a.rho_over_sigma / a.lr, "mode": mode, "max_steps": steps,
-                                     "eval_steps": max(1, steps // 10), "warmup_steps": max(1, steps // 15),
-                                     "tokenizer_name_or_path": tok_dir, **bc.device_recipe(a.device),
-                                     "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", ""))}
+                r = bc.recipe(key, a.out_dir, a.device, steps, {
+                    "model_size": a.size, "num_train_examples": num_train, "num_eval_examples": num_eval,
+                    "optimizer": "badm", "learning_rate": a.lr, "rho": a.rho_over_sigma / a.lr, "mode": mode,
+                    "warmup_steps": max(1, steps // 15), "tokenizer_name_or_path": tok_dir})
                 if mode == "per_sub_batch":
                     r.update(per_device_train_batch_size=b, sub_batches_per_micro_batch=s)
                 else:
                     r.update(per_device_train_batch_size=b // s, gradient_accumulation_steps=s)
-                summary = bc.train(r)
-                results.add({"key": key, "size": a.size, "batch": b, "sub_batches": s, "mode": mode, "steps": steps,
-                             "tokens": steps * b * block, "learning_rate": a.lr, "rho_over_sigma": a.rho_over_sigma,
-                             **summary})
-                print(f"{key}: eval {bc.fmt(summary['final_eval_loss'], '.4f')}  {summary['s_per_step'] * 1e3:.0f} "
-                      f"ms/step  load {summary['load_1min']:.1f}", flush=True)
+                results.record({"key": key, "size": a.size, "batch": b, "sub_batches": s, "mode": mode, "steps": steps,
+                                "tokens": steps * b * block, "learning_rate": a.lr, "rho_over_sigma": a.rho_over_sigma,
+                                **bc.train(r)})
     runs = [r for r in results.runs if r["size"] == a.size and r["learning_rate"] == a.lr
             and r["rho_over_sigma"] == a.rho_over_sigma]
     # the report covers every run of this setting in the results file (e.g. fused timed at fewer batch sizes)
@@ -80,9 +73,7 @@ def report(runs: list[dict[str, Any]], a: argparse.Namespace, command: str, subs
         r = next((r for r in runs if (r["batch"], r["sub_batches"], r["mode"]) == (b, s, mode)), None)
         return bc.fmt(None if r is None or r[field] is None else r[field] * scale, spec)
 
-    lines = [f"{SECTION}\n",
-             bc.stamp(meta, command, [r["load_1min"] for r in runs]),
-             f"- every run: [`results/scaling.json`](results/scaling.json)\n"]
+    lines = bc.head(SECTION, meta, command, runs, "results/scaling.json")
     header = "| batch (sequences) | steps | " + " | ".join(f"S={s}" for s in subs) + " |"
     sep = "|---:|---:|" + "---:|" * len(subs)
     for mode in modes:

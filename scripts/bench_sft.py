@@ -46,7 +46,7 @@ def pretraining_mix(out_dir: Path, stories: int, task_examples: int, tasks: list
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = bc.parser(__doc__)
+    p = bc.parser(__doc__, "sft")
     p.add_argument("--size", default="tiny", choices=["tiny", "small"])
     p.add_argument("--tasks", default="copy,lookup", help="built-in instruction tasks (comma-separated; all: "
                    "add,sub,mul,copy,reverse,lookup,sort)")
@@ -56,10 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=300, help="LoRA SFT steps (batch 16)")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"of {', '.join(OPTIMIZERS)}")
-    p.add_argument("--rho-over-sigma", type=float, default=9.0, help="plain BADM's rho/sigma")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--examples", type=int, default=128, help="held-out prompts scored by exact match")
-    bc.add_run_args(p, "sft")
     a = p.parse_args(argv)
     command = bc.command_line()
     opts = a.optimizers.split(",")
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         bc.train({**bc.BASE_RECIPE, "model_size": a.size, "optimizer": "adamw_torch",
                   "learning_rate": 1e-2 if a.size == "tiny" else 3e-3, "dataset": str(mix), "num_train_examples": stories,
                   "max_steps": a.pretrain_steps, "eval_strategy": "no", "output_dir": str(base_dir),
-                  **bc.device_recipe(a.device)})
+                  "use_cpu": a.device == "cpu"})
     setting = f"{a.size}|{Path(mix).name}|base={a.pretrain_steps}|tasks={a.tasks}|r={a.lora_r}|steps={a.steps}"
 
     def sft(opt: str, lr: float, seed: int, steps: int | None = None) -> dict[str, Any]:
@@ -96,10 +94,9 @@ def main(argv: list[str] | None = None) -> None:
             "lr_scheduler_type": "cosine", "warmup_steps": min(10, steps), "max_grad_norm": 1.0, "logging_steps": 10,
             "eval_strategy": "steps", "eval_steps": max(1, steps // 10), "exact_match_examples": a.examples,
             "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "seed": seed, "overwrite_output_dir": True,
-            "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", "")), **OPTIMIZERS[opt][1],
-            **bc.device_recipe(a.device)}
+            "output_dir": str(a.out_dir / "runs" / bc.run_key(key)), "use_cpu": a.device == "cpu", **OPTIMIZERS[opt][1]}
         if opt == "badm":
-            r["rho"] = a.rho_over_sigma / lr
+            r["rho"] = 9.0 / lr  # plain BADM at rho/sigma 9 (beta 0.9)
         summary = bc.train(r)
         entry = {"key": key, "setting": setting, "optimizer": opt, "learning_rate": lr, "seed": seed, "steps": steps,
                  **summary}
@@ -129,10 +126,8 @@ def report(results: bc.Results, best: dict[str, dict[str, Any]], grids: dict[str
                 and r["learning_rate"] == b["learning_rate"] and r["steps"] == a.steps]
 
     target = statistics.mean(r["final_eval_loss"] for r in seeds("adamw_torch")) if "adamw_torch" in best else None
-    lines = [f"{SECTION}\n",
-             bc.stamp(results.meta, command, [r["load_1min"] for r in results.runs]),
-             f"- every run: [`results/{a.results.name}`](results/{a.results.name}); the base before LoRA: exact match "
-             f"{bc.fmt(base_em, '.3f')}\n",
+    lines = [*bc.head(SECTION, results.meta, command, results.runs, f"results/{a.results.name}",
+                      f"; the base before LoRA: exact match {bc.fmt(base_em, '.3f')}"),
              "| optimizer | best lr | held-out loss, mean over seeds | exact match, mean (per seed) | steps to AdamW's "
              "final held-out loss |", "|---|---:|---:|---|---:|"]
     for opt, b in best.items():

@@ -4,10 +4,8 @@ process per run, every optimizer step timed, optimizers round-robin over rounds 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,18 +39,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = bc.parser(__doc__)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
+    if bc.worker(argv, worker):
+        return
+    p = bc.parser(__doc__, "throughput")
     p.add_argument("--sizes", default="tiny,small")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--rounds", type=int, default=3)
-    bc.add_run_args(p, "throughput")
     a = p.parse_args(argv)
-    if a.worker:
-        bc.quiet()
-        print("RESULT " + json.dumps(worker(json.loads(a.worker))))
-        return
     command = bc.command_line()
     sizes, opts = a.sizes.split(","), a.optimizers.split(",")
     num_train = 3000
@@ -66,18 +61,14 @@ def main(argv: list[str] | None = None) -> None:
         key = f"{size}|{o}|round={rnd}|steps={a.steps}|{a.device}"
         if results.get(key):
             continue
-        spec = {**bc.BASE_RECIPE, "model_size": size, "num_train_examples": num_train, "num_eval_examples": 20,
-                "eval_strategy": "no", "learning_rate": 3.0, "rho": 3.0, "max_steps": a.steps,
-                "tokenizer_name_or_path": tok_dir, "threads": a.threads, **bc.device_recipe(a.device),
-                "output_dir": str(a.out_dir / "runs" / key.replace("|", "_").replace("=", "")),
-                **OPTIMIZERS[o][1]}
-        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True,
-                              text=True)
-        line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-        if done.returncode != 0 or not line:
-            raise SystemExit(f"{key} failed:\n{done.stderr[-3000:]}")
-        entry = {"key": key, "size": size, "optimizer": o, "round": rnd, "steps": a.steps, "device": a.device,
-                 **json.loads(line[0][7:])}
+        spec = bc.recipe(key, a.out_dir, a.device, a.steps, {
+            "model_size": size, "num_train_examples": num_train, "num_eval_examples": 20, "eval_strategy": "no",
+            "learning_rate": 3.0, "rho": 3.0, "tokenizer_name_or_path": tok_dir, "threads": a.threads,
+            **OPTIMIZERS[o][1]})
+        done = bc.in_subprocess(__file__, spec, a.out_dir, key)
+        if "error" in done:
+            raise SystemExit(f"{key} failed:\n{done['error']}")
+        entry = {"key": key, "size": size, "optimizer": o, "round": rnd, "steps": a.steps, "device": a.device, **done}
         results.add(entry)
         print(f"{key}: {entry['tokens_per_second']:,.0f} tok/s, optimizer {entry['opt_ms_per_step']:.1f} ms/step "
               f"({entry['opt_share']:.1%}), load {entry['load_1min']:.1f}", flush=True)
@@ -85,9 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(results: bc.Results, sizes: list[str], opts: list[str], a: argparse.Namespace, command: str) -> str:
-    lines = [f"{SECTION}\n",
-             bc.stamp(results.meta, command, [r["load_1min"] for r in results.runs]),
-             "- every run: [`results/throughput.json`](results/throughput.json)\n",
+    lines = [*bc.head(SECTION, results.meta, command, results.runs, "results/throughput.json"),
              "| model | optimizer | tokens/s | vs AdamW | step ms | optimizer ms/step | optimizer share | state MiB "
              "| peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for size in sizes:

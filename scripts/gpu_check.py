@@ -165,33 +165,23 @@ def step_time(check: Check) -> dict[str, Any]:
             "rows": rows, "table": table}
 
 
-def newton_schulz(x, dtype, steps: int = 5):
-    """torch.optim.Muon's quintic iteration (3.4445, -4.7750, 2.0315) in ``dtype``."""
-    y = x.to(dtype)
-    tall = y.size(0) > y.size(1)
-    y = (y.T if tall else y) / y.norm().clamp(min=1e-7)
-    for _ in range(steps):
-        g = y @ y.T
-        y = 3.4445 * y + (-4.7750 * g + 2.0315 * g @ g) @ y
-    return (y.T if tall else y).float()
-
-
 def ns_precision(check: Check, out: Path) -> dict[str, Any]:
-    """The direction's difference and time in bfloat16 vs float32 (torch's iteration, one BADM step), and the effect
-    on a short training run's loss."""
+    """The direction's difference and time in bfloat16 vs float32 (hf_badm's Newton-Schulz, torch's Muon quintic; one
+    BADM step), and the effect on a short training run's loss."""
     import torch
 
     from hf_badm import BADM
+    from hf_badm.optim.solves.newton_schulz import orthogonalised
 
     dev, reps, d = check.device, 3 if check.dry else 20, 48 if check.dry else 768
     shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)]
     gen, iteration = torch.Generator().manual_seed(0), []
     for s in shapes:
         x = torch.randn(s, generator=gen).to(dev)
-        lo, hi = newton_schulz(x, torch.bfloat16), newton_schulz(x, torch.float32)
-        iteration.append({"shape": list(s), "rel_diff_fro": float((lo - hi).norm() / hi.norm()), **{
-            f"ms_{t}": statistics.median(bc.timed(lambda t=t: newton_schulz(x, getattr(torch, t))) for _ in range(reps))
-            * 1e3 for t in ("bfloat16", "float32")}})
+        lo, hi = (orthogonalised(x, dtype=t).float() for t in (torch.bfloat16, torch.float32))
+        timing = {f"ms_{t}": statistics.median(bc.timed(lambda t=t: orthogonalised(x, dtype=getattr(torch, t)))
+                                               for _ in range(reps)) * 1e3 for t in ("bfloat16", "float32")}
+        iteration.append({"shape": list(s), "rel_diff_fro": float((lo - hi).norm() / hi.norm()), **timing})
         print(f"  NS {s}: |bf16 - fp32| / |fp32| = {iteration[-1]['rel_diff_fro']:.3e}", flush=True)
     deltas, ms = {}, {}
     for dtype in ("bfloat16", "float32"):
