@@ -9,7 +9,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
@@ -246,6 +246,22 @@ class Report:
         return (f"lr {point['learning_rate']:g}" + (f", r {r:g}" if r is not None else "")
                 + (f", elr {elr:g}" if elr else ""))
 
+    def table(self, first: str, rows: list[tuple[str, list]], size: str, keys: list[str], all_seeds: bool = True,
+              last: tuple[str, Callable[[list], str]] | None = None) -> list[str]:
+        """Markdown lines of ``rows`` (label, its point at each place of ``keys``): a cell per corpus (:meth:`cell`),
+        their geometric mean, and ``last`` (header, text of the row's points); rows with no point are left out."""
+        lines = []
+        for label, pts in rows:
+            if any(pts):
+                cells, gm = self.row(pts, size, keys, all_seeds)
+                lines.append([label, *cells, f"{bc.fmt(gm, '.2f')}x", *([last[1](pts)] if last else [])])
+        return bc.md_table([first, *CORPORA, "geometric mean", *([last[0]] if last else [])],
+                           "l" + "r" * (len(CORPORA) + 1) + ("l" if last else ""), lines)
+
+    def settings(self, pts: list[dict[str, Any] | None]) -> str:
+        """Each corpus's best point (:meth:`describe`), named by the corpus's first word."""
+        return "; ".join(f"{k.split('_')[0]}: {self.describe(p)}" for p, k in zip(pts, CORPORA) if p)
+
     def tables(self) -> str:
         out = []
         for tokens, size in SETTINGS:
@@ -257,16 +273,8 @@ class Report:
                     "below), and in brackets its steps to tuned Muon's final loss as a fraction of Muon's steps "
                     "(mean curve of the seeds; above 1x: it never gets there, and Muon reaches its final loss that "
                     "much sooner). Target: <= 0.85x on every corpus.\n",
-                    "| optimizer | " + " | ".join(CORPORA) + " | geometric mean | its best settings |",
-                    "|---|" + "---:|" * len(CORPORA) + "---:|---|"]
-            for o in ROWS:
-                pts = [self.point(o, size, k) for k in keys]
-                if not any(pts):
-                    continue
-                cells, gm = self.row(pts, size, keys)
-                where = "; ".join(f"{k.split('_')[0]}: {self.describe(p)}" for p, k in zip(pts, CORPORA) if p)
-                out.append(f"| {cv.LABELS[o]} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f')}x | {where} |")
-            out.append("")
+                    *self.table("optimizer", [(cv.LABELS[o], [self.point(o, size, k) for k in keys]) for o in ROWS],
+                                size, keys, last=("its best settings", self.settings)), ""]
         return "\n".join(out)
 
     def split_table(self) -> str:
@@ -283,14 +291,9 @@ class Report:
             keys = list(CORPORA)
             if not any(self.point("muon_split", size, k) for k in keys):
                 continue
-            out += [f"GPT-2 {size}:\n", "| optimizer | " + " | ".join(keys) + " | geometric mean | its best lr |",
-                    "|---|" + "---:|" * len(keys) + "---:|---|"]
-            for o in ("muon", *SPLIT):
-                pts = [self.point(o, size, k) for k in keys]
-                cells, gm = self.row(pts, size, keys)
-                lrs = ", ".join(f"{p['learning_rate']:g}" for p in pts if p)
-                out.append(f"| {cv.LABELS[o]} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f')}x | {lrs} |")
-            out.append("")
+            rows = [(cv.LABELS[o], [self.point(o, size, k) for k in keys]) for o in ("muon", *SPLIT)]
+            out += [f"GPT-2 {size}:\n", *self.table("optimizer", rows, size, keys, last=(
+                "its best lr", lambda pts: ", ".join(f"{p['learning_rate']:g}" for p in pts if p))), ""]
         return "\n".join(out)
 
     def places(self) -> list[tuple[str, str]]:
@@ -344,13 +347,8 @@ class Report:
         out = ["### Ablation on the BPE tiny runs: which part of BADM gives what\n",
                "Each row at its best seed-0 lr (the others as its row says); cell: final held-out loss (seed 0) and its "
                "steps to tuned Muon's final loss (mean of Muon's 2 seeds) as a fraction of Muon's steps.\n",
-               "| setting | " + " | ".join(keys) + " | geometric mean |", "|---|" + "---:|" * len(keys) + "---:|"]
-        for label, o, ratio, lr in ABLATION:
-            pts = [self.point(o, "tiny", k, ratio, lr) for k in keys]
-            if not any(pts):
-                continue
-            cells, gm = self.row(pts, "tiny", keys, all_seeds=False)
-            out.append(f"| {label} | " + " | ".join(cells) + f" | {bc.fmt(gm, '.2f')}x |")
+               *self.table("setting", [(label, [self.point(o, "tiny", k, ratio, lr) for k in keys])
+                                       for label, o, ratio, lr in ABLATION], "tiny", keys, all_seeds=False)]
         return "\n".join(out) + "\n"
 
 

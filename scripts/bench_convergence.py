@@ -17,7 +17,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
 from hf_badm.optim.local_solve import LOCAL_SOLVES  # noqa: E402
-from hf_badm.peers import MUON_ADAMW_LR  # noqa: E402
 
 SECTION = "## Convergence: pre-training sweeps and speed-up vs AdamW"
 LABELS = {"badm": "BADM fused", "badm_s4": "BADM per-sub-batch (S=4)", "adamw_torch": "AdamW", "sgd": "SGD+momentum 0.9",

@@ -12,14 +12,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as bc  # noqa: E402
+from hf_badm.app.learning_rates import COMPARE_LEARNING_RATES  # noqa: E402
 
 SECTION = "## Throughput and memory: end-to-end Trainer steps"
+# Each at `hf-badm compare`'s learning rate (hf_badm.app.learning_rates); BADM at rho/sigma 9.
 OPTIMIZERS = {"badm": ("BADM fused", {"optimizer": "badm"}),
               "badm_s4": ("BADM per-sub-batch (S=4)", {"optimizer": "badm", "mode": "per_sub_batch",
                                                        "sub_batches_per_micro_batch": 4}),
-              "adamw_torch": ("AdamW (torch, foreach)", {"optimizer": "adamw_torch", "learning_rate": 3e-3}),
-              "sgd": ("SGD+momentum 0.9", {"optimizer": "sgd", "optim_args": "momentum=0.9", "learning_rate": 0.3}),
-              "muon": ("Muon (+ AdamW elsewhere)", {"optimizer": "muon", "learning_rate": 0.03})}
+              "adamw_torch": ("AdamW (torch, foreach)", {"optimizer": "adamw_torch"}),
+              "sgd": ("SGD+momentum 0.9", {"optimizer": "sgd", "optim_args": "momentum=0.9"}),
+              "muon": ("Muon (+ AdamW elsewhere)", {"optimizer": "muon"})}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         spec = bc.recipe(key, a.out_dir, a.device, a.steps, {
             "model_size": size, "num_train_examples": num_train, "num_eval_examples": 20, "eval_strategy": "no",
-            "learning_rate": 3.0, "rho": 3.0, "tokenizer_name_or_path": tok_dir, "threads": a.threads,
-            **OPTIMIZERS[o][1]})
+            "learning_rate": COMPARE_LEARNING_RATES[OPTIMIZERS[o][1]["optimizer"]], "rho": 3.0,
+            "tokenizer_name_or_path": tok_dir, "threads": a.threads, **OPTIMIZERS[o][1]})
         done = bc.in_subprocess(__file__, spec, a.out_dir, key)
         if "error" in done:
             raise SystemExit(f"{key} failed:\n{done['error']}")

@@ -63,22 +63,18 @@ class Check:
         self.save()
 
 
-def run_badm(device: str, precond: str, mode: str, foreach: bool, shapes: list, steps: int = 5,
-             ns_dtype: str = "float32") -> list:
+def run_badm(device: str, precond: str, mode: str, foreach: bool, shapes: list, steps: int = 5) -> list:
     """``steps`` BADM steps from fixed parameters and gradients (per_sub_batch: 3 weighted sub-batches a step);
-    newton_schulz on the matrices after the first tensor, normalized on the rest."""
+    newton_schulz (in float32) on the matrices after the first tensor, normalized on the rest."""
     import torch
 
     from hf_badm import BADM
 
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(device)) for s in shapes]
-    groups = [{"params": params}]
-    if precond == "newton_schulz":
-        hidden, rest = bc.split_hidden(params, embeddings=1)
-        groups = [{"params": hidden}, {"params": rest, "preconditioner": "normalized", "sigma": 10.0, "rho": 90.0}]
-    kw = {"ns_dtype": ns_dtype} if precond == "newton_schulz" else {}
-    opt = BADM(groups, mode=mode, foreach=foreach, lr=LR[precond], preconditioner=precond, **kw)
+    kw = {"mode": mode, "foreach": foreach, "lr": LR[precond]}
+    opt = (bc.newton_schulz_badm(params, embeddings=1, ns_dtype="float32", **kw) if precond == "newton_schulz"
+           else BADM(params, preconditioner=precond, **kw))
     for _ in range(steps):
         for w in (0.2, 0.3, 0.5) if mode == "per_sub_batch" else (1.0,):
             for p in params:
