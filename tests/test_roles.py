@@ -15,7 +15,7 @@ from hf_badm import BADM, BADMConfig
 from families import build_tiny, instantiate, tiny_batch, tiny_config
 from hf_badm.factory import badm_param_groups, solve_report
 from hf_badm.roles import tensor_roles
-from reference import newton_schulz5
+from reference import newton_schulz5, normuon_rows
 from tiny import tiny_model
 
 LR, MU = 0.05, 0.95
@@ -35,7 +35,7 @@ def first_step(model: torch.nn.Module, **config) -> tuple[dict, dict, dict]:
     model = model.double()
     if any(p.dim() == 3 for p in model.parameters()):
         model.set_experts_implementation("eager")
-    cfg = BADMConfig(preconditioner="newton_schulz", sigma=1 / LR, ns_dtype="float64", **config)
+    cfg = BADMConfig(**{"preconditioner": "newton_schulz", "sigma": 1 / LR, "ns_dtype": "float64", **config})
     opt = BADM(badm_param_groups(model, 0.0, config=cfg), **cfg.optimizer_kwargs(LR))
     model(**tiny_batch(model)).loss.backward()
     g = torch.Generator().manual_seed(1)
@@ -48,13 +48,16 @@ def first_step(model: torch.nn.Module, **config) -> tuple[dict, dict, dict]:
     return before, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def literal_step(g: torch.Tensor, parts: list[list[int]]) -> torch.Tensor:
+def literal_step(g: torch.Tensor, parts: list[list[int]], normuon: bool = False) -> torch.Tensor:
     """Muon's first step on a (rows x in) map whose output rows hold ``parts``: each part NS5 on its own, scaled by
-    sqrt(max(1, part rows / in)), written back to its rows."""
+    sqrt(max(1, part rows / in)), written back to its rows. ``normuon``: NorMuon's first step on each part, as on a
+    layer of its own (its rows' RMS divided out, the part's Frobenius norm restored)."""
     out = torch.zeros_like(g)
     for rows in parts:
-        part = (1 + MU) * g[rows]
-        out[rows] = -LR * newton_schulz5(part) * math.sqrt(max(1.0, len(rows) / g.shape[1]))
+        o = newton_schulz5((1 + MU) * g[rows])
+        if normuon:
+            o, _ = normuon_rows(o, torch.zeros(len(rows), 1, dtype=o.dtype))
+        out[rows] = -LR * o * math.sqrt(max(1.0, len(rows) / g.shape[1]))
     return out
 
 
@@ -62,6 +65,7 @@ def check(model: torch.nn.Module, expected_parts: dict[str, tuple[bool, list[lis
     """Each named weight (``transposed``: stored (in, out); its parts' output rows) steps by the literal per-part
     step, within 1e-10 relative (float64); expert stacks slice by slice."""
     before, grads, after = first_step(model, **config)
+    normuon = config.get("preconditioner") == "normuon"
     for suffix, (transposed, parts) in expected_parts.items():
         names = [n for n in grads if n.endswith(suffix)]
         assert names, suffix
@@ -72,7 +76,7 @@ def check(model: torch.nn.Module, expected_parts: dict[str, tuple[bool, list[lis
                 if not gs.abs().sum():
                     continue  # an expert that got no token
                 m, s = (gs.T, ss.T) if transposed else (gs, ss)
-                expected = literal_step(m, parts)
+                expected = literal_step(m, parts, normuon)
                 assert float((s - expected).norm() / expected.norm()) <= 1e-10, name
 
 
@@ -87,6 +91,16 @@ def test_gpt2_c_attn_steps_q_k_v_each_on_its_own():
     check(tiny_model("gpt2"), {"attn.c_attn.weight": (True, concatenated(32, 32, 32)),
                                "mlp.c_fc.weight": (True, concatenated(128)),
                                "mlp.c_proj.weight": (True, concatenated(32))})
+
+
+def test_normuon_restores_each_parts_norm_as_a_layer_of_its_own():
+    """normuon on fused projections: GPT-2's c_attn (stored transposed), Phi-3's unequal q/k/v parts and GPT-NeoX's
+    per-head interleaving step as NorMuon steps separate q, k and v layers."""
+    check(tiny_model("gpt2"), {"attn.c_attn.weight": (True, concatenated(32, 32, 32))}, preconditioner="normuon")
+    check(tiny("phi3", num_key_value_heads=2), {"qkv_proj.weight": (False, concatenated(32, 16, 16))},
+          preconditioner="normuon")
+    per_head = [[h * 24 + j * 8 + i for h in range(4) for i in range(8)] for j in range(3)]
+    check(tiny("gpt_neox"), {"query_key_value.weight": (False, per_head)}, preconditioner="normuon")
 
 
 def test_split_none_orthogonalises_the_whole_fused_weight():

@@ -97,6 +97,19 @@ class MatrixView:
             m = m.index_select(-2, self._index.to(m.device))
         return list(m.split(list(self.sizes), dim=-2)) if self.sizes is not None else [m]
 
+    def part_norms(self, m: Tensor) -> Tensor:
+        """The Frobenius norm of each part of ``m`` (..., rows, in): the maps' orientation, rows in stored order), at
+        each of the part's rows: (..., rows, 1). One part (``sizes`` None): the whole matrix's norm."""
+        square = (m * m).sum(dim=-1, keepdim=True)
+        if self.order is not None:
+            square = square.index_select(-2, self._index.to(m.device))
+        sizes = list(self.sizes) if self.sizes is not None else [m.shape[-2]]
+        norms = torch.cat([part.sum(dim=-2, keepdim=True).sqrt().expand_as(part)
+                           for part in square.split(sizes, dim=-2)], dim=-2)
+        if self.order is not None:
+            norms = torch.empty_like(norms).index_copy_(norms.dim() - 2, self._index.to(m.device), norms)
+        return norms
+
     def stored(self, maps: list[Tensor], like: Tensor) -> Tensor:
         """The inverse of :meth:`maps`: the parts put back into ``like``'s stored layout (a new tensor)."""
         m = torch.cat(maps, dim=-2) if len(maps) > 1 else maps[0]

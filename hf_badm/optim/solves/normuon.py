@@ -5,9 +5,10 @@ r"""``preconditioner="normuon"``: newton_schulz's direction with NorMuon's row n
     O' = O / (sqrt(v) + 1e-10)                        (row by row)
     d  = O' ||O||_F / (||O'||_F + 1e-10)              (the Frobenius norm restored)
 
-then the scale of ``ns_lr_scale``. Fused at rho = sigma (the default) this is NorMuon; elsewhere BADM's dual acts on
-it as on newton_schulz's direction. A 3-D stack of expert matrices is normalised per expert. The Frobenius norm is
-a whole matrix's: on sharded engines (a DTensor shard, a flat ZeRO partition) it is refused.
+then the scale of ``ns_lr_scale``. A fused projection's parts (``MatrixView``) are matrices of their own: each part's
+norm is restored on its own, as separate layers would get. Fused at rho = sigma (the default) this is NorMuon; elsewhere
+BADM's dual acts on it as on newton_schulz's direction. A 3-D stack of expert matrices is normalised per expert. The
+Frobenius norm is a whole matrix's: on sharded engines (a DTensor shard, a flat ZeRO partition) it is refused.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class NorMuon(NewtonSchulz):
             v = state["row_sq"]
             v.lerp_((o * o).mean(dim=-1, keepdim=True), 1.0 - beta)
             scaled = o / (v.sqrt() + ROW_EPS)
-            norms = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
-            o = scaled.mul_(norms / (torch.linalg.vector_norm(scaled, dim=(-2, -1), keepdim=True) + ROW_EPS)).mul_(scale)
+            # each part's norm restored on its own (a fused projection's parts step as separate layers would)
+            o = scaled.mul_(view.part_norms(o) / (view.part_norms(scaled) + ROW_EPS)).mul_(scale)
             out.append(o.mT if view.transposed else o)
         return super().finish(params, out, gains, duals, states, group, foreach)
