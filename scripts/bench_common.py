@@ -354,6 +354,14 @@ def steps_to_reach(curve: list[dict[str, float]], target: float, key: str = "ste
     return None
 
 
+def reach(runs: list[dict[str, Any]], target: float, key: str = "step") -> tuple[float | None, str]:
+    """Where the runs' eval curves reach ``target`` (:func:`steps_to_reach`), the mean over those that do (None: none
+    does), and " (k/n seeds)" when only some do."""
+    hit = [x for r in runs if (x := steps_to_reach(r["curve"], target, key)) is not None]
+    some = f" ({len(hit)}/{len(runs)} seeds)" if 0 < len(hit) < len(runs) else ""
+    return (statistics.mean(hit) if hit else None), some
+
+
 def geomean(values: Sequence[float | None]) -> float | None:
     """Geometric mean; None when a value is missing (or there is none)."""
     return math.exp(statistics.mean(map(math.log, values))) if values and all(values) else None

@@ -304,11 +304,8 @@ def speedup_table(sweep: Sweep, size: str, corpus: str, ref: str = "adamw_torch"
             continue
         runs = seeds_of(res, best)
         losses = [r["final_eval_loss"] for r in runs]
-        ok = [x for r in runs if (x := bc.steps_to_reach(r["curve"], target)) is not None]
-        ok_s = [x for r in runs if (x := bc.steps_to_reach(r["curve"], target, key="train_s")) is not None]
+        (st, n_ok), (ss, _) = bc.reach(runs, target), bc.reach(runs, target, key="train_s")
         all_ms = statistics.median(r["s_per_step"] for r in runs) * 1e3
-        n_ok = f" ({len(ok)}/{len(runs)} seeds)" if 0 < len(ok) < len(runs) else ""
-        st, ss = (statistics.mean(ok) if ok else None), (statistics.mean(ok_s) if ok_s else None)
         sp, spw = (steps / st if st else None), (ref_s / ss if ss else None)
         if st is None:  # never reached: compare at this optimizer's own final loss instead
             own = statistics.mean(losses)
@@ -486,10 +483,8 @@ def admm_vs_muon(a: argparse.Namespace) -> None:
                 rows.append([ARMS[arm][0], "failed or not run", "", "", ""])
                 continue
             losses = [r["final_eval_loss"] for r in rs]
-            hit = [s for r in rs if (s := bc.steps_to_reach(r["curve"], target)) is not None]
-            steps = statistics.mean(hit) if hit else None
-            reach = (f"{a.steps[size]} (by definition)" if arm == "muon" else bc.fmt(steps, ".0f")
-                     + ("" if len(hit) in (0, len(rs)) else f" ({len(hit)}/{len(rs)} seeds)"))
+            steps, some = bc.reach(rs, target)
+            reach = f"{a.steps[size]} (by definition)" if arm == "muon" else bc.fmt(steps, ".0f") + some
             speed = "1.00x" if arm == "muon" else f"{a.steps[size] / steps:.2f}x" if steps else "not reached"
             rows.append([ARMS[arm][0], f"{statistics.mean(losses):.4f} ({min(losses):.4f}–{max(losses):.4f})", reach,
                          speed, f"{statistics.mean(r['s_per_step'] for r in rs):.3f}"])

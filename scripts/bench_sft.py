@@ -133,13 +133,10 @@ def report(results: bc.Results, best: dict[str, dict[str, Any]], grids: dict[str
     for opt, b in best.items():
         runs = seeds(opt)
         ems = [r["exact_match"] for r in runs]
-        reach = [bc.steps_to_reach(r["curve"], target) for r in runs] if target is not None else []
-        ok = [x for x in reach if x is not None]
-        steps = f"{statistics.mean(ok):.0f}" + (f" ({len(ok)}/{len(runs)} seeds)" if len(ok) < len(runs) else "") \
-            if ok else "not reached"
+        steps, some = bc.reach(runs, target) if target is not None else (None, "")
         lines.append(f"| {OPTIMIZERS[opt][0]} | {b['learning_rate']:g} | "
                      f"{statistics.mean(r['final_eval_loss'] for r in runs):.4f} | {statistics.mean(ems):.3f} "
-                     f"({', '.join(f'{e:.3f}' for e in ems)}) | {steps} |")
+                     f"({', '.join(f'{e:.3f}' for e in ems)}) | {bc.fmt(steps, '.0f', 'not reached')}{some} |")
     lines += ["", "All sweep points (seed 0), lr: held-out loss / exact match:", ""]
     for opt, grid in grids.items():
         pts = [r for r in results.runs if r.get("setting") == setting and r["optimizer"] == opt and r["seed"] == 0
