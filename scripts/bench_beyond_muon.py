@@ -27,9 +27,8 @@ SECTION = "## Real corpora: BADM beyond Muon"
 CORPORA = ("stdlib_docs", "debian_changelogs", "licenses")
 SETTINGS = (("BPE", "tiny"), ("BPE", "small"), ("byte-level", "tiny"), ("byte-level", "small"))
 ROWS = ("adamw_torch", "muon", "normuon", "muon_qhadam", "muon_qhadam_b8", "badm_ns_norm", "badm_ns_norm_e4",
-        "badm_ns_norm_e19",
-        "badm_ns_norm_pe", "badm_ns_norm_rms",
-        "badm_normuon", "badm_ns_adam", "badm_nsisa", "badm_nsisa_adam", *SEARCH)
+        "badm_ns_norm_e19", "badm_ns_norm_pe", "badm_ns_norm_rms", "badm_normuon", "badm_ns_adam", "badm_nsisa",
+        "badm_nsisa_adam", *SEARCH)
 # The ablation on the BPE tiny runs: (label, optimizer, rho/sigma, lr; None: the optimizer's best seed-0 point's).
 ABLATION = (("Muon (torch; AdamW elsewhere), tuned", "muon", None, None),
             ("BADM newton_schulz, adam elsewhere, rho = sigma (Muon's step, float32 Newton-Schulz)", "badm_ns_adam",

@@ -95,22 +95,16 @@ GRIDS: dict[str, list[float]] = {
     "lion_32bit": [3e-5, 1e-4, 3e-4, 1e-3],
     "badm_sm": [3.0, 10.0, 30.0],
     "badm_norm": [1e-3, 3e-3, 1e-2, 3e-2],
-    "badm_ns": [0.01, 0.03, 0.1],
-    "badm_ns_norm": [0.01, 0.03, 0.1],
-    "badm_ns_norm_s4": [0.01, 0.03, 0.1],
-    "badm_ns_norm_r3": [0.01, 0.03, 0.1],
-    "badm_ns_norm_r9": [0.01, 0.03, 0.1],
-    "badm_nsisa": [0.01, 0.03, 0.1],
+    **{o: [0.01, 0.03, 0.1] for o in ("badm_ns", "badm_ns_norm", "badm_ns_norm_s4", "badm_ns_norm_r3", "badm_ns_norm_r9",
+                                      "badm_nsisa", "muon", "normuon", "muon_split", "muon_whole", "badm_ns_norm_parts",
+                                      "badm_ns_norm_whole", "badm_ns_norm_heads")},  # Muon's usual best in the middle
     "badm_normuon": [0.01, 0.03],
     "badm_ns_norm_pe": [0.01, 0.03],
     "badm_ns_norm_rms": [0.003, 0.01],  # 0.2 sqrt(max(rows, cols)): 1.6-3.2x the original scale on these matrices
     **{o: [0.01, 0.03] for o in ("badm_ns_adam", "badm_nsisa_adam_sq", "badm_ns_adam_s2", "badm_nsisa_adam_s2",
                                  "badm_nsisa_adam_s2_one")},
     "badm_nsisa_adam": [0.003, 0.01, 0.03],
-    "muon": [0.01, 0.03, 0.1],
-    "normuon": [0.01, 0.03, 0.1],
     "muon_qhadam": [0.01, 0.03],
-    **{o: [0.01, 0.03, 0.1] for o in ("muon_split", "muon_whole", "badm_ns_norm_parts", "badm_ns_norm_whole", "badm_ns_norm_heads")},
 }
 RATIOS = [1.5, 4.0, 9.0, 19.0]  # BADM rho/sigma: beta = 0.6, 0.8, 0.9, 0.95
 
