@@ -141,19 +141,15 @@ def _prose(text: str) -> bool:
     return len(text.split()) >= 8 and sum(c.isalpha() or c.isspace() for c in text) >= 0.85 * len(text)
 
 
-class _Distinct(list):
-    """Paragraphs in order, exact duplicates dropped."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
+class _Distinct(dict):
+    """Paragraphs (its keys) in order, exact duplicates dropped."""
 
     def add(self, text: str) -> bool:
-        if _prose(text) and text not in self.seen:
-            self.seen.add(text)
-            self.append(text)
-            return True
-        return False
+        """Keep ``text`` if it is prose not seen before; whether it was kept."""
+        fresh = _prose(text) and text not in self
+        if fresh:
+            self[text] = None
+        return fresh
 
 
 def stdlib_docs_paragraphs() -> list[str]:

@@ -4,7 +4,6 @@ sweep. Each part budgeted and caught on its own, gpu.json rewritten after each, 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math
@@ -318,7 +317,7 @@ def collect(src: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = bc.parser(__doc__)
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (about a minute), under a temp dir")
     p.add_argument("--out", type=Path, default=None, help="output directory (default $OUT, else docs/results)")
     p.add_argument("--budget-s", type=float, default=None, help="total seconds (default 450; dry run 150)")
