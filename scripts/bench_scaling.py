@@ -74,17 +74,13 @@ def report(runs: list[dict[str, Any]], a: argparse.Namespace, command: str, subs
         return bc.fmt(None if r is None or r[field] is None else r[field] * scale, spec)
 
     lines = bc.head(SECTION, meta, command, runs, "results/scaling.json")
-    header = "| batch (sequences) | steps | " + " | ".join(f"S={s}" for s in subs) + " |"
-    sep = "|---:|---:|" + "---:|" * len(subs)
+    header = ["batch (sequences)", "steps", *(f"S={s}" for s in subs)]
     for mode in modes:
         for field, spec, title, scale in (("final_eval_loss", ".3f", "final eval loss", 1.0),
                                           ("s_per_step", ".0f", "ms per step", 1e3)):
-            lines += [f"**{mode}: {title}**\n", header, sep]
-            for b in batches:
-                steps = next((r["steps"] for r in runs if r["batch"] == b), None)
-                lines.append(f"| {b} | {bc.fmt(steps, 'd')} | " +
-                             " | ".join(cell(b, s, mode, field, spec, scale) for s in subs) + " |")
-            lines.append("")
+            rows = [[b, bc.fmt(next((r["steps"] for r in runs if r["batch"] == b), None), "d"),
+                     *(cell(b, s, mode, field, spec, scale) for s in subs)] for b in batches]
+            lines += [f"**{mode}: {title}**\n", *bc.md_table(header, "r" * len(header), rows), ""]
     path = plot(runs, subs, batches, modes, a.docs.parent / "figures" / "scaling.png")
     lines.append(f"![sub-batch scaling](figures/{path.name})\n")
     return "\n".join(lines)
