@@ -129,19 +129,17 @@ def test_recipe_under_torchrun_with_deepspeed_zero3(tmp_path):
     assert metrics["init_fingerprint"] is None  # zero.Init partitions the weights as they are built
 
 
-def test_compare_writes_table_and_plot(tmp_path):
-    done = cli("compare", "recipes/pretrain/tiny-gpt.yaml", "--optimizers", "badm,badm-newton_schulz,adamw,muon", *FAST,
-               "--output_dir", str(tmp_path / "cmp"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    table = (tmp_path / "cmp" / "comparison.md").read_text()
+def test_compare_writes_table_and_plot(compared):
+    out, done = compared  # conftest.py: one compare run of every optimizer the compare tests check
+    table = (out / "comparison.md").read_text()
     assert "| badm |" in table and "| adamw_torch | 0.003 |" in table and "comparison.png" in done.stdout
     assert "| badm-newton_schulz | 0.03 |" in table and "| muon | 0.03 |" in table
-    runs = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    runs = json.loads((out / "comparison.json").read_text())
     assert runs["badm-newton_schulz"]["recipe"]["badm"]["preconditioner"] == "newton_schulz"
     assert runs["muon"]["optimizer"] == "muon" and runs["muon"]["eval_loss"] != runs["adamw_torch"]["eval_loss"]
     # every optimizer started from the same weights (the recipe's seed, applied before the model is built)
     assert len({m["init_fingerprint"] for m in runs.values()}) == 1 and "same weights" not in done.stderr
-    assert matplotlib.image.imread(tmp_path / "cmp" / "comparison.png").ndim == 3
+    assert matplotlib.image.imread(out / "comparison.png").ndim == 3
 
 
 def test_compare_rejects_an_unknown_badm_variant_before_training(tmp_path):
