@@ -328,18 +328,16 @@ class Report:
         out = ["### Defaults chosen on real text: the geometric mean over corpora, sizes and tokenisations\n",
                f"Over {len(self.places())} places (corpus x size x tokenisation), seed 0: per optimizer, of the settings "
                "run at every place, the one with the lowest geometric mean of the steps-to-Muon fraction; then at each "
-               "place its own best setting and how much lower its final loss is than the chosen one's.\n",
-               "| optimizer | chosen setting | geometric mean | settings run everywhere | largest loss gap to a place's own best |",
-               "|---|---|---:|---:|---|"]
+               "place its own best setting and how much lower its final loss is than the chosen one's.\n"]
+        rows = []
         for o in ROWS:
-            found = self.chosen(o)
-            if found is None:
-                continue
-            point, gm, n, (gap, k, size, best) = found
-            worst = "none (the chosen one is best everywhere)" if gap <= 0 else (
-                f"{gap:.3f} on {k} {size} (its best there: {self.describe(best)})")
-            out.append(f"| {cv.LABELS[o]} | {self.describe(point)} | {gm:.2f}x | {n} | {worst} |")
-        return "\n".join(out) + "\n"
+            if (found := self.chosen(o)) is not None:
+                point, gm, n, (gap, k, size, best) = found
+                worst = "none (the chosen one is best everywhere)" if gap <= 0 else (
+                    f"{gap:.3f} on {k} {size} (its best there: {self.describe(best)})")
+                rows.append([cv.LABELS[o], self.describe(point), f"{gm:.2f}x", n, worst])
+        return "\n".join(out + bc.md_table(["optimizer", "chosen setting", "geometric mean", "settings run everywhere",
+                                            "largest loss gap to a place's own best"], "llrrl", rows)) + "\n"
 
     def ablation(self) -> str:
         keys = list(CORPORA)

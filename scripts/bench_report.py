@@ -40,59 +40,55 @@ def link(name: str) -> str:
 
 
 def which_table(rep: bm.Report) -> str:
-    out = ["| optimizer | setting (best over all 12 places) | " + " | ".join(f"{t} {s}" for t, s in SETTINGS)
-           + " | all 12 places, that one setting |", "|---|---|" + "---:|" * (len(SETTINGS) + 1)]
+    rows = []
     for label, o, _ in WHICH:
-        cells = [f"{bc.fmt(rep.geomean(o, t, s), '.2f')}x" for t, s in SETTINGS]
         chosen = rep.chosen(o)
         setting, gm = (rep.describe(chosen[0]), f"{chosen[1]:.2f}x") if chosen else ("–", "–")
-        out.append(f"| {label} | {setting} | " + " | ".join(cells) + f" | {gm} |")
-    return "\n".join(out)
+        rows.append([label, setting, *(f"{bc.fmt(rep.geomean(o, t, s), '.2f')}x" for t, s in SETTINGS), gm])
+    return "\n".join(bc.md_table(["optimizer", "setting (best over all 12 places)", *(f"{t} {s}" for t, s in SETTINGS),
+                                  "all 12 places, that one setting"], "ll" + "r" * (len(SETTINGS) + 1), rows))
 
 
 def step_tables() -> tuple[str, str]:
     cpu, gpu = load("step.json"), load("gpu.json")["parts"]["step_time"]
     cpu_rows, gpu_rows = ({r["optimizer"]: r for r in d["rows"] if "state_vs_adamw" in r} for d in (cpu, gpu))
     per_sub_batch = next(r for r in cpu["rows"] if r["label"].startswith("BADM per_sub_batch total"))
-    time_rows = ["| optimizer | CPU, 24.7M parameters: ms | vs AdamW (foreach) | H200, 124M: ms | vs AdamW (fused) |",
-                 "|---|---:|---:|---:|---:|"]
-    mem_rows = ["| optimizer | state / AdamW's | state / Muon + AdamW's | state MiB at 24.7M parameters |",
-                "|---|---:|---:|---:|"]
+    s4 = next(r for r in cpu["rows"] if r["label"] == "BADM per_sub_batch step()")
+    times, memory = [], []
     for label, c, g in STEP_ROWS:
         rc, rg = cpu_rows.get(c), gpu_rows.get(g)
-        time_rows.append(f"| {label} | {bc.fmt(rc and rc['median_ms'], '.1f')} | "
-                         f"{bc.fmt(rc and rc['time_vs_adamw'], '.2f')}x | {bc.fmt(rg and rg['median_ms'], '.1f')} | "
-                         f"{bc.fmt(rg and rg['time_vs_adamw'], '.2f')}x |".replace("–x", "–"))
+        cpu_cells, gpu_cells = ([bc.fmt(r and r["median_ms"], ".1f"), bc.fmt(r and r["time_vs_adamw"], ".2f")
+                                 + ("x" if r else "")] for r in (rc, rg))
+        times.append([label, *cpu_cells, *gpu_cells])
         if rc and c not in ("badm_ns_bfloat16",):
             short = label.split(", Newton")[0].replace(" (torch's, bfloat16; AdamW elsewhere)", " + AdamW")
-            mem_rows.append(f"| {short} | {rc['state_vs_adamw']:.2f}x | {rc['state_vs_muon']:.2f}x | "
-                            f"{rc['state_bytes'] / 2**20:.1f} |")
-    time_rows.append(f"| BADM per_sub_batch (S = 4): 4 absorb_sub_batch() + step() | {per_sub_batch['median_ms']:.1f} | "
-                     f"{per_sub_batch['time_vs_adamw']:.2f}x | – | – |")
-    s4 = next(r for r in cpu["rows"] if r["label"] == "BADM per_sub_batch step()")
-    mem_rows.insert(3, f"| BADM per_sub_batch (S = 4: 4 duals + 1 aggregate) | {s4['state_vs_adamw']:.2f}x | "
-                       f"{s4['state_vs_muon']:.2f}x | {s4['state_bytes'] / 2**20:.1f} |")
-    return "\n".join(time_rows), "\n".join(mem_rows)
+            memory.append([short, f"{rc['state_vs_adamw']:.2f}x", f"{rc['state_vs_muon']:.2f}x",
+                           f"{rc['state_bytes'] / 2**20:.1f}"])
+    times.append(["BADM per_sub_batch (S = 4): 4 absorb_sub_batch() + step()", f"{per_sub_batch['median_ms']:.1f}",
+                  f"{per_sub_batch['time_vs_adamw']:.2f}x", "–", "–"])
+    memory.insert(1, ["BADM per_sub_batch (S = 4: 4 duals + 1 aggregate)", f"{s4['state_vs_adamw']:.2f}x",
+                      f"{s4['state_vs_muon']:.2f}x", f"{s4['state_bytes'] / 2**20:.1f}"])
+    return ("\n".join(bc.md_table(["optimizer", "CPU, 24.7M parameters: ms", "vs AdamW (foreach)", "H200, 124M: ms",
+                                   "vs AdamW (fused)"], "lrrrr", times)),
+            "\n".join(bc.md_table(["optimizer", "state / AdamW's", "state / Muon + AdamW's",
+                                   "state MiB at 24.7M parameters"], "lrrr", memory)))
 
 
 def ranks_table() -> str:
     comm, ranks, sharded = load("comm.json"), load("ns_ranks.json")["rows"], load("ns_sharded.json")["rows"]
     params = 4 * comm["params"]
-    out = ["| setting | ranks | what is measured | value |", "|---|---:|---|---:|"]
-    for mode, calls in comm["modes"].items():
-        out.append(f"| {mode} | {comm['world']} | payload each rank sends per step / parameter bytes | "
-                   f"{sum(b for _, b in calls) / comm['steps'] / params:.2f}x |")
+    rows = [[mode, comm["world"], "payload each rank sends per step / parameter bytes",
+             f"{sum(b for _, b in calls) / comm['steps'] / params:.2f}x"] for mode, calls in comm["modes"].items()]
     one = next(r for r in ranks if r["world"] == 1 and r["threads"] == 1)
-    for r in ranks:
-        if r["world"] == 2:
-            out.append(f"| BADM newton_schulz, DDP (work split), rank {r['rank']} | 2 | Newton-Schulz FLOPs / 1 rank's "
-                       f"(step {r['median_ms']:.0f} ms vs {one['median_ms']:.0f} ms on 1 rank) | {r['flops'] / one['flops']:.2f}x |")
+    rows += [[f"BADM newton_schulz, DDP (work split), rank {r['rank']}", 2, "Newton-Schulz FLOPs / 1 rank's (step "
+              f"{r['median_ms']:.0f} ms vs {one['median_ms']:.0f} ms on 1 rank)", f"{r['flops'] / one['flops']:.2f}x"]
+             for r in ranks if r["world"] == 2]
     for engine, name in (("zero3", "DeepSpeed ZeRO-3"), ("fsdp2", "FSDP2")):
         for world in (2, 4):
-            rows = [r for r in sharded if (r["engine"], r["world"]) == (engine, world)]
-            out.append(f"| BADM newton_schulz, {name} | {world} | bytes in the step's collectives / the rank's own "
-                       f"fp32 share (largest rank) | {max(r['ratio'] for r in rows):.2f}x |")
-    return "\n".join(out)
+            ratio = max(r["ratio"] for r in sharded if (r["engine"], r["world"]) == (engine, world))
+            rows.append([f"BADM newton_schulz, {name}", world, "bytes in the step's collectives / the rank's own fp32 "
+                         "share (largest rank)", f"{ratio:.2f}x"])
+    return "\n".join(bc.md_table(["setting", "ranks", "what is measured", "value"], "lrlr", rows))
 
 
 def split_note(docs: str = "") -> str:

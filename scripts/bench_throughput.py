@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def report(results: bc.Results, sizes: list[str], opts: list[str], a: argparse.Namespace, command: str) -> str:
-    lines = [*bc.head(SECTION, results.meta, command, results.runs, "results/throughput.json"),
-             "| model | optimizer | tokens/s | vs AdamW | step ms | optimizer ms/step | optimizer share | state MiB "
-             "| peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for size in sizes:
         med: dict[str, dict[str, float]] = {}
         for o in opts:
@@ -91,12 +89,13 @@ def report(results: bc.Results, sizes: list[str], opts: list[str], a: argparse.N
                           ("tokens_per_second", "s_per_step", "opt_ms_per_step", "opt_share", "state_mib", "peak_rss_mb")}
                 med[o]["params"] = runs[0]["params"]
         ref = med.get("adamw_torch", {}).get("tokens_per_second")
-        for o, m in med.items():
-            lines.append(f"| {size} ({m['params'] / 1e6:.2f}M) | {OPTIMIZERS[o][0]} | {m['tokens_per_second']:,.0f} "
-                         f"| {bc.fmt(ref and m['tokens_per_second'] / ref, '.2f')}x | {m['s_per_step'] * 1e3:.0f} "
-                         f"| {m['opt_ms_per_step']:.1f} | {m['opt_share']:.1%} | {m['state_mib']:.2f} "
-                         f"| {m['peak_rss_mb']:,.0f} |")
-    return "\n".join(lines) + "\n"
+        rows += [[f"{size} ({m['params'] / 1e6:.2f}M)", OPTIMIZERS[o][0], f"{m['tokens_per_second']:,.0f}",
+                  f"{bc.fmt(ref and m['tokens_per_second'] / ref, '.2f')}x", f"{m['s_per_step'] * 1e3:.0f}",
+                  f"{m['opt_ms_per_step']:.1f}", f"{m['opt_share']:.1%}", f"{m['state_mib']:.2f}",
+                  f"{m['peak_rss_mb']:,.0f}"] for o, m in med.items()]
+    return "\n".join([*bc.head(SECTION, results.meta, command, results.runs, "results/throughput.json"), *bc.md_table(
+        ["model", "optimizer", "tokens/s", "vs AdamW", "step ms", "optimizer ms/step", "optimizer share", "state MiB",
+         "peak RSS MB"], "llrrrrrrr", rows)]) + "\n"
 
 
 if __name__ == "__main__":
