@@ -126,18 +126,20 @@ def report(results: bc.Results, best: dict[str, dict[str, Any]], grids: dict[str
                 and r["learning_rate"] == b["learning_rate"] and r["steps"] == a.steps]
 
     target = statistics.mean(r["final_eval_loss"] for r in seeds("adamw_torch")) if "adamw_torch" in best else None
-    lines = [*bc.head(SECTION, results.meta, command, results.runs, f"results/{a.results.name}",
-                      f"; the base before LoRA: exact match {bc.fmt(base_em, '.3f')}"),
-             "| optimizer | best lr | held-out loss, mean over seeds | exact match, mean (per seed) | steps to AdamW's "
-             "final held-out loss |", "|---|---:|---:|---|---:|"]
+    rows = []
     for opt, b in best.items():
         runs = seeds(opt)
         ems = [r["exact_match"] for r in runs]
         steps, some = bc.reach(runs, target) if target is not None else (None, "")
-        lines.append(f"| {OPTIMIZERS[opt][0]} | {b['learning_rate']:g} | "
-                     f"{statistics.mean(r['final_eval_loss'] for r in runs):.4f} | {statistics.mean(ems):.3f} "
-                     f"({', '.join(f'{e:.3f}' for e in ems)}) | {bc.fmt(steps, '.0f', 'not reached')}{some} |")
-    lines += ["", "All sweep points (seed 0), lr: held-out loss / exact match:", ""]
+        loss = statistics.mean(r["final_eval_loss"] for r in runs)
+        rows.append([OPTIMIZERS[opt][0], f"{b['learning_rate']:g}", f"{loss:.4f}",
+                     f"{statistics.mean(ems):.3f} ({', '.join(f'{e:.3f}' for e in ems)})",
+                     bc.fmt(steps, ".0f", "not reached") + some])
+    lines = [*bc.head(SECTION, results.meta, command, results.runs, f"results/{a.results.name}",
+                      f"; the base before LoRA: exact match {bc.fmt(base_em, '.3f')}"),
+             *bc.md_table(["optimizer", "best lr", "held-out loss, mean over seeds", "exact match, mean (per seed)",
+                           "steps to AdamW's final held-out loss"], "lrrlr", rows),
+             "", "All sweep points (seed 0), lr: held-out loss / exact match:", ""]
     for opt, grid in grids.items():
         pts = [r for r in results.runs if r.get("setting") == setting and r["optimizer"] == opt and r["seed"] == 0
                and r["steps"] == a.steps]
