@@ -617,6 +617,11 @@ def fmt(value: Any, spec: str = ".3f", none: str = "–") -> str:
     return none if value is None else format(value, spec)
 
 
+def ratio(value: float | None) -> str:
+    """A ratio as "1.23x", a missing one as "–"."""
+    return fmt(value, ".2f") + ("x" if value is not None else "")
+
+
 def md_table(header: Sequence[str], align: str, rows: list[Sequence[Any]]) -> list[str]:
     """Markdown table lines; ``align``: one letter per column, ``l`` left, ``r`` right."""
     return (["| " + " | ".join(header) + " |", "|" + "".join("---|" if c == "l" else "---:|" for c in align)]

@@ -288,11 +288,9 @@ def speedup_table(sweep: Sweep, size: str, corpus: str, ref: str = "adamw_torch"
     target, steps = statistics.mean(r["final_eval_loss"] for r in ref_runs), ref_best["max_steps"]
     ref_s = statistics.mean(r["train_s"] for r in ref_runs)
     rows = [f"{name}'s best final eval loss (target): **{target:.4f}** (lr {ref_best['learning_rate']:g}, mean of "
-            f"{len(ref_runs)} seeds) after {steps} steps = {ref_best['tokens']:,} tokens.\n",
-            *bc.md_table(["optimizer", "best lr", "rho/sigma", "final eval loss, mean (min–max), seeds", "steps to target",
-                          "speed-up (steps)", "ms/step (its best point's runs)", "train s to target",
-                          "speed-up (wall-clock)"], "lrrlrrrrr", [])]
+            f"{len(ref_runs)} seeds) after {steps} steps = {ref_best['tokens']:,} tokens.\n"]
     summary: dict[str, Any] = {"target": target, "optimizers": {}}
+    table = []
     for o in sweep.args.optimizers:
         if (best := sweep.best(o, size, corpus)) is None:
             continue
@@ -317,10 +315,13 @@ def speedup_table(sweep: Sweep, size: str, corpus: str, ref: str = "adamw_torch"
                                     "steps_to_target": st, "speedup_steps": sp, "train_s_to_target": ss,
                                     "speedup_wall": spw, "ms_per_step": all_ms}
         elr = f" (elementwise {best['elementwise_lr']:g})" if best.get("elementwise_lr") else ""
-        rows.append(f"| {LABELS[o]} | {best['learning_rate']:g}{elr} | {bc.fmt(best['rho_over_sigma'], 'g')} "
-                    f"| {statistics.mean(losses):.4f} ({min(losses):.4f}–{max(losses):.4f}), {len(runs)} "
-                    f"| {bc.fmt(st, '.0f', 'not reached')}{n_ok} | {bc.fmt(sp, '.2f', '–')}x | {all_ms:.0f} "
-                    f"| {bc.fmt(ss, '.1f', 'not reached')} | {bc.fmt(spw, '.2f', '–')}x |".replace("–x", "–"))
+        table.append([LABELS[o], f"{best['learning_rate']:g}{elr}", bc.fmt(best["rho_over_sigma"], "g"),
+                      f"{statistics.mean(losses):.4f} ({min(losses):.4f}–{max(losses):.4f}), {len(runs)}",
+                      bc.fmt(st, ".0f", "not reached") + n_ok, bc.ratio(sp), f"{all_ms:.0f}",
+                      bc.fmt(ss, ".1f", "not reached"), bc.ratio(spw)])
+    rows += bc.md_table(["optimizer", "best lr", "rho/sigma", "final eval loss, mean (min–max), seeds", "steps to target",
+                         "speed-up (steps)", "ms/step (its best point's runs)", "train s to target",
+                         "speed-up (wall-clock)"], "lrrlrrrrr", table)
     rows.append(f"\nSpeed-up = {name}'s steps (training seconds) to the target / the optimizer's. Where an optimizer "
                 f"never reaches the target, the speed-up is taken at its own final loss instead: {name}'s steps "
                 f"(seconds) to reach that loss / the optimizer's full budget; below 1x means slower than {name}.")

@@ -57,8 +57,8 @@ def step_tables() -> tuple[str, str]:
     times, memory = [], []
     for label, c, g in STEP_ROWS:
         rc, rg = cpu_rows.get(c), gpu_rows.get(g)
-        cpu_cells, gpu_cells = ([bc.fmt(r and r["median_ms"], ".1f"), bc.fmt(r and r["time_vs_adamw"], ".2f")
-                                 + ("x" if r else "")] for r in (rc, rg))
+        cpu_cells, gpu_cells = ([bc.fmt(r and r["median_ms"], ".1f"), bc.ratio(r and r["time_vs_adamw"])]
+                                for r in (rc, rg))
         times.append([label, *cpu_cells, *gpu_cells])
         if rc and c not in ("badm_ns_bfloat16",):
             short = label.split(", Newton")[0].replace(" (torch's, bfloat16; AdamW elsewhere)", " + AdamW")

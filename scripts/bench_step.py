@@ -86,8 +86,8 @@ def table(rs: list[dict[str, Any]]) -> str:
         ["optimizer", "median ms", "IQR ms", "min ms", "time / AdamW", "state MiB", "state / AdamW", "state / Muon+AdamW"],
         "lrrrrrrr", [[r["label"], f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", f"{r['min_ms']:.2f}",
                       f"{r['time_vs_adamw']:.2f}x", *(["(same state)", "", ""] if r["state_bytes"] is None else [
-                          f"{r['state_bytes'] / 2**20:.1f}", f"{bc.fmt(r['state_vs_adamw'], '.2f')}x",
-                          bc.fmt(r["state_vs_muon"], ".2f") + ("x" if r["state_vs_muon"] else "")])] for r in rs]))
+                          f"{r['state_bytes'] / 2**20:.1f}", bc.ratio(r["state_vs_adamw"]),
+                          bc.ratio(r["state_vs_muon"])])] for r in rs]))
 
 
 def versus_muon(rs: list[dict[str, Any]]) -> str:
