@@ -274,7 +274,7 @@ def markdown(result: dict[str, Any]) -> str:
             ["preconditioner", "mode", "foreach vs single-tensor (max rel.)", f"{result['device']} vs CPU (max rel.)", "ok"],
             "llrrl", [[r["preconditioner"], r["mode"], f"{r['foreach_vs_single']:.1e}", f"{r['device_vs_cpu']:.1e}",
                        yes[r["ok"]]] for r in rows]), "\n5 steps from the same parameters and gradients (per_sub_batch: "
-                  "3 weighted sub-batches a step); newton_schulz in float32.\n"]
+                  "3 weighted sub-batches a step); newton_schulz with ns_dtype float32.\n"]
     if rows := parts.get("correctness", {}).get("bf16_training"):
         lines += [*bc.md_table(["bf16 autocast, tiny GPT-2", "mode", "lr", "steps", "loss first 3 → last 3", "ok"], "llrrll",
                                [[f"{r['optimizer']} {r['preconditioner']}", r["mode"], f"{r['lr']:g}", r["steps"],
