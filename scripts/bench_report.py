@@ -107,6 +107,21 @@ def split_note(docs: str = "") -> str:
             f"[`{docs}results/real-corpora/split/`]({docs}results/real-corpora/split/)).\n")
 
 
+def step_shares() -> str:
+    """Each optimizer's share of an end-to-end training step, lowest to highest over the model sizes (medians of the
+    interleaved rounds), from throughput.json; per-sub-batch BADM left out (its absorbs fall outside the timed
+    ``step()``)."""
+    import statistics
+
+    import bench_throughput as bt
+
+    runs = load("throughput.json")["runs"]
+    shares = {(r["optimizer"], r["size"]): statistics.median(x["opt_share"] for x in runs if (x["optimizer"], x["size"])
+                                                             == (r["optimizer"], r["size"])) for r in runs}
+    return ", ".join(f"{label} {min(v) * 100:.1f}–{max(v) * 100:.1f}%" for o, (label, *_) in bt.OPTIMIZERS.items()
+                     if o != "badm_s4" and (v := [share for (opt, _), share in shares.items() if opt == o]))
+
+
 def summary() -> str:
     rep = bm.load()
     time_table, mem_table = step_tables()
@@ -125,8 +140,8 @@ def summary() -> str:
         "### How fast per step: one `optimizer.step()`, median\n",
         f"Random gradients, all optimizers interleaved ([Optimizer step](#optimizer-step-time-and-state-memory), "
         f"{link('step.json')}; the H200 column: [GPU check](#gpu-check), {link('gpu.json')}). End to end, the "
-        f"optimizer is a few percent of a training step at these sizes ([Throughput](#throughput-and-memory-end-to-end"
-        f"-trainer-steps), {link('throughput.json')}).\n",
+        f"optimizer's share of a training step at these sizes ([Throughput](#throughput-and-memory-end-to-end"
+        f"-trainer-steps), {link('throughput.json')}): {step_shares()}.\n",
         time_table, "",
         "### How much memory: optimizer state\n",
         f"Bytes of the tensors each optimizer keeps ({link('step.json')}).\n",

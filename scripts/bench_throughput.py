@@ -15,13 +15,17 @@ import bench_common as bc  # noqa: E402
 from hf_badm.app.learning_rates import COMPARE_LEARNING_RATES  # noqa: E402
 
 SECTION = "## Throughput and memory: end-to-end Trainer steps"
-# Each at `hf-badm compare`'s learning rate (hf_badm.app.learning_rates); BADM at rho/sigma 9.
-OPTIMIZERS = {"badm": ("BADM fused", {"optimizer": "badm"}),
-              "badm_s4": ("BADM per-sub-batch (S=4)", {"optimizer": "badm", "mode": "per_sub_batch",
-                                                       "sub_batches_per_micro_batch": 4}),
-              "adamw_torch": ("AdamW (torch, foreach)", {"optimizer": "adamw_torch"}),
-              "sgd": ("SGD+momentum 0.9", {"optimizer": "sgd", "optim_args": "momentum=0.9"}),
-              "muon": ("Muon (+ AdamW elsewhere)", {"optimizer": "muon"})}
+# (table row, `hf-badm compare` name whose learning rate it runs at (hf_badm.app.learning_rates), recipe settings);
+# plain BADM at rho/sigma 9, newton_schulz at its default rho = sigma.
+PLAIN_BADM = {"optimizer": "badm", "rho": 3.0}
+OPTIMIZERS = {"badm": ("BADM fused", "badm", PLAIN_BADM),
+              "badm_s4": ("BADM per-sub-batch (S=4)", "badm", {**PLAIN_BADM, "mode": "per_sub_batch",
+                                                               "sub_batches_per_micro_batch": 4}),
+              "badm_ns": ("BADM newton_schulz (normalized elsewhere)", "badm-newton_schulz",
+                          {"optimizer": "badm", "preconditioner": "newton_schulz"}),
+              "adamw_torch": ("AdamW (torch, foreach)", "adamw_torch", {"optimizer": "adamw_torch"}),
+              "sgd": ("SGD+momentum 0.9", "sgd", {"optimizer": "sgd", "optim_args": "momentum=0.9"}),
+              "muon": ("Muon (+ AdamW elsewhere)", "muon", {"optimizer": "muon"})}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -65,8 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         spec = bc.recipe(key, a.out_dir, a.device, a.steps, {
             "model_size": size, "num_train_examples": num_train, "num_eval_examples": 20, "eval_strategy": "no",
-            "learning_rate": COMPARE_LEARNING_RATES[OPTIMIZERS[o][1]["optimizer"]], "rho": 3.0,
-            "tokenizer_name_or_path": tok_dir, "threads": a.threads, **OPTIMIZERS[o][1]})
+            "learning_rate": COMPARE_LEARNING_RATES[OPTIMIZERS[o][1]], "tokenizer_name_or_path": tok_dir,
+            "threads": a.threads, **OPTIMIZERS[o][2]})
         done = bc.in_subprocess(__file__, spec, a.out_dir, key)
         if "error" in done:
             raise SystemExit(f"{key} failed:\n{done['error']}")
