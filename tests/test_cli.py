@@ -240,17 +240,18 @@ def test_accelerate_cpu_launch_of_two_processes_warns_that_it_trains_alone(tmp_p
 @pytest.mark.timeout(600)
 def test_a_zero_checkpoint_of_two_ranks_resumes_on_one_rank_and_what_cannot_be_exact_is_refused(tmp_path, capsys):
     """ZeRO-3 on 2 ranks, checkpoint at step 3 of 6, then the same command on 1 rank with --resume_from_checkpoint
-    (accumulation 2: the same global batch): BADM's state files are re-partitioned, and the final weights are the
-    uninterrupted 2-rank run's (plain BADM, float32, within 1e-4 max-relative; a Llama: no dropout, whose masks differ
-    per rank). Resumes that cannot be exact exit 2 with one line and write nothing: bf16 under DeepSpeed at another
+    (accumulation 2: the same global batch): BADM's state files (newton_schulz: the matrices' momentum and the
+    normalized solve's moments elsewhere) are re-partitioned, and the final weights are the uninterrupted 2-rank run's
+    (float32, within the issue's 1e-3 max-relative on every tensor; a Llama: no dropout, whose masks differ per rank,
+    and every tensor has a gradient). Resumes that cannot be exact exit 2 with one line and write nothing: bf16 under DeepSpeed at another
     world size; DeepSpeed's files without BADM's, resumed without DeepSpeed; a ZeRO checkpoint under FSDP (its
     arguments only: the Trainer's FSDP needs GPUs)."""
     from unittest import mock
 
     from safetensors.torch import load_file
 
-    recipe = ["-m", "hf_badm", "train", "recipes/pretrain/tiny-gpt.yaml", *TINY, "--model_family", "llama",
-              "--max_steps", "6", "--use_cpu", "true"]
+    recipe = ["-m", "hf_badm", "train", "recipes/pretrain/tiny-gpt-newton-schulz.yaml", *TINY, "--model_family",
+              "llama", "--max_steps", "6", "--use_cpu", "true"]
     zero3 = ["--deepspeed", "recipes/launch/zero3.json"]
     env = launch_env(OMP_NUM_THREADS="1")
 
@@ -268,7 +269,7 @@ def test_a_zero_checkpoint_of_two_ranks_resumes_on_one_rank_and_what_cannot_be_e
              "--output_dir", str(tmp_path / "one"))
     full, moved = (load_file(tmp_path / run / "model.safetensors") for run in ("two", "one"))
     start = load_file(checkpoint / "model.safetensors")
-    assert max(float((moved[k] - full[k]).abs().max() / full[k].abs().max()) for k in full) <= 1e-4
+    assert max(float((moved[k] - full[k]).abs().max() / full[k].abs().max()) for k in full) <= 1e-3
     assert max(float((start[k] - full[k]).abs().max() / full[k].abs().max()) for k in full) > 1e-2  # steps 4-6 ran
 
     bf16 = subprocess.run([sys.executable, *recipe, *zero3, "--bf16", "true", "--gradient_accumulation_steps", "2",
