@@ -108,18 +108,16 @@ def split_note(docs: str = "") -> str:
 
 
 def step_shares() -> str:
-    """Each optimizer's share of an end-to-end training step, lowest to highest over the model sizes (medians of the
-    interleaved rounds), from throughput.json; per-sub-batch BADM left out (its absorbs fall outside the timed
+    """Each optimizer's share of an end-to-end training step, lowest to highest over the model sizes (the medians of
+    bench_throughput's table), from throughput.json; per-sub-batch BADM left out (its absorbs fall outside the timed
     ``step()``)."""
-    import statistics
-
     import bench_throughput as bt
 
     runs = load("throughput.json")["runs"]
-    shares = {(r["optimizer"], r["size"]): statistics.median(x["opt_share"] for x in runs if (x["optimizer"], x["size"])
-                                                             == (r["optimizer"], r["size"])) for r in runs}
-    return ", ".join(f"{label} {min(v) * 100:.1f}–{max(v) * 100:.1f}%" for o, (label, *_) in bt.OPTIMIZERS.items()
-                     if o != "badm_s4" and (v := [share for (opt, _), share in shares.items() if opt == o]))
+    opts = [o for o in bt.OPTIMIZERS if o != "badm_s4"]
+    by_size = [bt.medians(runs, size, opts, runs[0]["steps"], runs[0]["device"]) for size in ("tiny", "small")]
+    return ", ".join(f"{bt.OPTIMIZERS[o][0]} {min(v) * 100:.1f}–{max(v) * 100:.1f}%" for o in opts
+                     if (v := [med[o]["opt_share"] for med in by_size if o in med]))
 
 
 def summary() -> str:

@@ -81,17 +81,23 @@ def main(argv: list[str] | None = None) -> None:
     bc.publish(a, SECTION, report(results, sizes, opts, a, command))
 
 
+def medians(runs: list[dict[str, Any]], size: str, opts: list[str], steps: int, device: str) -> dict[str, dict]:
+    """Per optimizer of ``opts`` (those with runs), the median of each measure over its rounds at ``size``."""
+    med: dict[str, dict[str, float]] = {}
+    for o in opts:
+        mine = [r for r in runs if r["size"] == size and r["optimizer"] == o and r["steps"] == steps
+                and r.get("device") == device]
+        if mine:
+            med[o] = {k: statistics.median(r[k] for r in mine) for k in
+                      ("tokens_per_second", "s_per_step", "opt_ms_per_step", "opt_share", "state_mib", "peak_rss_mb")}
+            med[o]["params"] = mine[0]["params"]
+    return med
+
+
 def report(results: bc.Results, sizes: list[str], opts: list[str], a: argparse.Namespace, command: str) -> str:
     rows = []
     for size in sizes:
-        med: dict[str, dict[str, float]] = {}
-        for o in opts:
-            runs = [r for r in results.runs if r["size"] == size and r["optimizer"] == o and r["steps"] == a.steps
-                    and r.get("device") == a.device]
-            if runs:
-                med[o] = {k: statistics.median(r[k] for r in runs) for k in
-                          ("tokens_per_second", "s_per_step", "opt_ms_per_step", "opt_share", "state_mib", "peak_rss_mb")}
-                med[o]["params"] = runs[0]["params"]
+        med = medians(results.runs, size, opts, a.steps, a.device)
         ref = med.get("adamw_torch", {}).get("tokens_per_second")
         rows += [[f"{size} ({m['params'] / 1e6:.2f}M)", OPTIMIZERS[o][0], f"{m['tokens_per_second']:,.0f}",
                   f"{bc.fmt(ref and m['tokens_per_second'] / ref, '.2f')}x", f"{m['s_per_step'] * 1e3:.0f}",

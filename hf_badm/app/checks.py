@@ -19,7 +19,7 @@ from hf_badm.app import RecipeError
 from hf_badm.app.arguments import ModelArguments, TaskArguments
 from hf_badm.app.data import FILE_BUILDERS
 from hf_badm.optim.local_solve import LOCAL_SOLVES
-from hf_badm.optim.validation import PENALTY_RANGE
+from hf_badm.optim.validation import PENALTY_RANGE, penalty
 from hf_badm.peers import PEERS
 
 if TYPE_CHECKING:
@@ -152,10 +152,14 @@ def _check_optimizer(name: str) -> None:
 
 
 def _check_badm(badm: BADMConfig, args: TrainingArguments) -> None:
-    low, high = PENALTY_RANGE  # BADMConfig checked sigma, rho and their elementwise forms (optim/settings.py)
-    if badm.sigma is None and not low <= 1 / args.learning_rate <= high:
-        raise RecipeError(f"learning_rate={args.learning_rate:g} gives BADM sigma = 1/learning_rate outside "
-                          f"{low:g}..{high:g}: use a learning rate in {1 / high:g}..{1 / low:g} or set sigma")
+    if badm.sigma is None:  # BADMConfig checked sigma, rho and their elementwise forms (optim/settings.py)
+        try:
+            penalty("sigma", 1 / args.learning_rate)
+        except ValueError:
+            low, high = PENALTY_RANGE
+            raise RecipeError(f"learning_rate={args.learning_rate:g} gives BADM sigma = 1/learning_rate outside "
+                              f"{low:g}..{high:g}: use a learning rate in {1 / high:g}..{1 / low:g} or set "
+                              "sigma") from None
     k = badm.sub_batches_per_micro_batch
     refusal = badm.engine_refusal(deepspeed=bool(args.deepspeed), fsdp=bool(args.fsdp), fp16=args.fp16)
     if refusal is not None:

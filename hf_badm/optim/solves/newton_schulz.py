@@ -99,13 +99,14 @@ class MatrixView:
 
     def part_norms(self, m: Tensor) -> Tensor:
         """The Frobenius norm of each part of ``m`` (..., rows, in): the maps' orientation, rows in stored order), at
-        each of the part's rows: (..., rows, 1). One part (``sizes`` None): the whole matrix's norm."""
+        each of the part's rows: (..., rows, 1). One part (``sizes`` None): the whole matrix's norm, (..., 1, 1)."""
+        if self.sizes is None:
+            return torch.linalg.vector_norm(m, dim=(-2, -1), keepdim=True)
         square = (m * m).sum(dim=-1, keepdim=True)
         if self.order is not None:
             square = square.index_select(-2, self._index.to(m.device))
-        sizes = list(self.sizes) if self.sizes is not None else [m.shape[-2]]
         norms = torch.cat([part.sum(dim=-2, keepdim=True).sqrt().expand_as(part)
-                           for part in square.split(sizes, dim=-2)], dim=-2)
+                           for part in square.split(list(self.sizes), dim=-2)], dim=-2)
         if self.order is not None:
             norms = torch.empty_like(norms).index_copy_(norms.dim() - 2, self._index.to(m.device), norms)
         return norms
