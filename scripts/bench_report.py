@@ -157,7 +157,8 @@ def demo_table() -> str:
     demo = load("demo.json")
     return ("```text\n" + comparison_table(demo["runs"]) + "\n```\n\n"
             f"(`{demo['command']}` on {demo['machine']['cpu']}, {demo['machine']['cores']} cores, "
-            f"{demo['machine']['date']}, commit {demo['commit']}, on cores shared with a benchmark: {demo['wall_s']:.0f} s in all; [`docs/results/demo.json`](docs/results/demo.json))")
+            f"{demo['machine']['date']}, commit {demo['commit']}, 1-minute load average {demo['load_1min']:.1f} before it: "
+            f"{demo['wall_s']:.0f} s in all; [`docs/results/demo.json`](docs/results/demo.json))")
 
 
 def readme_blocks() -> dict[str, str]:
@@ -178,7 +179,7 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> str:
 def run_demo() -> None:
     """`hf-badm demo` as the README runs it, recorded in docs/results/demo.json (the tables it prints, its wall time)."""
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        load_before, start = bc.load(), time.perf_counter()
         subprocess.run([sys.executable, "-m", "hf_badm", "demo", "--output_dir", tmp], check=True)
         wall = time.perf_counter() - start
         runs = json.loads((Path(tmp) / "comparison.json").read_text())
@@ -188,7 +189,7 @@ def run_demo() -> None:
             for name, m in runs.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bc.ROOT, capture_output=True, text=True).stdout
     bc.write_json(bc.RESULTS / "demo.json", {"command": "hf-badm demo", "machine": bc.machine(), "wall_s": wall,
-                                             "commit": commit.strip() or "unknown", "runs": slim})
+                                             "load_1min": load_before, "commit": commit.strip() or "unknown", "runs": slim})
 
 
 def main(argv: list[str] | None = None) -> None:
